@@ -1,0 +1,116 @@
+"""Input checks shared by the reference and the public API, so both raise the same exception types with
+the same messages for the same bad input.
+
+Checks work on anything with ``ndim``, ``shape`` and ``dtype`` (NumPy, torch, CuPy); finiteness is checked
+by the caller-supplied ``all_finite`` result so each framework uses its own reduction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+__all__ = [
+    "check_tau",
+    "check_eps",
+    "check_feature_matrix",
+    "check_grid",
+    "check_lengths",
+    "check_patch",
+    "check_image_size",
+    "check_positive_int",
+    "check_choice",
+    "FLOAT_DTYPE_NAMES",
+]
+
+#: Floating dtypes accepted as features (by name, so the same table serves NumPy, torch and CuPy).
+FLOAT_DTYPE_NAMES = ("float16", "bfloat16", "float32", "float64")
+
+
+def dtype_name(dtype: object) -> str:
+    """'float32' for np.float32, torch.float32, cupy's float32 dtype, ..."""
+    name = str(dtype)
+    return name.rsplit(".", 1)[-1]
+
+
+def check_tau(tau: float) -> float:
+    """tau must be a real number in the open interval (-1, 1): cosine similarities live in [-1, 1]."""
+    if isinstance(tau, bool) or not isinstance(tau, (int, float, np.floating, np.integer)):
+        raise TypeError(f"tau: expected a real number, got {type(tau).__name__}")
+    tau = float(tau)
+    if not np.isfinite(tau) or not -1.0 < tau < 1.0:
+        raise ValueError(f"tau: must lie in the open interval (-1, 1), got {tau!r}")
+    return tau
+
+
+def check_eps(eps: float) -> float:
+    """eps must be a finite positive real number (the weight of non-edges keeps the graph connected)."""
+    if isinstance(eps, bool) or not isinstance(eps, (int, float, np.floating, np.integer)):
+        raise TypeError(f"eps: expected a real number, got {type(eps).__name__}")
+    eps = float(eps)
+    if not np.isfinite(eps) or eps <= 0.0:
+        raise ValueError(f"eps: must be finite and > 0, got {eps!r}")
+    return eps
+
+
+def check_feature_matrix(x: object, name: str, *, ndims: Sequence[int] = (2,), all_finite: bool | None) -> None:
+    """Check rank, emptiness and dtype of a feature array; ``all_finite`` False raises (None skips)."""
+    if not hasattr(x, "ndim") or not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise TypeError(f"{name}: expected an array (torch, NumPy or CuPy), got {type(x).__name__}")
+    if x.ndim not in ndims:
+        want = " or ".join(f"{d}-D" for d in ndims)
+        raise ValueError(f"{name}: expected a {want} array, got shape {tuple(x.shape)}")
+    if any(int(s) == 0 for s in x.shape):
+        raise ValueError(f"{name}: empty array of shape {tuple(x.shape)} (need >= 1 token and >= 1 channel)")
+    if dtype_name(x.dtype) not in FLOAT_DTYPE_NAMES:
+        raise TypeError(f"{name}: unsupported dtype {dtype_name(x.dtype)}; expected one of {FLOAT_DTYPE_NAMES}")
+    if all_finite is False:
+        raise ValueError(f"{name}: contains NaN or inf")
+
+
+def check_positive_int(v: object, name: str, *, minimum: int = 1) -> int:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+        raise TypeError(f"{name}: expected an int, got {type(v).__name__}")
+    if int(v) < minimum:
+        raise ValueError(f"{name}: must be >= {minimum}, got {int(v)}")
+    return int(v)
+
+
+def check_grid(grid: object, n: int, name: str = "grid") -> tuple[int, int]:
+    """A grid is (h, w) with h * w == n tokens (row-major token order)."""
+    if not isinstance(grid, (tuple, list)) or len(grid) != 2:
+        raise TypeError(f"{name}: expected an (h, w) pair, got {grid!r}")
+    h = check_positive_int(grid[0], f"{name}[0]")
+    w = check_positive_int(grid[1], f"{name}[1]")
+    if h * w != n:
+        raise ValueError(f"{name}: {h}x{w} = {h * w} tokens does not match the {n} feature rows")
+    return h, w
+
+
+def check_patch(patch: object) -> int:
+    return check_positive_int(patch, "patch")
+
+
+def check_image_size(image_size: object, name: str = "image_size") -> tuple[int, int]:
+    """An image size is (H, W) in pixels."""
+    if not isinstance(image_size, (tuple, list)) or len(image_size) != 2:
+        raise TypeError(f"{name}: expected an (H, W) pair, got {image_size!r}")
+    return check_positive_int(image_size[0], f"{name}[0]"), check_positive_int(image_size[1], f"{name}[1]")
+
+
+def check_lengths(lengths: Sequence[int], batch: int, n_max: int) -> list[int]:
+    """Per-image token counts of a padded batch: ``batch`` ints in [1, n_max]."""
+    out = [int(v) for v in lengths]
+    if len(out) != batch:
+        raise ValueError(f"lengths: has {len(out)} entries but the batch holds {batch} images")
+    for i, v in enumerate(out):
+        if not 1 <= v <= n_max:
+            raise ValueError(f"lengths: entry {i} is {v}, must lie in [1, {n_max}]")
+    return out
+
+
+def check_choice(value: object, name: str, choices: Sequence[str]) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name}: expected one of {tuple(choices)}, got {value!r}")
+    return value

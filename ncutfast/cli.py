@@ -1,0 +1,88 @@
+"""The ``ncutfast`` command: ``demo``, ``label``, ``merge`` and ``bench`` subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+__all__ = ["main"]
+
+
+def _add_demo(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="solve a batch of planted-object feature maps; compare with the reference and time both",
+        description="Builds --images planted-object token maps (a --grid token grid, --channels channels), "
+        "cuts them all with ncutfast.tokencut in one batched call and one by one with the reference path "
+        "as TokenCut runs it (float32 torch affinity + scipy's dense generalized eigh), then prints the "
+        "masks' agreement and the speed-up measured side by side.",
+    )
+    p.add_argument("--images", type=int, default=16, help="number of feature maps (default 16)")
+    p.add_argument("--grid", type=int, nargs=2, default=(28, 28), metavar=("H", "W"),
+                   help="token grid per image (default 28 28: 784 tokens, a 448x448 image at patch 16)")
+    p.add_argument("--channels", type=int, default=384, help="feature channels (default 384, ViT-S)")
+    p.add_argument("--backend", default="auto", help="ncutfast backend (default auto)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the scenes (default 0)")
+    p.set_defaults(func=_run_demo)
+
+
+def _ascii(mask) -> str:
+    return "\n".join("".join("#" if v else "." for v in row) for row in mask)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    import ncutfast
+    from ncutfast import reference
+    from ncutfast.testing import GAP_MIN, planted_scene, relative_gap
+
+    rng = np.random.default_rng(args.seed)
+    grid = tuple(args.grid)
+    scenes = [planted_scene(rng, grid=grid, channels=args.channels) for _ in range(args.images)]
+    feats = torch.from_numpy(np.stack([s.features for s in scenes]))
+    ncutfast.tokencut(feats[:1], grid, patch=16, backend=args.backend)  # warm-up
+    t0 = time.perf_counter()
+    out = ncutfast.tokencut(feats, grid, patch=16, backend=args.backend)
+    t_fast = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    refs = [reference.tokencut(s.features, grid, patch=16, similarity_dtype=np.float32) for s in scenes]
+    t_ref = time.perf_counter() - t0
+    well = same = 0
+    for i, ref in enumerate(refs):
+        if relative_gap(ref.ncut.lambda2, ref.ncut.lambda3) >= GAP_MIN:
+            well += 1
+            same += bool(np.array_equal(out.ncut.partition[i].numpy(), ref.ncut.partition)
+                         and np.array_equal(out.boxes[i].numpy(), np.array(ref.box)))
+    n = grid[0] * grid[1]
+    print(f"ncutfast demo: {args.images} planted-object maps, {grid[0]}x{grid[1]} = {n} tokens, "
+          f"C = {args.channels}, backend {out.ncut.backend}")
+    print(f"image 0: box {tuple(out.boxes[0].tolist())}, lambda2 {float(out.ncut.lambda2[0]):.4g}, "
+          f"lambda3 {float(out.ncut.lambda3[0]):.4g}, foreground mask:")
+    print(_ascii(out.masks[0].numpy()))
+    print(f"agreement with the reference: identical partitions and boxes on {same}/{well} images with a "
+          f"well-defined cut (relative eigengap >= {GAP_MIN:g}); {args.images - well} ill-conditioned")
+    print(f"time per image: reference {1e3 * t_ref / args.images:.1f} ms, ncutfast (batched) "
+          f"{1e3 * t_fast / args.images:.1f} ms -> speed-up {t_ref / t_fast:.1f}x (this machine, same run)")
+    return 0 if same == well else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``ncutfast`` console script."""
+    parser = argparse.ArgumentParser(prog="ncutfast", description="Exact, batched normalized cut "
+                                     "(TokenCut / MaskCut) on CPUs and GPUs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_demo(sub)
+    from .bench.cli import register as register_bench
+    from .label.cli import register as register_label
+
+    register_label(sub)
+    register_bench(sub)
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

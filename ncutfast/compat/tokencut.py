@@ -1,0 +1,106 @@
+"""Drop-in for TokenCut's ``object_discovery.ncut`` (YangtaoWANG95/TokenCut, spec §2).
+
+``from ncutfast.compat.tokencut import ncut`` replaces ``from object_discovery import ncut``: same
+arguments, same return values in the same order, shapes and types. The similarity is computed in float32,
+as TokenCut does it (torch; float64 inputs stay float64); the eigen-solve is ncutfast's (float64). The seed
+uses ncutfast's documented tie-break (``ncutfast.api.SEED_TIE_RTOL``) where TokenCut's argmax sees a tie
+decided by rounding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from .. import reference
+from .._arrays import as_batch
+from .._validate import check_eps, check_tau
+from ..api import _solve
+
+__all__ = ["ncut", "ncut_batch"]
+
+
+def _features(feats: torch.Tensor, name: str) -> torch.Tensor:
+    """TokenCut passes (1, 1 + N, C) with the CLS token first; drop it as ``feats[0, 1:, :]`` does."""
+    if not isinstance(feats, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch tensor of shape (1, 1 + N, C), got {type(feats).__name__}")
+    if feats.ndim != 3 or feats.shape[0] != 1 or feats.shape[1] < 2:
+        raise ValueError(f"{name}: expected shape (1, 1 + N, C) with N >= 1, got {tuple(feats.shape)}")
+    return feats[0, 1:, :]
+
+
+def _result(x, partition, seed, dims, scales, init_image_size):
+    """TokenCut's post-processing: detect_box on the bipartition, then the 6-tuple it returns."""
+    dims = (int(dims[0]), int(dims[1]))
+    bipartition = partition.reshape(dims).astype(float)
+    objects, mask_b = reference.seed_component(bipartition, seed, dims)
+    pred = reference.box_from_mask(mask_b, (scales[0], scales[1]), tuple(init_image_size[1:]))
+    mask = np.zeros(dims)
+    mask[mask_b] = 1
+    return np.asarray(pred), objects, mask, np.int64(seed), None, x.reshape(dims)
+
+
+def ncut_batch(
+    feats: Sequence[torch.Tensor],
+    dims: Sequence[Sequence[int]],
+    scales: Sequence[int],
+    init_image_size: Sequence[Sequence[int]],
+    tau: float = 0,
+    eps: float = 1e-5,
+    im_name: str | Sequence[str] = "",
+    no_binary_graph: bool = False,
+) -> list[tuple]:
+    """Many images in one batched solve: ``ncut`` for ``feats[i]``, ``dims[i]``, ``init_image_size[i]``.
+
+    Returns the list of ``ncut``'s 6-tuples. ``scales``, ``tau``, ``eps`` are shared by all images.
+    """
+    tau, eps = check_tau(tau), check_eps(eps)
+    if not len(feats) == len(dims) == len(init_image_size):
+        raise ValueError(f"feats, dims, init_image_size: lengths differ ({len(feats)}, {len(dims)}, "
+                         f"{len(init_image_size)})")
+    toks = [_features(f, f"feats[{i}]") for i, f in enumerate(feats)]
+    for i, (t, d) in enumerate(zip(toks, dims, strict=True)):
+        if int(d[0]) * int(d[1]) != t.shape[0]:
+            raise ValueError(f"dims[{i}]: {d[0]}x{d[1]} does not match the {t.shape[0]} patch tokens")
+    batch = as_batch(toks)
+    # TokenCut's similarity is a torch matmul in the features' own dtype (float32 from the ViT).
+    precision = "float64" if batch.feats.dtype == torch.float64 else "float32"
+    cut = _solve(batch.feats, batch.lengths, tau=tau, eps=eps, binary=not no_binary_graph, precision=precision,
+                 backend="auto", tol=1e-8, max_iter=300)
+    x = cut.x.cpu().numpy()
+    part = cut.partition.cpu().numpy()
+    seeds = cut.seed.cpu().tolist()
+    out = []
+    for i, n in enumerate(batch.lengths.tolist()):
+        out.append(_result(x[i, :n], part[i, :n], seeds[i], dims[i], scales, init_image_size[i]))
+    return out
+
+
+def ncut(
+    feats: torch.Tensor,
+    dims: Sequence[int],
+    scales: Sequence[int],
+    init_image_size: Sequence[int],
+    tau: float = 0,
+    eps: float = 1e-5,
+    im_name: str = "",
+    no_binary_graph: bool = False,
+) -> tuple:
+    """TokenCut's ncut: ``(pred, objects, mask, seed, None, eigenvector)``.
+
+    Args:
+        feats: torch ``(1, 1 + N, C)``, CLS token first (dropped).
+        dims: (h, w) of the token grid (TokenCut names them ``[w_featmap, h_featmap]`` but means rows, cols).
+        scales: (patch rows, patch cols) in pixels.
+        init_image_size: the image tensor's shape (C, H, W); boxes are clipped to (H, W).
+        tau, eps: graph threshold and non-edge weight (the function's defaults 0 and 1e-5; CLIs pass 0.2).
+        im_name: unused, kept for the signature.
+        no_binary_graph: TokenCut's ablation: similarities as weights, entries below tau set to eps.
+
+    Returns:
+        pred: int ndarray (x1, y1, x2, y2); objects: int32 (h, w) component labels; mask: float64 (h, w)
+        0/1 seed component; seed: int64; None; eigenvector: float64 (h, w), oriented by the seed rule.
+    """
+    return ncut_batch([feats], [dims], scales, [init_image_size], tau, eps, im_name, no_binary_graph)[0]

@@ -1,0 +1,162 @@
+"""Shared by tests and benchmarks: planted-object scenes, the tolerance table and agreement measures.
+
+Nothing here is used by the library itself; it ships so that users' and our own tests measure agreement
+with the reference the same way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import reference
+
+__all__ = [
+    "TOLERANCES",
+    "GAP_MIN",
+    "Scene",
+    "grid_for",
+    "planted_scene",
+    "relative_gap",
+    "d_alignment",
+    "tied_tokens",
+    "Agreement",
+    "compare_to_reference",
+]
+
+#: Minimum |<x, x_ref>_D| (unit D-norm vectors) per similarity precision (issue #2's agreement rules).
+TOLERANCES = {
+    "float64": {"alignment": 1.0 - 1e-6},
+    "float32": {"alignment": 1.0 - 1e-4},
+    "fast": {"alignment": 1.0 - 1e-2},
+}
+#: Partitions are compared only where the relative eigengap (lambda3 - lambda2) / lambda3 is at least this.
+GAP_MIN = 1e-3
+#: Seeds: tokens whose |x| lies within this relative distance of max |x| count as tied (exact ties in
+#: theory: identical rows of W give identical entries of x).
+TIE_RTOL = 1e-6
+
+
+@dataclass
+class Scene:
+    """A planted-object token map.
+
+    Attributes:
+        features: float32 ``(N, C)``, row-major over ``grid``.
+        grid: (h, w) with h * w = N.
+        labels: int ``(h, w)``, 0 = background regions' common label, 1.. = planted objects.
+    """
+
+    features: np.ndarray
+    grid: tuple[int, int]
+    labels: np.ndarray
+
+
+def grid_for(n: int) -> tuple[int, int]:
+    """The most square (h, w) with h <= w and h * w = n (primes give (1, n))."""
+    h = int(np.sqrt(n))
+    while n % h:
+        h -= 1
+    return h, n // h
+
+
+def planted_scene(
+    rng: np.random.Generator,
+    n_tokens: int | None = None,
+    channels: int = 64,
+    *,
+    grid: tuple[int, int] | None = None,
+    n_objects: int | None = None,
+    noise: float | None = None,
+) -> Scene:
+    """Random background 'stuff' regions plus 1-3 rectangular objects, each with its own feature direction.
+
+    A token's feature is its region's direction plus a shared bias direction (DINO keys have one) plus
+    Gaussian noise, so most within-region similarities exceed tau = 0.2 and most cross-region ones do
+    not; noise makes the boundary imperfect, as in real feature maps.
+    """
+    if grid is None:
+        if n_tokens is None:
+            raise ValueError("n_tokens: give n_tokens or grid")
+        grid = grid_for(n_tokens)
+    h, w = grid
+    n_objects = int(rng.integers(1, 4)) if n_objects is None else n_objects
+    noise = float(rng.uniform(0.45, 1.0)) if noise is None else noise
+    labels = np.zeros((h, w), dtype=np.int64)
+    # Background: split into two 'stuff' regions along a random row (labels -1, -2 internally).
+    cut = int(rng.integers(0, h + 1))
+    region = np.full((h, w), 0, dtype=np.int64)
+    region[cut:] = 1
+    for k in range(n_objects):
+        oh = max(1, int(round(h * rng.uniform(0.15, 0.45))))
+        ow = max(1, int(round(w * rng.uniform(0.15, 0.45))))
+        r0 = int(rng.integers(0, h - oh + 1))
+        c0 = int(rng.integers(0, w - ow + 1))
+        region[r0 : r0 + oh, c0 : c0 + ow] = 2 + k
+        labels[r0 : r0 + oh, c0 : c0 + ow] = 1 + k
+    n_regions = 2 + n_objects
+    g = rng.standard_normal((channels, max(channels, n_regions + 1)))
+    if channels >= n_regions + 1:
+        q, _ = np.linalg.qr(g[:, : n_regions + 1])
+        dirs = q.T
+    else:
+        dirs = g[:, : n_regions + 1].T
+        dirs /= np.linalg.norm(dirs, axis=1, keepdims=True)
+    bias = dirs[0] * rng.uniform(0.0, 0.4)
+    base = dirs[1:][region.reshape(-1)] + bias
+    feats = base + noise * rng.standard_normal((h * w, channels)) / np.sqrt(max(channels, 1)) * 1.5
+    feats *= rng.uniform(0.5, 3.0, size=(h * w, 1))  # key norms vary; the cut only sees directions
+    return Scene(feats.astype(np.float32), (h, w), labels)
+
+
+def relative_gap(lambda2: float, lambda3: float) -> float:
+    """(lambda3 - lambda2) / lambda3; NaN where lambda3 does not exist or is 0."""
+    if not np.isfinite(lambda3) or lambda3 == 0:
+        return float("nan")
+    return float((lambda3 - lambda2) / lambda3)
+
+
+def d_alignment(x: np.ndarray, x_ref: np.ndarray, d: np.ndarray) -> float:
+    """|<x, x_ref>_D| / (||x||_D ||x_ref||_D): 1 means the same eigenvector up to sign and scale."""
+    x = np.asarray(x, dtype=np.float64)
+    x_ref = np.asarray(x_ref, dtype=np.float64)
+    num = abs(float(np.sum(d * x * x_ref)))
+    den = np.sqrt(float(np.sum(d * x * x)) * float(np.sum(d * x_ref * x_ref)))
+    return num / den if den > 0 else float("nan")
+
+
+def tied_tokens(x: np.ndarray, rtol: float = TIE_RTOL) -> np.ndarray:
+    """Indices whose |x| is within ``rtol`` (relative) of max |x|: the candidates for argmax|x|."""
+    a = np.abs(np.asarray(x, dtype=np.float64))
+    return np.flatnonzero(a >= a.max() * (1.0 - rtol))
+
+
+@dataclass
+class Agreement:
+    """How one fast result compares to the reference on one image."""
+
+    well_defined: bool  # relative eigengap >= GAP_MIN
+    alignment: float  # |<x, x_ref>_D|, unit D-norms
+    same_partition: bool
+    seed_tied: bool  # our seed is one of the reference's tokens tied for max |x|
+    lambda2_error: float  # |lambda2 - lambda2_ref|
+
+
+def compare_to_reference(
+    x: np.ndarray,
+    partition: np.ndarray,
+    seed: int,
+    lambda2: float,
+    ref: reference.NcutResult,
+    d_ref: np.ndarray,
+) -> Agreement:
+    """Agreement of one image's (x, partition, seed, lambda2) with the reference's NcutResult."""
+    gap = relative_gap(ref.lambda2, ref.lambda3)
+    return Agreement(
+        well_defined=bool(np.isfinite(gap) and gap >= GAP_MIN),
+        alignment=d_alignment(x, ref.eigenvector, d_ref) if np.any(ref.eigenvector) else 1.0,
+        same_partition=bool(np.array_equal(np.asarray(partition, bool), ref.partition)),
+        seed_tied=bool(int(seed) in set(tied_tokens(ref.eigenvector).tolist())),
+        lambda2_error=abs(float(lambda2) - ref.lambda2) if np.isfinite(ref.lambda2) else 0.0,
+    )
