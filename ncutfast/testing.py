@@ -23,6 +23,7 @@ __all__ = [
     "tied_tokens",
     "Agreement",
     "compare_to_reference",
+    "flip_rate",
 ]
 
 #: Minimum |<x, x_ref>_D| (unit D-norm vectors) per similarity precision (issue #2's agreement rules).
@@ -160,3 +161,24 @@ def compare_to_reference(
         seed_tied=bool(int(seed) in set(tied_tokens(ref.eigenvector).tolist())),
         lambda2_error=abs(float(lambda2) - ref.lambda2) if np.isfinite(ref.lambda2) else 0.0,
     )
+
+
+def flip_rate(features: np.ndarray, tau: float = reference.TOKENCUT_TAU, precision: str = "fast",
+              device: str = "cpu") -> float:
+    """Fraction of graph entries whose side of tau differs between ``precision`` and float64.
+
+    Measures what the "fast" (tensor-core) and "float32" similarity modes cost in threshold decisions, on
+    ``device`` with the torch backend's own similarity code. ``features``: ``(N, C)`` float.
+    """
+    import torch
+
+    from ._torch_backend import _matmul_precision, normalized_features
+
+    t = torch.from_numpy(np.asarray(features, dtype=np.float32))[None].to(device)
+    n = torch.tensor([t.shape[1]])
+    f64 = normalized_features(t, n, "float64")
+    ref = torch.bmm(f64, f64.transpose(1, 2)) > tau
+    f = normalized_features(t, n, precision)
+    with _matmul_precision(f.device, precision):
+        s = torch.bmm(f, f.transpose(1, 2))
+    return float((ref != (s > tau)).to(torch.float64).mean())

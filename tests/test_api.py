@@ -253,3 +253,12 @@ def test_tie_break_is_lowest_index_within_rtol() -> None:
     v = np.array([0.5, 1.0 - 1e-9, 1.0, 1.0 - 1e-3])
     assert api._tie_argmax(v) == 1
     assert api._tie_argmax(-v) == 0
+
+
+def test_flip_rate_on_cpu(rng) -> None:
+    """float32 similarity flips almost no threshold decisions against float64 (measured, not assumed)."""
+    from ncutfast.testing import flip_rate
+
+    feats = planted_scene(rng, 900, 384).features
+    assert flip_rate(feats, precision="float64") == 0.0
+    assert flip_rate(feats, precision="float32") <= 1e-4
