@@ -66,32 +66,59 @@ def start_vectors(lengths: torch.Tensor, n_max: int, salt: int, device: torch.de
     return torch.where(valid, v[None, :], torch.zeros((), dtype=torch.float64, device=device))
 
 
-def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return (a * b).sum(-1, keepdim=True)
-
-
-def _project_out(w: torch.Tensor, basis: torch.Tensor, y0: torch.Tensor) -> torch.Tensor:
-    """Remove from w (b, N) its components along y0 (b, N) and the rows of basis (b, k, N), twice."""
+def _project_out(w: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """Remove from w (b, N) its components along the orthonormal rows of basis (b, k, N): classical
+    Gram-Schmidt applied twice ("twice is enough"), as two batched mat-vecs per pass."""
     for _ in range(2):
-        w = w - y0 * _dot(y0, w)
-        if basis.shape[1]:
-            h = torch.einsum("bkn,bn->bk", basis, w)
-            w = w - torch.einsum("bkn,bk->bn", basis, h)
+        h = torch.bmm(basis, w[:, :, None])
+        w = w - torch.bmm(h.transpose(1, 2), basis)[:, 0]
     return w
 
 
-def _ritz(alpha: torch.Tensor, beta: torch.Tensor, klen: torch.Tensor, k: int):
-    """Eigen-decompose the (b, k, k) tridiagonal matrices; rows at or beyond klen are parked."""
+def _ritz(alpha: torch.Tensor, beta: torch.Tensor, live: torch.Tensor, k: int):
+    """Eigen-decompose the (b, k, k) tridiagonal matrices of slots [0, k); dead slots are parked.
+
+    ``beta[:, j]`` couples slot j to slot j + 1; it is 0 after a breakdown, which splits T into blocks.
+    """
     b = alpha.shape[0]
     idx = torch.arange(k, device=alpha.device)
-    live = idx[None, :] < klen[:, None]
-    diag = torch.where(live, alpha[:, :k], torch.full_like(alpha[:, :k], _PARK))
-    off = torch.where(live[:, 1:], beta[:, : k - 1], torch.zeros_like(beta[:, : k - 1]))
+    lv = live[:, :k]
+    diag = torch.where(lv, alpha[:, :k], torch.full_like(alpha[:, :k], _PARK))
+    off = torch.where(lv[:, 1:] & lv[:, :-1], beta[:, : k - 1], torch.zeros_like(beta[:, : k - 1]))
     t = torch.zeros(b, k, k, dtype=torch.float64, device=alpha.device)
     t[:, idx, idx] = diag
     t[:, idx[1:], idx[:-1]] = off
     t[:, idx[:-1], idx[1:]] = off
     return torch.linalg.eigh(t)
+
+
+def _gap(evals: torch.Tensor, klen: torch.Tensor) -> torch.Tensor:
+    """min(1, theta1 - theta2): residual / gap bounds the Ritz vector's angle error."""
+    if evals.shape[1] < 2:
+        return torch.ones_like(evals[:, -1])
+    gap = (evals[:, -1] - evals[:, -2]).clamp(max=1.0)
+    return torch.where(klen >= 2, gap, torch.ones_like(gap))
+
+
+def _converged(alpha, beta, live, k, tol):
+    """Ritz decomposition after k steps and the convergence test.
+
+    The top pair must have residual |beta_last s_last| <= tol * min(1, theta1 - theta2) / 2 (its vector is
+    the answer); the second pair, which only supplies lambda3, residual <= sqrt(tol) (its Ritz value's error
+    is then about tol / gap). ``last`` is each problem's last live slot.
+    """
+    evals, evecs = _ritz(alpha, beta, live, k)
+    lv = live[:, :k]
+    klen = lv.sum(1)
+    slots = torch.arange(k, device=alpha.device)
+    last = torch.where(lv, slots, torch.full_like(slots, -1)).max(1).values.clamp_min(0)
+    b_last = beta.gather(1, last[:, None])[:, 0].abs()
+    est1 = b_last * evecs[:, :, -1].gather(1, last[:, None])[:, 0].abs()
+    conv = est1 <= 0.5 * tol * _gap(evals, klen)
+    if k >= 2:
+        est2 = b_last * evecs[:, :, -2].gather(1, last[:, None])[:, 0].abs()
+        conv = conv & ((est2 <= tol**0.5) | (klen < 2))
+    return evals, evecs, conv, klen
 
 
 def lanczos_fiedler(
@@ -102,7 +129,7 @@ def lanczos_fiedler(
     tol: float,
     max_iter: int,
     krylov_dim: int = 48,
-    check_every: int = 6,
+    check_every: int | None = None,
 ) -> LanczosResult:
     """Largest eigenpair of M restricted to the complement of y0, for a padded batch.
 
@@ -114,10 +141,13 @@ def lanczos_fiedler(
             i.e. when the Ritz vector's angle error is about tol, and the second Ritz pair (lambda3) has
             residual <= sqrt(tol).
         max_iter: total Lanczos steps per problem over all restart cycles.
-        krylov_dim: basis size of one cycle (memory: B * (krylov_dim + 1) * N float64).
-        check_every: steps between convergence checks (one host sync each).
+        krylov_dim: basis size of one cycle (memory: B * (krylov_dim + 2) * N float64).
+        check_every: steps between convergence checks, each one host synchronization (default: 2 on a CPU,
+            where a check costs nothing, 6 on a GPU).
     """
     device = y0.device
+    if check_every is None:
+        check_every = 2 if device.type == "cpu" else 6
     bsz, n_max = y0.shape
     lengths_dev = lengths.to(device)
     theta1 = torch.full((bsz,), float("nan"), dtype=torch.float64, device=device)
@@ -131,90 +161,77 @@ def lanczos_fiedler(
     cycle = 0
     while todo.numel() and spent < max_iter:
         m = min(krylov_dim, max_iter - spent, n_max)
-        res = _cycle(op, y0[todo], lengths_dev[todo], v0[todo], todo, m, tol, check_every, salt=cycle)
-        th1, th2, y, steps, conv = res
+        th1, th2, y, steps, conv = _cycle(op, y0[todo], lengths_dev[todo], v0[todo], todo, m, tol, check_every,
+                                          salt=cycle)
         theta1[todo], theta2[todo], y_out[todo] = th1, th2, y
         iters[todo] += steps
         spent += int(steps.max())
-        keep = ~conv
-        todo, v0 = todo[keep], y_out.clone()
+        todo, v0 = todo[~conv], y_out.clone()
         cycle += 1
     return LanczosResult(theta1, theta2, y_out, iters)
 
 
 def _cycle(op, y0, lengths, v0, idx, m, tol, check_every, salt):
-    """One Lanczos cycle of at most m steps for the problems idx; returns Ritz data and convergence."""
+    """One Lanczos cycle of at most m steps for the problems idx; returns Ritz data and convergence.
+
+    ``basis`` row 0 holds y0, so one projection removes y0 and the Lanczos vectors (rows 1..j+1) together.
+    A problem whose new vector vanishes (breakdown: an invariant subspace) stalls until the next check,
+    where it continues from a fresh direction orthogonal to everything (so eigenvalues of multiplicity > 1
+    are found too) or, if none is left, is done: its Ritz values are then exact.
+    """
     b, n = y0.shape
     device = y0.device
-    q = _project_out(v0, y0.new_zeros(b, 0, n), y0)
-    q = q / q.norm(dim=-1, keepdim=True).clamp_min(1e-300)
-    basis = torch.zeros(b, m + 1, n, dtype=torch.float64, device=device)
-    basis[:, 0] = q
-    alpha = torch.zeros(b, m, dtype=torch.float64, device=device)
-    beta = torch.zeros(b, m, dtype=torch.float64, device=device)
-    # klen: Krylov dimension each problem can still grow to (its deflated space has n - 1 dimensions).
-    cap = (lengths - 1).clamp_max(m)
+    f64 = dict(dtype=torch.float64, device=device)
+    basis = torch.zeros(b, m + 2, n, **f64)
+    basis[:, 0] = y0
+    q = _project_out(v0, basis[:, :1])
+    basis[:, 1] = q / q.norm(dim=-1, keepdim=True).clamp_min(1e-300)
+    alpha = torch.zeros(b, m, **f64)
+    beta = torch.zeros(b, m, **f64)
+    live = torch.zeros(b, m, dtype=torch.bool, device=device)
+    # The deflated space has n - 1 dimensions: once that many slots are live, it is spanned exactly.
+    cap = lengths - 1
     klen = torch.zeros(b, dtype=torch.int64, device=device)
-    done = torch.zeros(b, dtype=torch.bool, device=device)
+    done = klen >= cap
+    stalled = torch.zeros(b, dtype=torch.bool, device=device)
+    revived = torch.zeros(b, dtype=torch.bool, device=device)
     k = 0
     for j in range(m):
-        live = (~done) & (j < cap)
-        klen = klen + live.to(torch.int64)
-        w = op(basis[:, j], idx)
-        alpha[:, j] = _dot(basis[:, j], w)[:, 0]
-        w = _project_out(w, basis[:, : j + 1], y0)
+        act = ~done & ~stalled
+        q = basis[:, j + 1]
+        w = op(q, idx)
+        a = (q * w).sum(-1)
+        w = _project_out(w, basis[:, : j + 2])
         bj = w.norm(dim=-1)
-        # Breakdown: restart the recurrence with a fresh direction (beta = 0 decouples T).
-        broke = bj <= _BREAKDOWN
-        if j + 1 < m:
-            fresh = _project_out(start_vectors(lengths, n, salt * 1000 + j + 1, device), basis[:, : j + 1], y0)
-            fresh_norm = fresh.norm(dim=-1)
-            w = torch.where(broke[:, None], fresh, w)
-            bj = torch.where(broke, torch.zeros_like(bj), bj)
-            wn = torch.where(broke, fresh_norm, w.norm(dim=-1))
-            exhausted = broke & (fresh_norm <= 1e-8)
-            done = done | exhausted | ((j + 1) >= cap)
-            basis[:, j + 1] = torch.where(
-                done[:, None], torch.zeros_like(w), w / wn.clamp_min(1e-300)[:, None]
-            )
-        beta[:, j] = torch.where(live, bj, torch.zeros_like(bj))
+        broke = act & (bj <= _BREAKDOWN)
+        live[:, j] = act
+        alpha[:, j] = torch.where(act, a, torch.zeros_like(a))
+        beta[:, j] = torch.where(act & ~broke, bj, torch.zeros_like(bj))
+        klen = klen + act.to(torch.int64)
+        done = done | (act & (klen >= cap))
+        stalled = stalled | broke
+        grow = act & ~broke & ~done
+        basis[:, j + 2] = torch.where(grow[:, None], w / bj.clamp_min(1e-300)[:, None], torch.zeros_like(w))
         k = j + 1
         if k % check_every == 0 or k == m:
-            evals, evecs, conv = _converged(alpha, beta, klen, k, tol)
-            conv = conv | done
-            if bool(conv.all()):
+            _, _, conv, _ = _converged(alpha, beta, live, k, tol)
+            # A first breakdown is not trusted (the top eigenvalue may be repeated); after one fresh
+            # continuation the Ritz values of all blocks together decide.
+            if bool(((conv & (~stalled | revived)) | done).all()):
                 break
-    evals, evecs, conv = _converged(alpha, beta, klen, k, tol)
-    conv = conv | done
-    s1 = evecs[:, :, -1]
-    y = torch.einsum("bkn,bk->bn", basis[:, :k], s1)
+            if k < m and bool(stalled.any()):
+                fresh = _project_out(start_vectors(lengths, n, salt * 1000 + k, device), basis[:, : k + 1])
+                fn = fresh.norm(dim=-1)
+                revive = stalled & (fn > 1e-8)
+                done = done | (stalled & ~revive)
+                basis[:, k + 1] = torch.where(revive[:, None], fresh / fn.clamp_min(1e-300)[:, None],
+                                              basis[:, k + 1])
+                revived = revived | revive
+                stalled = torch.zeros_like(stalled)
+    evals, evecs, conv, klen = _converged(alpha, beta, live, k, tol)
+    conv = (conv & (~stalled | revived)) | done
+    y = torch.bmm(evecs[:, :, -1][:, None, :], basis[:, 1 : k + 1])[:, 0]
     y = y / y.norm(dim=-1, keepdim=True).clamp_min(1e-300)
     nan = torch.full_like(evals[:, -1], float("nan"))
     th2 = torch.where(klen >= 2, evals[:, -2], nan) if k >= 2 else nan
     return evals[:, -1], th2, y, klen, conv
-
-
-def _gap(evals: torch.Tensor, klen: torch.Tensor) -> torch.Tensor:
-    """min(1, theta1 - theta2): residual / gap bounds the Ritz vector's angle error."""
-    if evals.shape[1] < 2:
-        return torch.ones_like(evals[:, -1])
-    gap = (evals[:, -1] - evals[:, -2]).clamp(max=1.0)
-    return torch.where(klen >= 2, gap, torch.ones_like(gap))
-
-
-def _converged(alpha, beta, klen, k, tol):
-    """Ritz decomposition after k steps and the convergence test.
-
-    The top pair must have residual |beta_k s_k| <= tol * min(1, theta1 - theta2) / 2 (its vector is the
-    answer); the second pair, which only supplies lambda3, residual <= sqrt(tol) (its Ritz value's error is
-    then about tol / gap).
-    """
-    evals, evecs = _ritz(alpha, beta, klen, k)
-    last = (klen - 1).clamp_min(0)
-    b_last = beta.gather(1, last[:, None])[:, 0].abs()
-    est1 = b_last * evecs[:, :, -1].gather(1, last[:, None])[:, 0].abs()
-    conv = est1 <= 0.5 * tol * _gap(evals, klen)
-    if k >= 2:
-        est2 = b_last * evecs[:, :, -2].gather(1, last[:, None])[:, 0].abs()
-        conv = conv & ((est2 <= tol**0.5) | (klen < 2))
-    return evals, evecs, conv

@@ -55,21 +55,26 @@ def graph(
     n = f.shape[1]
     with _matmul_precision(f.device, precision):
         s = torch.bmm(f, f.transpose(1, 2))
-    ar = torch.arange(n, device=f.device)
-    valid = ar[None, :] < lengths.to(f.device)[:, None]
-    pair = valid[:, :, None] & valid[:, None, :]
-    zero = torch.zeros((), dtype=torch.float64, device=f.device)
+    ln = lengths.to(f.device)
+    valid = torch.arange(n, device=f.device)[None, :] < ln[:, None]
+    ragged = bool((lengths < n).any())
+    pair = valid[:, :, None] & valid[:, None, :] if ragged else None
     if binary:
-        edge = (s > tau) & pair
+        edge = s > tau
         del s
-        w = torch.where(edge, torch.ones((), dtype=torch.float64, device=f.device), eps)
-        w = torch.where(pair, w, zero)
+        if ragged:
+            edge &= pair
+        # W = eps 11^T + (1 - eps) B, and d = popcount + eps (n - popcount): the 0/1 mask carries the graph.
+        one = torch.ones((), dtype=torch.float64, device=f.device)
+        w = torch.where(edge, one, eps * one)
         cnt = edge.sum(-1, dtype=torch.float64)
-        d = cnt + eps * (lengths.to(f.device)[:, None].to(torch.float64) - cnt)
+        d = cnt + eps * (ln[:, None].to(torch.float64) - cnt)
     else:
         w = s.to(torch.float64)
         w = torch.where(s < tau, eps, w)
-        w = torch.where(pair, w, zero)
+    if ragged:
+        w = w.masked_fill_(~pair, 0.0)
+    if not binary:
         d = w.sum(-1)
     d = torch.where(valid, d, torch.ones((), dtype=torch.float64, device=f.device))
     return w, d
