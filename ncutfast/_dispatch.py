@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Spectrum", "BACKEND_NAMES", "available_backends", "resolve_backend", "solve"]
+__all__ = ["Spectrum", "BACKEND_NAMES", "available_backends", "converged_flags", "resolve_backend", "solve"]
 
 
 @dataclass
@@ -49,6 +49,15 @@ class Spectrum:
     residual: torch.Tensor
     converged: torch.Tensor
     iterations: torch.Tensor
+
+
+def converged_flags(residual: torch.Tensor, lambda2: torch.Tensor, lambda3: torch.Tensor, tol: float) -> torch.Tensor:
+    """Every backend's rule: residual <= tol * min(1, lambda3 - lambda2) (gap 1 where lambda3 is NaN).
+
+    The eigenvector's angle error is about residual / gap, so a degenerate spectrum is never "converged".
+    """
+    gap = torch.nan_to_num(lambda3 - lambda2, nan=1.0).clamp(max=1.0)
+    return residual <= tol * gap
 
 
 SolveFn = Callable[..., Spectrum]

@@ -14,10 +14,10 @@ from collections.abc import Iterator
 
 import torch
 
-from ._dispatch import Spectrum
+from ._dispatch import Spectrum, converged_flags
 from ._lanczos import lanczos_fiedler
 
-__all__ = ["solve", "normalized_features", "graph", "DENSE_MAX", "MEMORY_BUDGET"]
+__all__ = ["solve", "normalized_features", "graph", "matmul_precision", "DENSE_MAX", "MEMORY_BUDGET"]
 
 #: Problems with at most this many tokens are solved by a dense eigh (cheaper than Lanczos there).
 DENSE_MAX = 96
@@ -26,7 +26,7 @@ MEMORY_BUDGET = 1 << 30
 
 
 @contextlib.contextmanager
-def _matmul_precision(device: torch.device, precision: str) -> Iterator[None]:
+def matmul_precision(device: torch.device, precision: str) -> Iterator[None]:
     """fp32 matmuls are IEEE fp32 for "float32" (no tf32) and tf32 for "fast" on CUDA devices."""
     if device.type != "cuda":
         yield
@@ -53,7 +53,7 @@ def graph(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense float64 W ``(B, N, N)`` (zero on padding) and degrees d ``(B, N)`` (1 on padding)."""
     n = f.shape[1]
-    with _matmul_precision(f.device, precision):
+    with matmul_precision(f.device, precision):
         s = torch.bmm(f, f.transpose(1, 2))
     ln = lengths.to(f.device)
     valid = torch.arange(n, device=f.device)[None, :] < ln[:, None]
@@ -172,6 +172,4 @@ def solve(
         x[di, :nm] = g["dm12"] * g["y"]
         resid[di] = g["resid"]
         iters[di] = g["iters"]
-    gap = torch.nan_to_num(lam3 - lam2, nan=1.0).clamp(max=1.0)
-    converged = resid <= tol * gap
-    return Spectrum(lam2, lam3, x, resid, converged, iters)
+    return Spectrum(lam2, lam3, x, resid, converged_flags(resid, lam2, lam3, tol), iters)

@@ -172,13 +172,13 @@ def flip_rate(features: np.ndarray, tau: float = reference.TOKENCUT_TAU, precisi
     """
     import torch
 
-    from ._torch_backend import _matmul_precision, normalized_features
+    from ._torch_backend import matmul_precision, normalized_features
 
     t = torch.from_numpy(np.asarray(features, dtype=np.float32))[None].to(device)
     n = torch.tensor([t.shape[1]])
     f64 = normalized_features(t, n, "float64")
     ref = torch.bmm(f64, f64.transpose(1, 2)) > tau
     f = normalized_features(t, n, precision)
-    with _matmul_precision(f.device, precision):
+    with matmul_precision(f.device, precision):
         s = torch.bmm(f, f.transpose(1, 2))
     return float((ref != (s > tau)).to(torch.float64).mean())

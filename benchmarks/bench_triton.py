@@ -1,0 +1,216 @@
+"""GPU benchmark of the Triton backend (issue 4): whole ncut throughput, per-kernel FLOP/s and bytes/s.
+
+    python benchmarks/bench_triton.py                  # GPU: batch 256, C=768, N=784 and 3600
+    python benchmarks/bench_triton.py --dry            # CPU smoke run under TRITON_INTERPRET=1, tiny shapes
+
+For each N and precision ("float32": IEEE fp32 similarity; "fast": fp16 tensor cores) it times, on one
+padded batch of planted-object scenes (ncutfast.testing):
+
+- ``affinity``: ``affinity_fwd`` (row normalization + similarity + threshold + bitmask + popcounts), with
+  the flip rate of its threshold decisions against float64; for float32 also ``affinity-tf32x3``;
+- ``matvec`` / ``matvec-int8``: one application of the bitmask operator D^-1/2 W D^-1/2 to the whole
+  batch, fp64 FMA kernel / int8 tensor-core kernel (kernels/lanczos.py);
+- ``ncut`` / ``ncut-int8``: the whole backend solve (affinity + degrees + deflated Lanczos to ``--tol``)
+  with either mat-vec, giving images/s (the faster one should become the default "int8" setting);
+
+and prints the FLOP and byte counts of each kernel beside the achieved TFLOP/s and GB/s. The baseline is
+batched ``torch.linalg.eigh`` of M = D^-1/2 W D^-1/2 in float32 (graph build included; the harness's
+``TorchEigh`` provider) on the same card, in the same run; at large N it is measured on ``--eigh-batch``
+images (its cost is per matrix) and reported as images/s. Without a CUDA device and without ``--dry`` it
+prints one skip line and exits 0. Nothing is downloaded; nothing runs at import.
+
+Counts (per image of n tokens, C channels, W = 2 ceil(n / 64) words per row, s = bytes per normalized
+feature: 4 fp32, 2 fp16):
+- affinity FLOPs: n^2 C multiply-adds on the computed upper-triangle tiles = n (n + 1) C useful FLOPs (the
+  symmetric half of 2 n^2 C) plus 3 n C for the normalization. Bytes: features read twice and written once
+  by the normalization (n C (2 * 4 + s)), normalized rows read once per tile pair they appear in is L2
+  traffic and not counted; bitmask written (4 n W), counts (4 n).
+- matvec ops: 2 n^2 (one select-add per bit and vector); bytes: the bitmask (4 n W) plus v, s, y in fp64
+  (24 n).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--channels", type=int, default=768)
+    p.add_argument("--n", type=int, nargs="+", default=[784, 3600])
+    p.add_argument("--precision", nargs="+", default=["float32", "fast"],
+                   choices=["float32", "fast", "float64"])
+    p.add_argument("--tau", type=float, default=0.2)
+    p.add_argument("--eps", type=float, default=1e-5)
+    p.add_argument("--tol", type=float, default=1e-8)
+    p.add_argument("--max-iter", type=int, default=300)
+    p.add_argument("--scenes", type=int, default=16, help="distinct planted scenes, tiled over the batch")
+    p.add_argument("--eigh-batch", type=int, default=16, help="images for the torch.linalg.eigh baseline")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--dry", action="store_true", help="tiny CPU run under TRITON_INTERPRET=1 (smoke test)")
+    p.add_argument("--csv", default="", help="also write the rows to this CSV file")
+    return p.parse_args(argv)
+
+
+def _fmt(x: float, scale: float, spec: str) -> str:
+    """x / scale formatted with spec; empty for NaN (a count that does not apply to the row)."""
+    return "" if x != x else format(x / scale, spec)
+
+
+def _timer(args: argparse.Namespace):
+    """Median seconds of fn() after one warm-up call (compilation, caches): triton.testing.do_bench
+    (synchronizing, L2 flushed) on the GPU; a plain synchronized timer in --dry and for calls that take
+    over half a second (the eigh baseline at large N), where one more call is enough."""
+    import torch
+
+    def wall(fn) -> float:
+        t0 = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    def timed(fn) -> float:
+        first = wall(fn)
+        if args.dry or first > 0.5:
+            return statistics.median(wall(fn) for _ in range(args.repeats if first <= 0.5 else 1))
+        from triton.testing import do_bench
+
+        return do_bench(fn, warmup=1, rep=max(1, args.repeats) * 50, return_mode="median") / 1e3
+
+    return timed
+
+
+def _solve_note(spec, b: int) -> str:
+    """Lanczos steps and convergence of a Spectrum, for the table's note column."""
+    it = spec.iterations.double()
+    return (f"Lanczos steps median {it.median().item():.0f} max {it.max().item():.0f}; "
+            f"converged {int(spec.converged.sum())}/{b}")
+
+
+def _measure(args: argparse.Namespace, device, n: int) -> list[tuple]:
+    """Rows (N, precision, kernel, seconds, images/s, FLOP, bytes, note) for one token count."""
+    import numpy as np
+    import torch
+
+    from ncutfast import _triton_backend, testing
+    from ncutfast.bench.providers import TorchEigh
+    from ncutfast.kernels._utils import override, words_per_row
+    from ncutfast.kernels.affinity import affinity_fwd
+    from ncutfast.kernels.lanczos import BitmaskOperator
+
+    timed = _timer(args)
+    rng = np.random.default_rng(n)
+    scenes = [testing.planted_scene(rng, n, channels=args.channels).features for _ in range(args.scenes)]
+    base = torch.from_numpy(np.stack(scenes)).to(device)
+    feats = base[torch.arange(args.batch, device=device) % args.scenes].contiguous()
+    lengths = torch.full((args.batch,), n, dtype=torch.int64)
+    b, c, w = args.batch, args.channels, words_per_row(n)
+    nf = min(16, b)  # images on which threshold flips against float64 are counted
+    ref_mask = affinity_fwd(feats[:nf], lengths[:nf], tau=args.tau, precision="float64")[0]
+    table = torch.tensor([bin(i).count("1") for i in range(256)], device=device)
+    rows = []
+    for precision in args.precision:
+        mask = affinity_fwd(feats[:nf], lengths[:nf], tau=args.tau, precision=precision)[0]
+        flips = int(table[(mask ^ ref_mask).view(torch.uint8).long()].sum())
+        flip_note = f"threshold flips vs float64: {flips / (nf * n * n):.2e} ({flips} of {nf} images' n^2)"
+        s_bytes = {"float32": 4, "fast": 2, "float64": 8}[precision]
+        aff_flop = b * (n * (n + 1) * c + 3 * n * c)
+        aff_bytes = b * (n * c * (2 * 4 + s_bytes) + 4 * n * w + 4 * n)
+        t_aff = timed(lambda p=precision: affinity_fwd(feats, lengths, tau=args.tau, precision=p))
+        op = BitmaskOperator(*affinity_fwd(feats, lengths, tau=args.tau, precision=precision), lengths,
+                             args.eps)
+        v = torch.randn(b, n, dtype=torch.float64, device=device)
+        t_mv = timed(lambda op=op, v=v: op(v))
+        mv_flop, mv_bytes = b * 2 * n * n, b * (4 * n * w + 24 * n)
+
+        def whole(p=precision):
+            return _triton_backend.solve(feats, lengths, tau=args.tau, eps=args.eps, binary=True, precision=p,
+                                         tol=args.tol, max_iter=args.max_iter)
+
+        if precision == "float32":
+            with override("affinity", tf32x3=1):
+                t_x3 = timed(lambda: affinity_fwd(feats, lengths, tau=args.tau, precision="float32"))
+                mask = affinity_fwd(feats[:nf], lengths[:nf], tau=args.tau, precision="float32")[0]
+            flips = int(table[(mask ^ ref_mask).view(torch.uint8).long()].sum())
+            rows.append((n, precision, "affinity-tf32x3", t_x3, b / t_x3, aff_flop, aff_bytes,
+                         f"3xTF32 dot; threshold flips vs float64: {flips / (nf * n * n):.2e}"))
+        t_all = timed(whole)
+        note = _solve_note(whole(), b)
+        with override("matvec", int8=1):
+            t_mv8 = timed(lambda op=op, v=v: op(v))
+            t_all8 = timed(whole)
+            note8 = _solve_note(whole(), b)
+        nan = float("nan")
+        rows += [
+            (n, precision, "affinity", t_aff, b / t_aff, aff_flop, aff_bytes, flip_note),
+            (n, precision, "matvec", t_mv, nan, mv_flop, mv_bytes, "fp64 FMA; one step, whole batch"),
+            (n, precision, "matvec-int8", t_mv8, nan, mv_flop, mv_bytes, "int8 tensor cores; one step"),
+            (n, precision, "ncut", t_all, b / t_all, nan, nan, note),
+            (n, precision, "ncut-int8", t_all8, b / t_all8, nan, nan, "int8 matvec; " + note8),
+        ]
+    eb = min(args.eigh_batch, args.batch)
+    provider = TorchEigh(device.type)
+    t_eigh = timed(lambda: provider.solve(feats[:eb], args.tau, args.eps))
+    rows.append((n, "float32", "torch.linalg.eigh", t_eigh, eb / t_eigh, float("nan"), float("nan"),
+                 f"baseline on {eb} images (graph build + batched eigh of M)"))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    if args.dry:
+        # Must precede the first import of ncutfast.kernels: @triton.jit picks interpreter vs JIT then.
+        os.environ["TRITON_INTERPRET"] = "1"
+        args.batch, args.channels, args.n, args.scenes = 3, 32, [48], 3
+        args.eigh_batch, args.repeats = 3, 1
+    import torch
+
+    if not args.dry and not torch.cuda.is_available():
+        print("bench_triton: skipped, no CUDA device (run with --dry for a CPU interpreter smoke run)")
+        return 0
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        print("bench_triton: skipped, triton is not installed (pip install 'ncutfast[triton]')")
+        return 0
+    device = torch.device("cpu" if args.dry else "cuda")
+    card = "CPU (Triton interpreter)" if args.dry else torch.cuda.get_device_name(device)
+    print(f"bench_triton on {card}; torch {torch.__version__}, triton {sys.modules['triton'].__version__}; "
+          f"batch {args.batch}, C={args.channels}, tau={args.tau}, tol={args.tol}")
+
+    rows = []
+    header = ("N", "precision", "kernel", "ms", "images/s", "GFLOP", "TFLOP/s", "MB", "GB/s", "note")
+    for n in args.n:
+        rows += _measure(args, device, n)
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    lines = []
+    for n, prec, kern, t, ips, flop, nbytes, note in rows:
+        vals = (n, prec, kern, f"{t * 1e3:.3f}", _fmt(ips, 1, ",.0f"), _fmt(flop, 1e9, ".3f"),
+                _fmt(flop / t, 1e12, ".2f"), _fmt(nbytes, 1e6, ".1f"), _fmt(nbytes / t, 1e9, ".1f"), note)
+        lines.append(vals)
+        print("| " + " | ".join(str(x) for x in vals) + " |")
+    for n in args.n:
+        by = {(r[1], r[2]): r for r in rows if r[0] == n}
+        eigh_ips = by[("float32", "torch.linalg.eigh")][4]
+        for prec in args.precision:
+            for kern in ("ncut", "ncut-int8"):
+                ips = by[(prec, kern)][4]
+                print(f"N={n} {prec} {kern}: {ips:,.0f} images/s = {ips / eigh_ips:,.1f}x torch.linalg.eigh "
+                      f"({card})")
+    if args.csv:
+        with open(args.csv, "w") as fh:
+            fh.write(",".join(header) + ",card\n")
+            for vals in lines:
+                fh.write(",".join(str(x).replace(",", "") for x in vals) + f",{card}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,83 @@
+// Eigen-decomposition of the small symmetric tridiagonal matrices of Lanczos (both launchers).
+#pragma once
+
+#include <math.h>
+
+#include "../common.h"
+
+namespace ncutfast {
+
+/// Implicit QL with Wilkinson shifts on a symmetric tridiagonal matrix of order m.
+///
+/// d[0..m): diagonal, overwritten by the (unsorted) eigenvalues. e[0..m): e[i] couples rows i and i+1
+/// (e[m-1] is ignored), destroyed. z: `zrows` x m row-major; the rotations are applied to its rows, so
+/// starting from the identity gives the eigenvectors as columns, and starting from the single row
+/// e_{m-1}^T gives only their last components (what Lanczos' residual estimate needs) in O(m^2).
+/// Returns false if an eigenvalue needed more than 60 sweeps (never seen for Lanczos matrices).
+NCUT_HD bool tridiag_eig(double* d, double* e, int m, double* z, int zrows) {
+  if (m > 0) e[m - 1] = 0.0;
+  for (int l = 0; l < m; ++l) {
+    int iter = 0;
+    for (;;) {
+      int mm = l;
+      for (; mm < m - 1; ++mm) {
+        const double dd = ::fabs(d[mm]) + ::fabs(d[mm + 1]);
+        if (::fabs(e[mm]) <= 2.220446049250313e-16 * dd) break;
+      }
+      if (mm == l) break;
+      if (++iter > 60) return false;
+      double g = (d[l + 1] - d[l]) / (2.0 * e[l]);
+      double r = ::hypot(g, 1.0);
+      g = d[mm] - d[l] + e[l] / (g + ::copysign(r, g));
+      double s = 1.0, c = 1.0, p = 0.0;
+      bool deflated = false;
+      for (int i = mm - 1; i >= l; --i) {
+        double f = s * e[i];
+        const double b = c * e[i];
+        r = ::hypot(f, g);
+        e[i + 1] = r;
+        if (r == 0.0) {  // underflow: the matrix split at i + 1; restart the sweep on the smaller block
+          d[i + 1] -= p;
+          e[mm] = 0.0;
+          deflated = true;
+          break;
+        }
+        s = f / r;
+        c = g / r;
+        g = d[i + 1] - p;
+        r = (d[i] - g) * s + 2.0 * c * b;
+        p = s * r;
+        d[i + 1] = g + p;
+        g = c * r - b;
+        for (int k = 0; k < zrows; ++k) {
+          double* zk = z + static_cast<int64_t>(k) * m;
+          f = zk[i + 1];
+          zk[i + 1] = s * zk[i] + c * f;
+          zk[i] = c * zk[i] - s * f;
+        }
+      }
+      if (deflated) continue;
+      d[l] -= p;
+      e[l] = g;
+      e[mm] = 0.0;
+    }
+  }
+  return true;
+}
+
+/// Indices of the largest and second largest of v[0..m) (second = -1 when m < 2); first index wins ties.
+NCUT_HD void top_two(const double* v, int m, int* first, int* second) {
+  int a = -1, b = -1;
+  for (int k = 0; k < m; ++k) {
+    if (a < 0 || v[k] > v[a]) {
+      b = a;
+      a = k;
+    } else if (b < 0 || v[k] > v[b]) {
+      b = k;
+    }
+  }
+  *first = a;
+  *second = b;
+}
+
+}  // namespace ncutfast

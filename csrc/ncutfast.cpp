@@ -1,0 +1,300 @@
+// ncutfast._C: the only Python module of the compiled extension. Argument checks and dispatch only.
+//
+// Arrays travel as raw addresses (torch `data_ptr()`, CuPy `.data.ptr`, NumPy `ctypes.data`) with their
+// sizes, so the module needs neither torch nor a CUDA build of it. Every array must be C-contiguous with
+// the documented dtype; the Python backends guarantee that. The GIL is released during the work.
+// Bad arguments raise ValueError naming the argument (pybind11 maps std::invalid_argument); CUDA failures
+// raise RuntimeError.
+#include <pybind11/pybind11.h>
+
+#include <cmath>
+#include <cstdint>
+#include <string>
+#include <tuple>
+
+#include "common.h"
+#include "cpu/graph_cpu.h"
+#include "cpu/solve_cpu.h"
+#include "ncut/graph.h"
+#include "ncut/lanczos.h"
+#include "ncut/tridiag.h"
+#ifdef NCUTFAST_WITH_CUDA
+#include "cuda/graph_cuda.h"
+#include "cuda/solve_cuda.h"
+#endif
+
+namespace py = pybind11;
+using ncutfast::DType;
+using ncutfast::LanczosParams;
+using ncutfast::SolveOutputs;
+
+namespace {
+
+template <typename T>
+T* as_ptr(uintptr_t address) {
+  return reinterpret_cast<T*>(address);
+}
+
+void check_sizes(int64_t batch, int64_t n_max) {
+  NCUT_CHECK(batch >= 1, "batch", "must be >= 1, got " << batch);
+  NCUT_CHECK(n_max >= 1, "n_max", "must be >= 1, got " << n_max);
+}
+
+/// Host lengths can be checked here; device lengths are the caller's responsibility.
+void check_host_lengths(const int64_t* lengths, int64_t batch, int64_t n_max) {
+  for (int64_t b = 0; b < batch; ++b)
+    NCUT_CHECK(lengths[b] >= 1 && lengths[b] <= n_max, "lengths",
+               "lengths[" << b << "] = " << lengths[b] << " is outside [1, n_max = " << n_max << "]");
+}
+
+void check_scalar(double v, const char* arg) { NCUT_CHECK(std::isfinite(v), arg, "must be finite, got " << v); }
+
+LanczosParams make_params(double tol, int max_iter, int krylov_dim, int check_every) {
+  NCUT_CHECK(std::isfinite(tol) && tol > 0, "tol", "must be a positive finite number, got " << tol);
+  NCUT_CHECK(max_iter >= 1, "max_iter", "must be >= 1, got " << max_iter);
+  NCUT_CHECK(krylov_dim >= 1, "krylov_dim", "must be >= 1, got " << krylov_dim);
+  NCUT_CHECK(check_every >= 1, "check_every", "must be >= 1, got " << check_every);
+  return LanczosParams{tol, max_iter, krylov_dim, check_every};
+}
+
+SolveOutputs make_outputs(uintptr_t lambda2, uintptr_t lambda3, uintptr_t x, uintptr_t residual,
+                          uintptr_t iterations) {
+  NCUT_CHECK_PTR(lambda2, "lambda2");
+  NCUT_CHECK_PTR(lambda3, "lambda3");
+  NCUT_CHECK_PTR(x, "x");
+  NCUT_CHECK_PTR(residual, "residual");
+  NCUT_CHECK_PTR(iterations, "iterations");
+  return SolveOutputs{as_ptr<double>(lambda2), as_ptr<double>(lambda3), as_ptr<double>(x),
+                      as_ptr<double>(residual), as_ptr<int64_t>(iterations)};
+}
+
+#ifdef NCUTFAST_WITH_CUDA
+void check_cuda(int err, const char* what) {
+  if (err != 0) throw std::runtime_error(std::string(what) + ": CUDA error " + std::to_string(err) + ": " +
+                                         ncutfast::cuda_error_message(err));
+}
+#endif
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "ncutfast compiled kernels: packed binary graphs and the deflated Lanczos Fiedler solver.";
+#ifdef NCUTFAST_WITH_CUDA
+  m.attr("HAS_CUDA") = true;
+#else
+  m.attr("HAS_CUDA") = false;
+#endif
+
+  m.def("words_per_row", &ncutfast::words_per_row, py::arg("n_max"),
+        "uint64 words of one packed row of n_max columns.");
+  m.def(
+      "workspace_doubles", [](int64_t n_max, int krylov_dim) {
+        NCUT_CHECK(n_max >= 1, "n_max", "must be >= 1, got " << n_max);
+        NCUT_CHECK(krylov_dim >= 1, "krylov_dim", "must be >= 1, got " << krylov_dim);
+        return ncutfast::workspace_doubles(n_max, krylov_dim);
+      },
+      py::arg("n_max"), py::arg("krylov_dim"), "float64 workspace entries one problem of the GPU solver needs.");
+  m.def("cpu_threads", &ncutfast::cpu_threads, "OpenMP threads the CPU launchers use.");
+
+  m.def(
+      "tridiagonal_eigh",
+      [](uintptr_t diag, uintptr_t off, int m, uintptr_t vectors) {
+        NCUT_CHECK(m >= 1, "m", "must be >= 1, got " << m);
+        NCUT_CHECK_PTR(diag, "diag");
+        NCUT_CHECK_PTR(off, "off");
+        NCUT_CHECK_PTR(vectors, "vectors");
+        double* z = as_ptr<double>(vectors);
+        for (int r = 0; r < m; ++r)
+          for (int c = 0; c < m; ++c) z[r * m + c] = r == c ? 1.0 : 0.0;
+        return ncutfast::tridiag_eig(as_ptr<double>(diag), as_ptr<double>(off), m, z, m);
+      },
+      py::arg("diag"), py::arg("off"), py::arg("m"), py::arg("vectors"),
+      "Eigen-decompose a float64 tridiagonal matrix in place (the solver's Ritz step): diag (m,) becomes the\n"
+      "unsorted eigenvalues, off (m,) (off[i] couples i and i+1) is destroyed, vectors (m, m) receives the\n"
+      "eigenvectors as columns. Returns False if QL did not converge.");
+
+  m.def(
+      "pack_graph_cpu",
+      [](uintptr_t s, const std::string& dtype, int64_t batch, int64_t n_max, uintptr_t lengths, double tau,
+         uintptr_t bits) {
+        const DType dt = ncutfast::parse_dtype(dtype, "dtype");
+        check_sizes(batch, n_max);
+        NCUT_CHECK_PTR(s, "s");
+        NCUT_CHECK_PTR(lengths, "lengths");
+        NCUT_CHECK_PTR(bits, "bits");
+        check_scalar(tau, "tau");
+        check_host_lengths(as_ptr<const int64_t>(lengths), batch, n_max);
+        py::gil_scoped_release nogil;
+        ncutfast::pack_graph_cpu(as_ptr<const void>(s), dt, batch, n_max, as_ptr<const int64_t>(lengths), tau,
+                                 as_ptr<uint64_t>(bits));
+      },
+      py::arg("s"), py::arg("dtype"), py::arg("batch"), py::arg("n_max"), py::arg("lengths"), py::arg("tau"),
+      py::arg("bits"),
+      "Threshold similarities s (batch, n_max, n_max) at tau (strict >) into bits (batch, n_max,\n"
+      "words_per_row(n_max)) uint64; lengths (batch,) int64. Host pointers.");
+
+  m.def(
+      "pack_graph_block_cpu",
+      [](uintptr_t s, const std::string& dtype, int64_t batch, int64_t n_max, int64_t row0, int64_t rows,
+         uintptr_t lengths, double tau, uintptr_t bits) {
+        const DType dt = ncutfast::parse_dtype(dtype, "dtype");
+        check_sizes(batch, n_max);
+        NCUT_CHECK(row0 >= 0 && row0 < n_max && row0 % 64 == 0, "row0",
+                   "must be a multiple of 64 in [0, n_max = " << n_max << "), got " << row0);
+        NCUT_CHECK(rows >= 1 && row0 + rows <= n_max && ((row0 + rows) % 64 == 0 || row0 + rows == n_max), "rows",
+                   "row0 + rows must be a multiple of 64 or n_max, within n_max = " << n_max << ", got " << rows);
+        NCUT_CHECK_PTR(s, "s");
+        NCUT_CHECK_PTR(lengths, "lengths");
+        NCUT_CHECK_PTR(bits, "bits");
+        check_scalar(tau, "tau");
+        check_host_lengths(as_ptr<const int64_t>(lengths), batch, n_max);
+        py::gil_scoped_release nogil;
+        ncutfast::pack_graph_block_cpu(as_ptr<const void>(s), dt, batch, n_max, row0, rows,
+                                       as_ptr<const int64_t>(lengths), tau, as_ptr<uint64_t>(bits));
+      },
+      py::arg("s"), py::arg("dtype"), py::arg("batch"), py::arg("n_max"), py::arg("row0"), py::arg("rows"),
+      py::arg("lengths"), py::arg("tau"), py::arg("bits"),
+      "pack_graph_cpu from the upper part of S only, one block of rows at a time: s (batch, rows, n_max - row0)\n"
+      "holds S[row0:row0+rows, row0:]; blocks tiling [0, n_max) in order fill bits. Entries S_ij with i > j\n"
+      "are never read (the graph is exactly symmetric). Host pointers.");
+
+  m.def(
+      "solve_binary_cpu",
+      [](uintptr_t bits, int64_t batch, int64_t n_max, uintptr_t lengths, double eps, double tol, int max_iter,
+         int krylov_dim, int check_every, bool table, int team, uintptr_t lambda2, uintptr_t lambda3, uintptr_t x,
+         uintptr_t residual, uintptr_t iterations) {
+        check_sizes(batch, n_max);
+        NCUT_CHECK(team >= 0, "team", "must be >= 0, got " << team);
+        NCUT_CHECK_PTR(bits, "bits");
+        NCUT_CHECK_PTR(lengths, "lengths");
+        check_scalar(eps, "eps");
+        check_host_lengths(as_ptr<const int64_t>(lengths), batch, n_max);
+        const LanczosParams params = make_params(tol, max_iter, krylov_dim, check_every);
+        const SolveOutputs out = make_outputs(lambda2, lambda3, x, residual, iterations);
+        py::gil_scoped_release nogil;
+        ncutfast::solve_binary_cpu(as_ptr<const uint64_t>(bits), batch, n_max, as_ptr<const int64_t>(lengths), eps,
+                                   params, table, team, out);
+      },
+      py::arg("bits"), py::arg("batch"), py::arg("n_max"), py::arg("lengths"), py::arg("eps"), py::arg("tol"),
+      py::arg("max_iter"), py::arg("krylov_dim"), py::arg("check_every"), py::arg("table"), py::arg("team"),
+      py::arg("lambda2"), py::arg("lambda3"), py::arg("x"), py::arg("residual"), py::arg("iterations"),
+      "Fiedler pairs of binary graphs given as packed bits. Outputs: lambda2, lambda3, residual (batch,)\n"
+      "float64, x (batch, n_max) float64, iterations (batch,) int64. table: subset-sum-table mat-vec (else\n"
+      "the GPU's set-bit loop); team: threads per problem (0 = automatic). Host pointers.");
+
+  m.def(
+      "solve_dense_cpu",
+      [](uintptr_t s, const std::string& dtype, int64_t batch, int64_t n_max, uintptr_t lengths, double tau,
+         double eps, double tol, int max_iter, int krylov_dim, int check_every, int team, uintptr_t lambda2,
+         uintptr_t lambda3, uintptr_t x, uintptr_t residual, uintptr_t iterations) {
+        const DType dt = ncutfast::parse_dtype(dtype, "dtype");
+        check_sizes(batch, n_max);
+        NCUT_CHECK(team >= 0, "team", "must be >= 0, got " << team);
+        NCUT_CHECK_PTR(s, "s");
+        NCUT_CHECK_PTR(lengths, "lengths");
+        check_scalar(tau, "tau");
+        check_scalar(eps, "eps");
+        check_host_lengths(as_ptr<const int64_t>(lengths), batch, n_max);
+        const LanczosParams params = make_params(tol, max_iter, krylov_dim, check_every);
+        const SolveOutputs out = make_outputs(lambda2, lambda3, x, residual, iterations);
+        py::gil_scoped_release nogil;
+        ncutfast::solve_dense_cpu(as_ptr<const void>(s), dt, batch, n_max, as_ptr<const int64_t>(lengths), tau,
+                                  eps, params, team, out);
+      },
+      py::arg("s"), py::arg("dtype"), py::arg("batch"), py::arg("n_max"), py::arg("lengths"), py::arg("tau"),
+      py::arg("eps"), py::arg("tol"), py::arg("max_iter"), py::arg("krylov_dim"), py::arg("check_every"),
+      py::arg("team"), py::arg("lambda2"), py::arg("lambda3"), py::arg("x"), py::arg("residual"),
+      py::arg("iterations"), "Fiedler pairs of non-binary graphs W = s (eps where s < tau), s (batch, n_max, n_max). Host pointers.");
+
+#ifdef NCUTFAST_WITH_CUDA
+  m.def(
+      "cuda_device_count",
+      []() {
+        int count = 0;
+        const int err = ncutfast::cuda_device_count(&count);
+        return std::make_tuple(count, err, std::string(err ? ncutfast::cuda_error_message(err) : ""));
+      },
+      "(count, cudaError_t, message) of cudaGetDeviceCount; never raises (no driver: (0, 35, ...)).");
+
+  m.def(
+      "pack_graph_cuda",
+      [](uintptr_t s, const std::string& dtype, int64_t batch, int64_t n_max, uintptr_t lengths, double tau,
+         uintptr_t bits, int device, uintptr_t stream) {
+        const DType dt = ncutfast::parse_dtype(dtype, "dtype");
+        check_sizes(batch, n_max);
+        NCUT_CHECK_PTR(s, "s");
+        NCUT_CHECK_PTR(lengths, "lengths");
+        NCUT_CHECK_PTR(bits, "bits");
+        check_scalar(tau, "tau");
+        NCUT_CHECK(device >= 0, "device", "must be >= 0, got " << device);
+        int err;
+        {
+          py::gil_scoped_release nogil;
+          err = ncutfast::pack_graph_cuda(as_ptr<const void>(s), dt, batch, n_max, as_ptr<const int64_t>(lengths),
+                                          tau, as_ptr<uint64_t>(bits), device, as_ptr<void>(stream));
+        }
+        check_cuda(err, "pack_graph_cuda");
+      },
+      py::arg("s"), py::arg("dtype"), py::arg("batch"), py::arg("n_max"), py::arg("lengths"), py::arg("tau"),
+      py::arg("bits"), py::arg("device"), py::arg("stream"),
+      "pack_graph_cpu on device pointers, queued on `stream` (a cudaStream_t address; 0 = legacy default).");
+
+  m.def(
+      "solve_binary_cuda",
+      [](uintptr_t bits, int64_t batch, int64_t n_max, uintptr_t lengths, double eps, double tol, int max_iter,
+         int krylov_dim, int check_every, uintptr_t workspace, uintptr_t lambda2, uintptr_t lambda3, uintptr_t x,
+         uintptr_t residual, uintptr_t iterations, int device, uintptr_t stream) {
+        check_sizes(batch, n_max);
+        NCUT_CHECK_PTR(bits, "bits");
+        NCUT_CHECK_PTR(lengths, "lengths");
+        NCUT_CHECK_PTR(workspace, "workspace");
+        check_scalar(eps, "eps");
+        NCUT_CHECK(device >= 0, "device", "must be >= 0, got " << device);
+        const LanczosParams params = make_params(tol, max_iter, krylov_dim, check_every);
+        const SolveOutputs out = make_outputs(lambda2, lambda3, x, residual, iterations);
+        int err;
+        {
+          py::gil_scoped_release nogil;
+          err = ncutfast::solve_binary_cuda(as_ptr<const uint64_t>(bits), batch, n_max,
+                                            as_ptr<const int64_t>(lengths), eps, params, as_ptr<double>(workspace),
+                                            out, device, as_ptr<void>(stream));
+        }
+        check_cuda(err, "solve_binary_cuda");
+      },
+      py::arg("bits"), py::arg("batch"), py::arg("n_max"), py::arg("lengths"), py::arg("eps"), py::arg("tol"),
+      py::arg("max_iter"), py::arg("krylov_dim"), py::arg("check_every"), py::arg("workspace"),
+      py::arg("lambda2"), py::arg("lambda3"), py::arg("x"), py::arg("residual"), py::arg("iterations"),
+      py::arg("device"), py::arg("stream"),
+      "solve_binary_cpu on device pointers; workspace: batch * workspace_doubles(n_max, krylov_dim) float64.");
+
+  m.def(
+      "solve_dense_cuda",
+      [](uintptr_t s, const std::string& dtype, int64_t batch, int64_t n_max, uintptr_t lengths, double tau,
+         double eps, double tol, int max_iter, int krylov_dim, int check_every, uintptr_t workspace,
+         uintptr_t lambda2, uintptr_t lambda3, uintptr_t x, uintptr_t residual, uintptr_t iterations, int device,
+         uintptr_t stream) {
+        const DType dt = ncutfast::parse_dtype(dtype, "dtype");
+        check_sizes(batch, n_max);
+        NCUT_CHECK_PTR(s, "s");
+        NCUT_CHECK_PTR(lengths, "lengths");
+        NCUT_CHECK_PTR(workspace, "workspace");
+        check_scalar(tau, "tau");
+        check_scalar(eps, "eps");
+        NCUT_CHECK(device >= 0, "device", "must be >= 0, got " << device);
+        const LanczosParams params = make_params(tol, max_iter, krylov_dim, check_every);
+        const SolveOutputs out = make_outputs(lambda2, lambda3, x, residual, iterations);
+        int err;
+        {
+          py::gil_scoped_release nogil;
+          err = ncutfast::solve_dense_cuda(as_ptr<const void>(s), dt, batch, n_max, as_ptr<const int64_t>(lengths),
+                                           tau, eps, params, as_ptr<double>(workspace), out, device,
+                                           as_ptr<void>(stream));
+        }
+        check_cuda(err, "solve_dense_cuda");
+      },
+      py::arg("s"), py::arg("dtype"), py::arg("batch"), py::arg("n_max"), py::arg("lengths"), py::arg("tau"),
+      py::arg("eps"), py::arg("tol"), py::arg("max_iter"), py::arg("krylov_dim"), py::arg("check_every"),
+      py::arg("workspace"), py::arg("lambda2"), py::arg("lambda3"), py::arg("x"), py::arg("residual"),
+      py::arg("iterations"), py::arg("device"), py::arg("stream"), "solve_dense_cpu on device pointers.");
+#endif
+}

@@ -1,0 +1,5 @@
+"""``python -m ncutfast.bench``: the benchmark harness's command line."""
+
+from .cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,93 @@
+"""Launch settings and small device helpers shared by the Triton kernels.
+
+Block sizes live in one table per execution mode: the Triton interpreter (``TRITON_INTERPRET=1``, CPU
+tensors) pays ~0.5 ms per program instance and ~30 us per tl op, so it wants few, large programs; a GPU
+wants tiles sized for registers and shared memory. ``override`` changes them temporarily (tests use it to
+keep the interpreter fast, benchmarks to sweep).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+import triton
+import triton.language as tl
+
+__all__ = ["interpreting", "block_sizes", "override", "popc32", "words_per_row"]
+
+# Per kernel: the constexpr block sizes and num_warps of one launch.
+# affinity: BT = square tile side (multiple of 32: a tile row packs into BT // 32 words), BK = feature chunk;
+#           tf32x3 = 1 computes the "float32" similarity with 3 tf32 tensor-core products instead of IEEE
+#           fp32 FMAs (faster on the GPU, error ~2^-22 instead of ~2^-24; the benchmark measures both).
+# normalize: BR = rows per program, BC = feature chunk.
+# matvec: BM = rows per program, BN = columns per inner step (multiple of 32), scaled down by the number of
+#         vectors so that the (BM, BN, K) fp64 accumulator stays in registers (32 per thread by default);
+#         int8 = 1 selects the tensor-core variant (fixed-point digits, int8 tl.dot) with the matvec_int8
+#         settings (BR: digit rows per step of the digits kernel).
+_GPU = {
+    "affinity": {"BT": 128, "BK": 32, "num_warps": 8, "num_stages": 3, "tf32x3": 0},
+    "affinity_fast": {"BT": 128, "BK": 64, "num_warps": 8, "num_stages": 3, "tf32x3": 0},
+    "normalize": {"BR": 16, "BC": 256, "num_warps": 4},
+    "matvec": {"BM": 32, "BN": 128, "num_warps": 4, "int8": 0},
+    "matvec_int8": {"BM": 128, "BN": 128, "BR": 256, "num_warps": 8},
+}
+_INTERP = {
+    "affinity": {"BT": 64, "BK": 64, "num_warps": 4, "num_stages": 1, "tf32x3": 0},
+    "affinity_fast": {"BT": 64, "BK": 64, "num_warps": 4, "num_stages": 1, "tf32x3": 0},
+    "normalize": {"BR": 128, "BC": 128, "num_warps": 4},
+    "matvec": {"BM": 128, "BN": 128, "num_warps": 4, "int8": 0},
+    "matvec_int8": {"BM": 128, "BN": 128, "BR": 128, "num_warps": 4},
+}
+_OVERRIDES: dict[str, dict[str, int]] = {}
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def block_sizes(kernel: str) -> dict[str, int]:
+    """Launch settings of ``kernel`` for the current mode, with any active ``override`` applied."""
+    base = dict((_INTERP if interpreting() else _GPU)[kernel])
+    base.update(_OVERRIDES.get(kernel, {}))
+    return base
+
+
+@contextlib.contextmanager
+def override(kernel: str, **settings: int) -> Iterator[None]:
+    """Temporarily replace some launch settings of ``kernel`` (e.g. ``override("affinity", BT=32)``)."""
+    if kernel not in _GPU:
+        raise KeyError(f"kernel: unknown kernel {kernel!r}; expected one of {sorted(_GPU)}")
+    unknown = set(settings) - set(_GPU[kernel])
+    if unknown:
+        raise KeyError(f"settings: unknown settings {sorted(unknown)} for kernel {kernel!r}")
+    saved = _OVERRIDES.get(kernel)
+    _OVERRIDES[kernel] = {**(saved or {}), **settings}
+    try:
+        yield
+    finally:
+        if saved is None:
+            _OVERRIDES.pop(kernel, None)
+        else:
+            _OVERRIDES[kernel] = saved
+
+
+def words_per_row(n_max: int) -> int:
+    """int32 words per bitmask row: rows are padded to whole 64-bit words (layout shared with csrc/)."""
+    return 2 * triton.cdiv(n_max, 64)
+
+
+@triton.jit
+def popc32(x):
+    """Population count of each element of a 32-bit integer tensor (int32 is read bit for bit as uint32).
+
+    Plain SWAR arithmetic, because libdevice/inline asm do not run in the interpreter; on the GPU LLVM
+    recognises the pattern as ctpop and emits ``popc.b32``.
+    """
+    x = x.to(tl.uint32, bitcast=True)
+    x = x - ((x >> 1) & 0x55555555)
+    x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
+    x = (x + (x >> 4)) & 0x0F0F0F0F
+    return (x * 0x01010101) >> 24

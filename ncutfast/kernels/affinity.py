@@ -1,0 +1,242 @@
+"""Fused cosine affinity -> threshold -> bitmask + degree counts, batched over ragged images.
+
+For each image b with n = lengths[b] tokens the graph of TokenCut is W = eps 11^T + (1 - eps) B with
+B_ij = [f_i . f_j > tau] (strict) and f the L2-normalized rows of the features. These kernels build B as
+a bitmask and its row popcounts without ever writing an N x N float matrix:
+
+1. ``_normalize_kernel`` writes the normalized rows once (fp32; fp64 for "float64"; fp16 for "fast", so the
+   tiles of step 2 are loaded at half the bytes and feed tensor cores directly).
+2. ``_affinity_kernel`` computes one square tile of the similarity per program with ``tl.dot``,
+   thresholds it, packs it into 32-bit words and adds its per-row popcounts into the degree counts.
+   Similarity is symmetric, so only tiles on or above the diagonal are computed; each is also written
+   transposed. This halves the FLOPs and makes the bitmask exactly symmetric (the mat-vec of the Lanczos
+   solver relies on a symmetric operator), which an independent computation of both triangles does not
+   guarantee under floating-point rounding.
+
+Bitmask layout (shared with csrc/): int32 ``(B, N_max, W)`` with ``W = 2 * ceil(N_max / 64)``; column j of
+row i is bit ``j % 32`` (LSB first) of word ``j // 32``; bits of columns >= lengths[b] and rows >=
+lengths[b] are 0. Viewed as int64 (little-endian) it is the C++ helper's uint64 layout ``(B, N_max,
+ceil(N_max / 64))``, column j = bit ``j % 64`` of word ``j // 64`` (tests/test_triton_affinity.py checks).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import block_sizes, popc32, words_per_row
+
+__all__ = ["normalize_fwd", "affinity_fwd"]
+
+# precision -> (dtype of the normalized rows, tl.dot input_precision).
+# "float32" uses IEEE fp32 products (no tf32) so threshold decisions match float64 except within fp32
+# rounding of tau; "fast" uses fp16 inputs with fp32 accumulation on tensor cores (input_precision only
+# applies to fp32 operands, so "tf32" there is a no-op).
+_PRECISIONS = {
+    "float64": (torch.float64, "ieee"),
+    "float32": (torch.float32, "ieee"),
+    "fast": (torch.float16, "tf32"),
+}
+
+
+@triton.jit
+def _normalize_kernel(
+    x_ptr, out_ptr, len_ptr,
+    N_max, C,
+    stride_xb, stride_xn, stride_xc,
+    BR: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr,
+):
+    """One program normalizes BR rows of one image: out = x / max(||x||_2, 1e-12), computed in fp32
+    (fp64 when the output is fp64) and stored in out's dtype. Rows at or beyond lengths[b] are padding
+    that may hold anything, so they are read as zeros (masked loads) and stored as zeros."""
+    b = tl.program_id(1)
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    n = tl.load(len_ptr + b).to(tl.int32)
+    row_ok = rows < n  # padding rows and rows past N_max (last block)
+    x_row = x_ptr + b.to(tl.int64) * stride_xb + rows[:, None].to(tl.int64) * stride_xn
+    sq = tl.zeros((BR,), dtype=ACC)
+    for c0 in range(0, C, BC):
+        cols = c0 + tl.arange(0, BC)
+        x = tl.load(x_row + cols[None, :] * stride_xc, mask=row_ok[:, None] & (cols[None, :] < C), other=0.0)
+        x = x.to(ACC)
+        sq += tl.sum(x * x, axis=1)
+    # IEEE sqrt and division as in the NumPy reference: in fp32, tl.sqrt and "/" are approximate on the GPU
+    # and the _rn forms (fp32 only) are exact-rounded; fp64 sqrt and "/" are IEEE already.
+    if ACC == tl.float64:
+        norm = tl.maximum(tl.sqrt(sq), 1e-12)
+    else:
+        norm = tl.maximum(tl.sqrt_rn(sq), 1e-12)
+    out_row = out_ptr + (b * N_max + rows[:, None].to(tl.int64)) * C
+    for c0 in range(0, C, BC):
+        cols = c0 + tl.arange(0, BC)
+        col_ok = cols[None, :] < C  # last feature chunk
+        x = tl.load(x_row + cols[None, :] * stride_xc, mask=row_ok[:, None] & col_ok, other=0.0)
+        if ACC == tl.float64:
+            y = x.to(ACC) / norm[:, None]
+        else:
+            y = tl.div_rn(x.to(ACC), norm[:, None])
+        tl.store(out_row + cols[None, :], y.to(out_ptr.dtype.element_ty),
+                 mask=(rows[:, None] < N_max) & col_ok)
+
+
+@triton.jit
+def _affinity_kernel(
+    f_ptr, pairs_ptr, len_ptr, tau_ptr, mask_ptr, count_ptr,
+    N_max, C, W,
+    BT: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """One program owns the tile pair (bi, bj), bi <= bj, of image b = program_id(1).
+
+    It computes S = F[bi] F[bj]^T over C in BK chunks, thresholds S > tau, packs the BT x BT bits into
+    words at (rows of bi, words of bj) and, off the diagonal, the transposed bits at (rows of bj, words of
+    bi); the popcounts of the written rows are atomically added to the degree counts (integer atomics, so
+    the result does not depend on their order). Tiles entirely past n return at once: ragged images share
+    the launch and cost only the programs they need."""
+    pid = tl.program_id(0)
+    b = tl.program_id(1)
+    bi = tl.load(pairs_ptr + 2 * pid)
+    bj = tl.load(pairs_ptr + 2 * pid + 1)
+    n = tl.load(len_ptr + b).to(tl.int32)
+    if bj * BT < n:
+        r = tl.arange(0, BT)
+        rows = bi * BT + r
+        cols = bj * BT + r
+        k = tl.arange(0, BK)
+        base = f_ptr + b.to(tl.int64) * N_max * C
+        a_ptrs = base + rows[:, None].to(tl.int64) * C + k[None, :]
+        b_ptrs = base + cols[:, None].to(tl.int64) * C + k[None, :]
+        acc = tl.zeros((BT, BT), dtype=ACC)
+        for c0 in range(0, C, BK):
+            # rows/cols past N_max (last tile) and features past C (last chunk) are outside the buffer
+            k_ok = (c0 + k[None, :]) < C
+            a = tl.load(a_ptrs, mask=(rows[:, None] < N_max) & k_ok, other=0.0)
+            bt = tl.load(b_ptrs, mask=(cols[:, None] < N_max) & k_ok, other=0.0)
+            acc = tl.dot(a, tl.trans(bt), acc, input_precision=DOT_PRECISION, out_dtype=ACC)
+            a_ptrs += BK
+            b_ptrs += BK
+        # tau is read as fp64 and the comparison is done in fp64: the similarity as computed is compared
+        # with the exact tau (a Python float argument would be rounded to fp32 first).
+        tau = tl.load(tau_ptr)
+        # Padding tokens (index >= n) are not graph nodes: their bits must be 0 whatever the similarity
+        # (with tau < 0 the zero rows of padding would otherwise pass the threshold).
+        bit = (acc.to(tl.float64) > tau) & (rows[:, None] < n) & (cols[None, :] < n)
+        if bi == bj:
+            # One dot does not guarantee S_ij == S_ji bitwise: mirror the upper triangle.
+            bit = tl.where(r[:, None] <= r[None, :], bit, tl.trans(bit))
+        sh = tl.arange(0, 32)
+        w_idx = tl.arange(0, BT // 32)
+        words = tl.sum(tl.reshape(bit.to(tl.int32), (BT, BT // 32, 32)) << sh[None, None, :], axis=2)
+        mrow = mask_ptr + b.to(tl.int64) * N_max * W
+        # word columns past W only ever hold zero bits (columns >= n); rows >= n are all-zero too and the
+        # buffer starts zeroed, so neither is written
+        tl.store(mrow + rows[:, None].to(tl.int64) * W + bj * (BT // 32) + w_idx[None, :], words,
+                 mask=(rows[:, None] < n) & (bj * (BT // 32) + w_idx[None, :] < W))
+        cnt = tl.sum(popc32(words), axis=1).to(tl.int32)
+        tl.atomic_add(count_ptr + b * N_max + rows, cnt, mask=rows < n)
+        if bi != bj:
+            bit_t = tl.trans(bit)
+            words_t = tl.sum(tl.reshape(bit_t.to(tl.int32), (BT, BT // 32, 32)) << sh[None, None, :], axis=2)
+            tl.store(mrow + cols[:, None].to(tl.int64) * W + bi * (BT // 32) + w_idx[None, :], words_t,
+                     mask=(cols[:, None] < n) & (bi * (BT // 32) + w_idx[None, :] < W))
+            cnt_t = tl.sum(popc32(words_t), axis=1).to(tl.int32)
+            tl.atomic_add(count_ptr + b * N_max + cols, cnt_t, mask=cols < n)
+
+
+def _acc_dtype(dtype: torch.dtype) -> tl.dtype:
+    """Accumulation dtype of the kernels for rows stored as ``dtype``: fp64 for fp64, else fp32."""
+    return tl.float64 if dtype == torch.float64 else tl.float32
+
+
+@functools.lru_cache(maxsize=64)
+def _tile_pairs(n_tiles: int, device: torch.device) -> torch.Tensor:
+    """int32 ``(P, 2)`` list of the tile pairs (bi, bj) with bi <= bj, P = T (T + 1) / 2; row-major over bi
+    so consecutive programs share the row tile bi (L2 reuse)."""
+    ii, jj = torch.triu_indices(n_tiles, n_tiles)
+    return torch.stack([ii, jj], dim=1).to(device=device, dtype=torch.int32).contiguous()
+
+
+def _check_batch(feats: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Validate ``feats (B, N_max, C)`` and ``lengths (B,)``; return lengths as int32 on feats' device."""
+    if feats.dim() != 3:
+        raise ValueError(f"feats: expected a (B, N_max, C) tensor, got shape {tuple(feats.shape)}")
+    if not feats.is_floating_point():
+        raise TypeError(f"feats: expected a floating-point tensor, got {feats.dtype}")
+    B, N_max, _ = feats.shape
+    if lengths.shape != (B,):
+        raise ValueError(f"lengths: expected shape ({B},), got {tuple(lengths.shape)}")
+    if B and (int(lengths.min()) < 1 or int(lengths.max()) > N_max):
+        raise ValueError(f"lengths: expected values in [1, {N_max}]")
+    return lengths.to(device=feats.device, dtype=torch.int32).contiguous()
+
+
+def normalize_fwd(feats: torch.Tensor, lengths: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """L2-normalize the rows of a padded batch.
+
+    Args:
+        feats: ``(B, N_max, C)`` floating point (any strides); rows >= lengths[b] are ignored.
+        lengths: ``(B,)`` integer, ``1 <= lengths[b] <= N_max``.
+        out_dtype: torch.float16, float32 or float64.
+
+    Returns:
+        ``(B, N_max, C)`` contiguous ``out_dtype``: ``x / max(||x||_2, 1e-12)`` per row, computed in fp32
+        (fp64 for fp64 output); padding rows are zero.
+    """
+    lens = _check_batch(feats, lengths)
+    if out_dtype not in (torch.float16, torch.float32, torch.float64):
+        raise TypeError(f"out_dtype: expected float16, float32 or float64, got {out_dtype}")
+    B, N_max, C = feats.shape
+    out = torch.empty((B, N_max, C), dtype=out_dtype, device=feats.device)
+    cfg = block_sizes("normalize")
+    grid = (triton.cdiv(N_max, cfg["BR"]), B)
+    _normalize_kernel[grid](
+        feats, out, lens, N_max, C, feats.stride(0), feats.stride(1), feats.stride(2),
+        BR=cfg["BR"], BC=cfg["BC"], ACC=_acc_dtype(out_dtype), num_warps=cfg["num_warps"],
+    )
+    return out
+
+
+def affinity_fwd(
+    feats: torch.Tensor, lengths: torch.Tensor, *, tau: float, precision: str = "float32",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bitmask of the thresholded cosine affinity and its row popcounts, for a padded batch.
+
+    Args:
+        feats: ``(B, N_max, C)`` floating point, rows >= lengths[b] are padding (ignored).
+        lengths: ``(B,)`` integer, ``1 <= lengths[b] <= N_max``.
+        tau: threshold; bit (i, j) is set iff cos(f_i, f_j) > tau (strict), i, j < lengths[b].
+        precision: "float32" (IEEE fp32 dot, no tf32), "fast" (fp16 inputs, fp32 accumulation on tensor
+            cores) or "float64" (fp64 dot; for checks, slow on most GPUs).
+
+    Returns:
+        ``mask``: int32 ``(B, N_max, W)``, ``W = 2 * ceil(N_max / 64)``, layout in the module docstring;
+        exactly symmetric. ``counts``: int32 ``(B, N_max)``, popcount of each row of ``mask`` (the
+        number of j with B_ij = 1, self-loop included; 0 on padding rows). The degrees of the graph are
+        ``eps * n + (1 - eps) * counts``.
+    """
+    if precision not in _PRECISIONS:
+        raise ValueError(f"precision: expected one of {sorted(_PRECISIONS)}, got {precision!r}")
+    lens = _check_batch(feats, lengths)
+    dtype, dot_precision = _PRECISIONS[precision]
+    cfg = block_sizes("affinity_fast" if precision == "fast" else "affinity")
+    if precision == "float32" and cfg["tf32x3"]:
+        dot_precision = "tf32x3"  # 3 tf32 tensor-core products: ~2^-22 relative error instead of 2^-24
+    f = normalize_fwd(feats, lens, dtype)
+    B, N_max, C = f.shape
+    W = words_per_row(N_max)
+    BT = cfg["BT"]
+    if BT % 32:
+        raise ValueError(f"affinity block BT must be a multiple of 32, got {BT}")
+    mask = torch.zeros((B, N_max, W), dtype=torch.int32, device=f.device)
+    counts = torch.zeros((B, N_max), dtype=torch.int32, device=f.device)
+    pairs = _tile_pairs(triton.cdiv(N_max, BT), f.device)
+    tau_t = torch.tensor([float(tau)], dtype=torch.float64, device=f.device)
+    grid = (pairs.shape[0], B)
+    _affinity_kernel[grid](
+        f, pairs, lens, tau_t, mask, counts, N_max, C, W,
+        BT=BT, BK=cfg["BK"], ACC=_acc_dtype(dtype), DOT_PRECISION=dot_precision,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    return mask, counts

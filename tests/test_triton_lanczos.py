@@ -1,0 +1,214 @@
+"""kernels/lanczos.py and the triton backend against ncutfast.reference.
+
+The mat-vec must equal the reference's D^-1/2 W D^-1/2 v to float64 rounding; the full solve
+(``backend="triton"``: affinity kernel + bitmask operator + ncutfast._lanczos) must agree with the reference
+per the agreement rules of ``ncutfast.testing``. Runs under TRITON_INTERPRET=1 on CPU tensors, or on CUDA.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from ncutfast import _dispatch, reference, testing  # noqa: E402
+from ncutfast import _triton_backend as tb  # noqa: E402
+from ncutfast.kernels import _utils  # noqa: E402
+from ncutfast.kernels.affinity import affinity_fwd  # noqa: E402
+from ncutfast.kernels.lanczos import BitmaskOperator, bitmask_matvec_fwd  # noqa: E402
+
+DEVICE = "cpu" if _utils.interpreting() else "cuda"
+# The interpreter (triton 3.6 + NumPy 2.3) warns on every scalar it converts; nothing to act on.
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
+
+
+@pytest.fixture(autouse=True)
+def _triton_can_run() -> None:
+    # checked per test, not at import: collection never touches CUDA
+    if DEVICE == "cuda" and not torch.cuda.is_available():
+        pytest.skip("Triton kernels need a CUDA device or TRITON_INTERPRET=1")
+
+
+EPS = reference.EPS
+
+
+def batch(feats: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad ``(n_b, C)`` arrays into ``(B, N_max, C)`` float32 on DEVICE (padding rows are garbage)."""
+    lengths = [f.shape[0] for f in feats]
+    x = torch.full((len(feats), max(lengths), feats[0].shape[1]), -3.25)
+    for b, f in enumerate(feats):
+        x[b, : lengths[b]] = torch.from_numpy(f)
+    return x.to(DEVICE), torch.tensor(lengths)
+
+
+def reference_operator(f: np.ndarray, tau: float) -> np.ndarray:
+    """Dense D^-1/2 W D^-1/2 of the reference graph (float64)."""
+    w = reference.affinity(f, tau, EPS)
+    s = 1.0 / np.sqrt(reference.degrees(w))
+    return s[:, None] * w * s[None, :]
+
+
+@pytest.mark.parametrize("int8", [0, 1], ids=["fp64", "int8"])
+@pytest.mark.parametrize("k", [None, 1, 3, 5])
+def test_matvec_matches_reference(k, int8):
+    rng = np.random.default_rng(20 + (k or 0))
+    feats = [rng.standard_normal((n, 29)).astype(np.float32) for n in (97, 2, 33, 1, 64)]
+    x, lengths = batch(feats)
+    # float64 similarity so that the graph is exactly the reference's (no threshold flips to excuse)
+    op = BitmaskOperator(*affinity_fwd(x, lengths, tau=0.2, precision="float64"), lengths, EPS)
+    shape = (len(feats), x.shape[1]) + (() if k is None else (k,))
+    v = torch.from_numpy(rng.standard_normal(shape)).to(DEVICE)
+    with _utils.override("matvec", int8=int8), _utils.override("matvec_int8", BM=32, BN=64, BR=32):
+        y = op(v).cpu().numpy()
+    assert y.shape == shape and y.dtype == np.float64
+    for b, f in enumerate(feats):
+        n = f.shape[0]
+        vb = v[b, :n].cpu().numpy()
+        want = reference_operator(f, 0.2) @ vb
+        err = np.linalg.norm(y[b, :n] - want) / np.linalg.norm(want)
+        assert err < 1e-14, err
+        assert not y[b, n:].any(), "non-zero output on padding rows"
+        np.testing.assert_allclose(op.degrees[b, :n].cpu().numpy(),
+                                   reference.degrees(reference.affinity(f, 0.2, EPS)), rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize("int8", [0, 1], ids=["fp64", "int8"])
+def test_matvec_subset_and_strides(int8):
+    # The Lanczos driver passes strided views of its basis and index subsets after restarts.
+    rng = np.random.default_rng(30)
+    feats = [rng.standard_normal((n, 17)).astype(np.float32) for n in (40, 65, 7)]
+    x, lengths = batch(feats)
+    mask, counts = affinity_fwd(x, lengths, tau=0.1)
+    op = BitmaskOperator(mask, counts, lengths, EPS)
+    basis = torch.from_numpy(rng.standard_normal((3, 4, x.shape[1]))).to(DEVICE)
+    with _utils.override("matvec", int8=int8):
+        full = op(basis[:, 2])
+        idx = torch.tensor([2, 0], device=DEVICE)
+        sub = op(basis[idx, 1], idx)
+        assert torch.equal(sub, op(basis[:, 1])[idx])
+        public = bitmask_matvec_fwd(mask, lengths, op.s, basis[:, 2], EPS)
+    assert torch.equal(full, public)
+
+
+def test_matvec_bad_input_raises():
+    mask = torch.zeros(2, 5, 2, dtype=torch.int32, device=DEVICE)
+    s = torch.ones(2, 5, dtype=torch.float64, device=DEVICE)
+    v = torch.ones(2, 5, dtype=torch.float64, device=DEVICE)
+    lengths = torch.tensor([5, 3])
+    with pytest.raises(ValueError):
+        bitmask_matvec_fwd(mask.float(), lengths, s, v, EPS)
+    with pytest.raises(ValueError):
+        bitmask_matvec_fwd(mask[:, :, :1], lengths, s, v, EPS)
+    with pytest.raises(ValueError):
+        bitmask_matvec_fwd(mask, lengths, s.float(), v, EPS)
+    with pytest.raises(ValueError):
+        bitmask_matvec_fwd(mask, lengths, s, v.float(), EPS)
+    with pytest.raises(ValueError):
+        bitmask_matvec_fwd(mask, lengths[:1], s, v, EPS)
+
+
+def solve(x: torch.Tensor, lengths: torch.Tensor, tau: float, precision: str, **kw) -> _dispatch.Spectrum:
+    return _dispatch.solve(x, lengths, tau=tau, eps=EPS, binary=kw.pop("binary", True), precision=precision,
+                           tol=1e-8, max_iter=kw.pop("max_iter", 300), backend="triton", **kw)
+
+
+@pytest.mark.parametrize(("precision", "int8"), [("float32", 0), ("fast", 0), ("float64", 0), ("float32", 1)])
+def test_solve_agrees_with_reference(precision, int8):
+    rng = np.random.default_rng(40)
+    scenes = [testing.planted_scene(rng, n, channels=40) for n in (12, 35, 64, 97, 120)]
+    feats = [s.features for s in scenes]
+    x, lengths = batch(feats)
+    tau = reference.TOKENCUT_TAU
+    with _utils.override("matvec", int8=int8):
+        spec = solve(x, lengths, tau, precision)
+    tol = testing.TOLERANCES[precision]["alignment"]
+    compared = 0
+    for b, f in enumerate(feats):
+        n = f.shape[0]
+        ref = reference.ncut(f, tau, EPS)
+        d_ref = reference.degrees(reference.affinity(f, tau, EPS))
+        xb = spec.x[b, :n].cpu().numpy()
+        assert not spec.x[b, n:].any()
+        assert bool(spec.converged[b]), float(spec.residual[b])
+        np.testing.assert_allclose(float(xb @ (d_ref * xb)), 1.0, rtol=1e-4)  # x^T D x = 1
+        partition, _, seed = reference.orient_tokencut(xb)
+        agree = testing.compare_to_reference(xb, partition, seed, float(spec.lambda2[b]), ref, d_ref)
+        assert agree.alignment >= tol, (b, agree)
+        if agree.well_defined:
+            compared += 1
+            assert agree.same_partition, (b, agree)
+            loose = precision == "fast"  # a few threshold flips move the eigenvalues slightly
+            assert agree.lambda2_error <= (1e-2 if loose else 1e-9), (b, agree)
+            np.testing.assert_allclose(float(spec.lambda3[b]), ref.lambda3, rtol=1e-2 if loose else 1e-7)
+    assert compared >= 3
+
+
+def test_forced_backend_and_small_problems(monkeypatch):
+    # NCUTFAST_BACKEND=triton routes "auto" through the kernels on CPU tensors under the interpreter.
+    monkeypatch.setenv("NCUTFAST_BACKEND", "triton")
+    assert _dispatch.resolve_backend("auto", torch.device(DEVICE))[0] == "triton"
+    assert tb.available()
+    rng = np.random.default_rng(50)
+    feats = [rng.standard_normal((n, 11)).astype(np.float32) for n in (1, 2, 3, 31)]
+    x, lengths = batch(feats)
+    spec = _dispatch.solve(x, lengths, tau=0.0, eps=EPS, binary=True, precision="float32", tol=1e-8,
+                           max_iter=100)
+    assert np.isnan(float(spec.lambda2[0])) and np.isnan(float(spec.lambda3[0]))
+    assert not spec.x[0].any()
+    assert np.isnan(float(spec.lambda3[1]))
+    for b in (1, 2, 3):
+        ref = reference.ncut(feats[b], 0.0, EPS)
+        np.testing.assert_allclose(float(spec.lambda2[b]), ref.lambda2, rtol=1e-6, atol=1e-9)
+
+
+def test_non_binary_graph_uses_the_torch_backend():
+    rng = np.random.default_rng(60)
+    feats = [testing.planted_scene(rng, n, channels=16).features for n in (20, 30)]
+    x, lengths = batch(feats)
+    ours = solve(x, lengths, 0.2, "float32", binary=False)
+    theirs = _dispatch.solve(x, lengths, tau=0.2, eps=EPS, binary=False, precision="float32", tol=1e-8,
+                             max_iter=300, backend="torch")
+    assert torch.equal(ours.lambda2, theirs.lambda2) and torch.equal(ours.x, theirs.x)
+
+
+def test_public_api_runs_through_triton(monkeypatch):
+    # Issue 4, item 3: NCUTFAST_BACKEND=triton sends the whole public API through the kernels (CPU tensors
+    # under the interpreter, CUDA tensors on a GPU).
+    import ncutfast
+
+    monkeypatch.setenv("NCUTFAST_BACKEND", "triton")
+    rng = np.random.default_rng(70)
+    scenes = [testing.planted_scene(rng, grid=g, channels=24) for g in ((7, 9), (10, 10))]
+    feats = [torch.from_numpy(s.features).to(DEVICE) for s in scenes]
+    out = ncutfast.ncut(feats)
+    assert out.backend == "triton"
+    for i, s in enumerate(scenes):
+        ref = reference.ncut(s.features)
+        if testing.relative_gap(ref.lambda2, ref.lambda3) >= testing.GAP_MIN:
+            assert np.array_equal(out.partition[i].cpu().numpy(), ref.partition)
+    mc = ncutfast.maskcut(feats[1], scenes[1].grid, n_masks=2)
+    ref_mc = reference.maskcut(scenes[1].features, scenes[1].grid, n_masks=2, sign_rule="canonical",
+                               similarity_dtype=np.float32)
+    gaps = (ref_mc.lambda3 - ref_mc.lambda2) / ref_mc.lambda3
+    if np.all(np.isfinite(gaps) & (gaps >= testing.GAP_MIN)):
+        assert np.array_equal(mc.masks.cpu().numpy(), ref_mc.masks)
+
+
+@pytest.mark.slow
+def test_benchmark_dry_run(tmp_path):
+    # benchmarks/bench_triton.py --dry: the GPU benchmark's code path at tiny shapes under the interpreter
+    # (a fresh process: --dry sets TRITON_INTERPRET before the kernels are imported, even on a GPU machine).
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
+    csv = tmp_path / "bench.csv"
+    proc = subprocess.run([sys.executable, "-W", "ignore", os.path.join(root, "benchmarks", "bench_triton.py"),
+                           "--dry", "--csv", str(csv)], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "ncut-int8" in proc.stdout and "torch.linalg.eigh" in proc.stdout
+    assert len(csv.read_text().splitlines()) == 1 + (6 + 5) + 1  # header, float32, fast, eigh
