@@ -35,9 +35,51 @@ T* as_ptr(uintptr_t address) {
   return reinterpret_cast<T*>(address);
 }
 
+/// Sizes far beyond any image (and whose index arithmetic could overflow int64) are refused outright.
+constexpr int64_t kMaxTokens = int64_t{1} << 24;
+constexpr int64_t kMaxBatch = int64_t{1} << 24;
+constexpr int kMaxKrylov = 4096;
+
 void check_sizes(int64_t batch, int64_t n_max) {
-  NCUT_CHECK(batch >= 1, "batch", "must be >= 1, got " << batch);
-  NCUT_CHECK(n_max >= 1, "n_max", "must be >= 1, got " << n_max);
+  NCUT_CHECK(batch >= 1 && batch <= kMaxBatch, "batch", "must be in [1, " << kMaxBatch << "], got " << batch);
+  NCUT_CHECK(n_max >= 1 && n_max <= kMaxTokens, "n_max", "must be in [1, " << kMaxTokens << "], got " << n_max);
+}
+
+/// NaN similarities come from NaN or infinite features: their bits would silently be 0.
+void check_no_nan(int64_t nan) {
+  NCUT_CHECK(nan == 0, "s", "contains NaN within the lengths (NaN or infinite features?)");
+}
+
+/// eps is the weight of every non-edge: it must be positive for the degrees (and D^-1/2) to exist.
+void check_eps(double eps) {
+  NCUT_CHECK(std::isfinite(eps) && eps > 0, "eps", "must be finite and > 0, got " << eps);
+}
+
+/// The solver flags problems with a degree <= 0 (or not finite) by iterations = -1.
+void check_degrees(const int64_t* iterations, int64_t batch) {
+  for (int64_t b = 0; b < batch; ++b)
+    NCUT_CHECK(iterations[b] >= 0, "s", "problem " << b << " has a degree <= 0 or not finite (W = s where s >= "
+                                                          "tau, with tau < 0 and negative similarities?)");
+}
+
+/// A NaN lambda2 for n >= 2 means the tridiagonal QL failed (never seen for Lanczos matrices): say so rather
+/// than return NaN.
+void check_solved(const SolveOutputs& out, const int64_t* lengths, int64_t batch) {
+  for (int64_t b = 0; b < batch; ++b)
+    if (lengths[b] >= 2 && std::isnan(out.lambda2[b]))
+      throw std::runtime_error("solver: the tridiagonal eigensolver did not converge for problem " +
+                               std::to_string(b));
+}
+
+/// Inverse row norms must be positive and finite where they are read (within the lengths).
+template <typename T>
+void check_inv_norms(const T* inv, const int64_t* lengths, int64_t batch, int64_t n_max) {
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t i = 0; i < lengths[b]; ++i) {
+      const T v = inv[b * n_max + i];
+      NCUT_CHECK(v > 0 && std::isfinite(v), "inv_norms",
+                 "entry [" << b << ", " << i << "] is " << v << ", must be positive and finite");
+    }
 }
 
 /// Host lengths can be checked here; device lengths are the caller's responsibility.
@@ -52,7 +94,8 @@ void check_scalar(double v, const char* arg) { NCUT_CHECK(std::isfinite(v), arg,
 LanczosParams make_params(double tol, int max_iter, int krylov_dim, int check_every) {
   NCUT_CHECK(std::isfinite(tol) && tol > 0, "tol", "must be a positive finite number, got " << tol);
   NCUT_CHECK(max_iter >= 1, "max_iter", "must be >= 1, got " << max_iter);
-  NCUT_CHECK(krylov_dim >= 1, "krylov_dim", "must be >= 1, got " << krylov_dim);
+  NCUT_CHECK(krylov_dim >= 1 && krylov_dim <= kMaxKrylov, "krylov_dim",
+             "must be in [1, " << kMaxKrylov << "], got " << krylov_dim);
   NCUT_CHECK(check_every >= 1, "check_every", "must be >= 1, got " << check_every);
   return LanczosParams{tol, max_iter, krylov_dim, check_every};
 }
@@ -85,12 +128,19 @@ PYBIND11_MODULE(_C, m) {
   m.attr("HAS_CUDA") = false;
 #endif
 
-  m.def("words_per_row", &ncutfast::words_per_row, py::arg("n_max"),
+  m.def(
+      "words_per_row",
+      [](int64_t n_max) {
+        check_sizes(1, n_max);
+        return ncutfast::words_per_row(n_max);
+      },
+      py::arg("n_max"),
         "uint64 words of one packed row of n_max columns.");
   m.def(
       "workspace_doubles", [](int64_t n_max, int krylov_dim) {
-        NCUT_CHECK(n_max >= 1, "n_max", "must be >= 1, got " << n_max);
-        NCUT_CHECK(krylov_dim >= 1, "krylov_dim", "must be >= 1, got " << krylov_dim);
+        check_sizes(1, n_max);
+        NCUT_CHECK(krylov_dim >= 1 && krylov_dim <= kMaxKrylov, "krylov_dim",
+                   "must be in [1, " << kMaxKrylov << "], got " << krylov_dim);
         return ncutfast::workspace_doubles(n_max, krylov_dim);
       },
       py::arg("n_max"), py::arg("krylov_dim"), "float64 workspace entries one problem of the GPU solver needs.");
@@ -99,10 +149,15 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "tridiagonal_eigh",
       [](uintptr_t diag, uintptr_t off, int m, uintptr_t vectors) {
-        NCUT_CHECK(m >= 1, "m", "must be >= 1, got " << m);
+        NCUT_CHECK(m >= 1 && m <= kMaxKrylov, "m", "must be in [1, " << kMaxKrylov << "], got " << m);
         NCUT_CHECK_PTR(diag, "diag");
         NCUT_CHECK_PTR(off, "off");
         NCUT_CHECK_PTR(vectors, "vectors");
+        for (int i = 0; i < m; ++i) {
+          NCUT_CHECK(std::isfinite(as_ptr<const double>(diag)[i]), "diag", "entry " << i << " is not finite");
+          NCUT_CHECK(i == m - 1 || std::isfinite(as_ptr<const double>(off)[i]), "off", "entry " << i
+                                                                                       << " is not finite");
+        }
         double* z = as_ptr<double>(vectors);
         for (int r = 0; r < m; ++r)
           for (int c = 0; c < m; ++c) z[r * m + c] = r == c ? 1.0 : 0.0;
@@ -124,19 +179,24 @@ PYBIND11_MODULE(_C, m) {
         NCUT_CHECK_PTR(bits, "bits");
         check_scalar(tau, "tau");
         check_host_lengths(as_ptr<const int64_t>(lengths), batch, n_max);
-        py::gil_scoped_release nogil;
-        ncutfast::pack_graph_cpu(as_ptr<const void>(s), dt, batch, n_max, as_ptr<const int64_t>(lengths), tau,
-                                 as_ptr<uint64_t>(bits));
+        int64_t nan;
+        {
+          py::gil_scoped_release nogil;
+          nan = ncutfast::pack_graph_cpu(as_ptr<const void>(s), dt, batch, n_max, as_ptr<const int64_t>(lengths),
+                                         tau, as_ptr<uint64_t>(bits));
+        }
+        check_no_nan(nan);
       },
       py::arg("s"), py::arg("dtype"), py::arg("batch"), py::arg("n_max"), py::arg("lengths"), py::arg("tau"),
       py::arg("bits"),
       "Threshold similarities s (batch, n_max, n_max) at tau (strict >) into bits (batch, n_max,\n"
-      "words_per_row(n_max)) uint64; lengths (batch,) int64. Host pointers.");
+      "words_per_row(n_max)) uint64; lengths (batch,) int64. Host pointers. NaN similarities raise ValueError\n"
+      "(after bits were written).");
 
   m.def(
       "pack_graph_block_cpu",
       [](uintptr_t s, const std::string& dtype, int64_t batch, int64_t n_max, int64_t row0, int64_t rows,
-         uintptr_t lengths, double tau, uintptr_t bits) {
+         uintptr_t lengths, double tau, uintptr_t bits, uintptr_t inv_norms) {
         const DType dt = ncutfast::parse_dtype(dtype, "dtype");
         check_sizes(batch, n_max);
         NCUT_CHECK(row0 >= 0 && row0 < n_max && row0 % 64 == 0, "row0",
@@ -148,15 +208,27 @@ PYBIND11_MODULE(_C, m) {
         NCUT_CHECK_PTR(bits, "bits");
         check_scalar(tau, "tau");
         check_host_lengths(as_ptr<const int64_t>(lengths), batch, n_max);
-        py::gil_scoped_release nogil;
-        ncutfast::pack_graph_block_cpu(as_ptr<const void>(s), dt, batch, n_max, row0, rows,
-                                       as_ptr<const int64_t>(lengths), tau, as_ptr<uint64_t>(bits));
+        if (inv_norms != 0) {
+          NCUT_DISPATCH_FLOAT(dt, [&] {
+            check_inv_norms(as_ptr<const scalar_t>(inv_norms), as_ptr<const int64_t>(lengths), batch, n_max);
+          });
+        }
+        int64_t nan;
+        {
+          py::gil_scoped_release nogil;
+          nan = ncutfast::pack_graph_block_cpu(as_ptr<const void>(s), dt, batch, n_max, row0, rows,
+                                               as_ptr<const void>(inv_norms), as_ptr<const int64_t>(lengths), tau,
+                                               as_ptr<uint64_t>(bits));
+        }
+        check_no_nan(nan);
       },
       py::arg("s"), py::arg("dtype"), py::arg("batch"), py::arg("n_max"), py::arg("row0"), py::arg("rows"),
-      py::arg("lengths"), py::arg("tau"), py::arg("bits"),
+      py::arg("lengths"), py::arg("tau"), py::arg("bits"), py::arg("inv_norms") = 0,
       "pack_graph_cpu from the upper part of S only, one block of rows at a time: s (batch, rows, n_max - row0)\n"
       "holds S[row0:row0+rows, row0:]; blocks tiling [0, n_max) in order fill bits. Entries S_ij with i > j\n"
-      "are never read (the graph is exactly symmetric). Host pointers.");
+      "are never read (the graph is exactly symmetric). inv_norms: 0, or the address of (batch, n_max) positive\n"
+      "inverse row norms in `dtype`; then s holds raw dot products and the edge test is the cosine's,\n"
+      "s_ij * inv_j > tau / inv_i. Host pointers.");
 
   m.def(
       "solve_binary_cpu",
@@ -167,13 +239,19 @@ PYBIND11_MODULE(_C, m) {
         NCUT_CHECK(team >= 0, "team", "must be >= 0, got " << team);
         NCUT_CHECK_PTR(bits, "bits");
         NCUT_CHECK_PTR(lengths, "lengths");
-        check_scalar(eps, "eps");
+        check_eps(eps);
         check_host_lengths(as_ptr<const int64_t>(lengths), batch, n_max);
         const LanczosParams params = make_params(tol, max_iter, krylov_dim, check_every);
         const SolveOutputs out = make_outputs(lambda2, lambda3, x, residual, iterations);
-        py::gil_scoped_release nogil;
-        ncutfast::solve_binary_cpu(as_ptr<const uint64_t>(bits), batch, n_max, as_ptr<const int64_t>(lengths), eps,
-                                   params, table, team, out);
+        const int64_t stray = ncutfast::find_stray_bits(as_ptr<const uint64_t>(bits), batch, n_max,
+                                                        as_ptr<const int64_t>(lengths));
+        NCUT_CHECK(stray < 0, "bits", "problem " << stray << " has a set bit at or beyond its length");
+        {
+          py::gil_scoped_release nogil;
+          ncutfast::solve_binary_cpu(as_ptr<const uint64_t>(bits), batch, n_max, as_ptr<const int64_t>(lengths),
+                                     eps, params, table, team, out);
+        }
+        check_solved(out, as_ptr<const int64_t>(lengths), batch);
       },
       py::arg("bits"), py::arg("batch"), py::arg("n_max"), py::arg("lengths"), py::arg("eps"), py::arg("tol"),
       py::arg("max_iter"), py::arg("krylov_dim"), py::arg("check_every"), py::arg("table"), py::arg("team"),
@@ -193,18 +271,24 @@ PYBIND11_MODULE(_C, m) {
         NCUT_CHECK_PTR(s, "s");
         NCUT_CHECK_PTR(lengths, "lengths");
         check_scalar(tau, "tau");
-        check_scalar(eps, "eps");
+        check_eps(eps);
         check_host_lengths(as_ptr<const int64_t>(lengths), batch, n_max);
         const LanczosParams params = make_params(tol, max_iter, krylov_dim, check_every);
         const SolveOutputs out = make_outputs(lambda2, lambda3, x, residual, iterations);
-        py::gil_scoped_release nogil;
-        ncutfast::solve_dense_cpu(as_ptr<const void>(s), dt, batch, n_max, as_ptr<const int64_t>(lengths), tau,
-                                  eps, params, team, out);
+        {
+          py::gil_scoped_release nogil;
+          ncutfast::solve_dense_cpu(as_ptr<const void>(s), dt, batch, n_max, as_ptr<const int64_t>(lengths), tau,
+                                    eps, params, team, out);
+        }
+        check_degrees(out.iterations, batch);
+        check_solved(out, as_ptr<const int64_t>(lengths), batch);
       },
       py::arg("s"), py::arg("dtype"), py::arg("batch"), py::arg("n_max"), py::arg("lengths"), py::arg("tau"),
       py::arg("eps"), py::arg("tol"), py::arg("max_iter"), py::arg("krylov_dim"), py::arg("check_every"),
       py::arg("team"), py::arg("lambda2"), py::arg("lambda3"), py::arg("x"), py::arg("residual"),
-      py::arg("iterations"), "Fiedler pairs of non-binary graphs W = s (eps where s < tau), s (batch, n_max, n_max). Host pointers.");
+      py::arg("iterations"),
+      "Fiedler pairs of non-binary graphs W = s (eps where s < tau), s (batch, n_max, n_max). Host pointers.\n"
+      "A NaN similarity or a degree <= 0 (tau < 0) raises ValueError.");
 
 #ifdef NCUTFAST_WITH_CUDA
   m.def(
@@ -248,7 +332,7 @@ PYBIND11_MODULE(_C, m) {
         NCUT_CHECK_PTR(bits, "bits");
         NCUT_CHECK_PTR(lengths, "lengths");
         NCUT_CHECK_PTR(workspace, "workspace");
-        check_scalar(eps, "eps");
+        check_eps(eps);
         NCUT_CHECK(device >= 0, "device", "must be >= 0, got " << device);
         const LanczosParams params = make_params(tol, max_iter, krylov_dim, check_every);
         const SolveOutputs out = make_outputs(lambda2, lambda3, x, residual, iterations);
@@ -279,7 +363,7 @@ PYBIND11_MODULE(_C, m) {
         NCUT_CHECK_PTR(lengths, "lengths");
         NCUT_CHECK_PTR(workspace, "workspace");
         check_scalar(tau, "tau");
-        check_scalar(eps, "eps");
+        check_eps(eps);
         NCUT_CHECK(device >= 0, "device", "must be >= 0, got " << device);
         const LanczosParams params = make_params(tol, max_iter, krylov_dim, check_every);
         const SolveOutputs out = make_outputs(lambda2, lambda3, x, residual, iterations);

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from . import _ext
-from ._cpu_backend import batch_slices
+from ._cpu_backend import batch_slices, check_args
 from ._dispatch import Spectrum, converged_flags
 from ._torch_backend import matmul_precision, normalized_features
 
@@ -51,10 +51,14 @@ def solve(
 ) -> Spectrum:
     """Backend contract of ``ncutfast._dispatch``: padded ``(B, N_max, C)`` CUDA features -> Spectrum.
 
-    ``converged`` follows ``_dispatch.converged_flags``.
+    Bad arguments raise ``TypeError``/``ValueError`` naming the argument (host-side checks: finiteness of
+    the features is the caller's, as ``ncutfast.api`` does). A non-binary graph with a degree <= 0 (tau < 0)
+    raises ``ValueError`` (one synchronization, non-binary graphs only). ``converged`` follows
+    ``_dispatch.converged_flags``.
     """
-    if feats.device.type != "cuda":
-        raise ValueError(f"feats: the cuda backend needs CUDA tensors, got device {feats.device}")
+    if isinstance(lengths, torch.Tensor) and lengths.device.type != "cpu":
+        lengths = lengths.cpu()
+    check_args(feats, lengths, tau, eps, binary, precision, tol, max_iter, device_type="cuda")
     C = _ext.C
     if not _ext.HAS_CUDA_EXT:
         raise RuntimeError("backend: ncutfast._C was built without CUDA kernels")
@@ -105,5 +109,9 @@ def solve(
                 work = workspace(bits.shape[0])
                 C.solve_binary_cuda(bits.data_ptr(), bits.shape[0], n, lengths[grp].data_ptr(), eps,
                                     **params(work), **outs(grp))
+    if not binary and bool((iters < 0).any()):  # the solver's flag for a degree <= 0 (csrc/ncut/lanczos.h)
+        b = int((iters < 0).nonzero()[0, 0])
+        raise ValueError(f"feats: problem {b} has a degree <= 0 (W = similarity where >= tau, with tau < 0 and "
+                         "negative similarities?)")
     x = torch.nn.functional.pad(x, (0, n_max - n))
     return Spectrum(lam2, lam3, x, resid, converged_flags(resid, lam2, lam3, tol), iters)

@@ -284,3 +284,96 @@ def test_degenerate_spectrum(n: int) -> None:
     assert float(sp.lambda2[0]) == pytest.approx(1.0, abs=1e-12)
     assert float(sp.lambda3[0]) == pytest.approx(1.0, abs=1e-12)
     assert not bool(sp.converged[0])  # no eigengap: the eigenvector is not determined
+
+
+@pytest.mark.parametrize("n", [1, 2, 31, 32, 33, 63, 64, 65, 1201])
+def test_bitmask_and_degrees_from_raw_features_match_reference(rng: np.random.Generator, n: int) -> None:
+    """The backend's path (raw dot products, cosine test through inverse norms, upper part mirrored) gives the
+    reference's W and d exactly with a float64 similarity; entries within rounding of tau may flip (the
+    scaled test rounds once more than the reference): every flip must be such an entry."""
+    C = _ext.C
+    k = _scene(rng, n, 40).astype(np.float64)
+    k[rng.uniform(size=n) < 0.05] = 0.0  # painted tokens: zero rows, inverse norm clamped at 1e12
+    kt = torch.from_numpy(k)
+    inv = (1.0 / torch.linalg.vector_norm(kt, dim=-1).clamp_min(1e-12))[None].contiguous()
+    ln = torch.tensor([n])
+    words = C.words_per_row(n)
+    bits = torch.full((1, n, words), -1, dtype=torch.int64)
+    for r0 in range(0, n, 128):
+        r1 = min(r0 + 128, n)
+        blk = (kt[r0:r1] @ kt[r0:].T).contiguous()
+        C.pack_graph_block_cpu(blk.data_ptr(), "float64", 1, n, r0, r1 - r0, ln.data_ptr(), 0.2, bits.data_ptr(),
+                               inv_norms=inv.data_ptr())
+    got = _unpack(bits, words * 64)[0]
+    assert not got[:, n:].any()
+    w = reference.affinity(k, 0.2, 1e-5, similarity_dtype=np.float64)
+    want = w == 1.0
+    f = reference.normalize_rows(k)
+    s = f @ f.T
+    flips = got[:, :n] != want
+    assert np.all(np.abs(s[flips] - 0.2) <= 1e-14), "a flipped entry is not within rounding of tau"
+    assert flips.sum() <= max(2, 1e-6 * n * n)
+    assert np.array_equal(got[:, :n], got[:, :n].T)  # exactly symmetric whatever the product's rounding
+    if not flips.any():  # the solver's degrees, eps n + (1 - eps) popcount, against W 1 (a float64 sum)
+        popcount = got[:, :n].sum(axis=1)
+        np.testing.assert_allclose(1e-5 * n + (1 - 1e-5) * popcount, reference.degrees(w), rtol=1e-13)
+
+
+_PEAK_MEMORY_CHILD = """
+import ctypes, gc, json
+import numpy as np, torch
+from ncutfast._cpu_backend import solve
+from ncutfast.testing import planted_scene
+
+def status(key):
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) * 1024 for line in fh if line.startswith(key))
+
+k = torch.from_numpy(planted_scene(np.random.default_rng(3), 3600, 768).features)[None]
+kw = dict(tau=0.2, eps=1e-5, binary=True, precision="float32", tol=1e-8, max_iter=300)
+solve(k, torch.tensor([3600]), **kw)  # warm-up: BLAS and OpenMP buffers
+deltas = []
+for _ in range(3):
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as fh:
+        fh.write("5")  # resets VmHWM (peak RSS) to the current RSS
+    base = status("VmRSS:")
+    sp = solve(k, torch.tensor([3600]), **kw)
+    deltas.append(status("VmHWM:") - base)
+    del sp
+print(json.dumps(deltas))
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc peak-RSS reset")
+def test_peak_memory_at_3600_tokens_stays_below_8_mb() -> None:
+    """No N x N float matrix: one 3600-token, 768-channel image needs <= 8 MB beyond its features (measured
+    4.1 MB: 1.6 MB of bits, a 2.8 MB similarity block, then 2.5 MB of solver vectors and tables). Measured as
+    the peak-RSS rise of one solve in a fresh interpreter, large blocks mmapped (returned on free)."""
+    import json
+    import subprocess
+    import sys
+
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    proc = subprocess.run([sys.executable, "-c", _PEAK_MEMORY_CHILD], capture_output=True, text=True, env=env,
+                          timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr
+    deltas = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert min(deltas) <= 8 * 2**20, f"peak RSS rise per solve: {[d / 2**20 for d in deltas]} MB"
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+@pytest.mark.parametrize("scale", [1e-30, 1e-13, 1e13, 1e30])
+def test_extreme_row_norms_fall_back_to_normalized_features(rng: np.random.Generator, scale: float) -> None:
+    """Rows whose float32 dot products could under- or overflow (one row scaled here) take the normalized
+    path and still give the reference's cut. At 1e30 the float32 norm itself overflows, in the reference too
+    (its warning is expected): both then treat the row as a zero row."""
+    from ncutfast._cpu_backend import solve
+
+    k = _scene(rng, 143)
+    k[5] *= np.float32(scale)
+    assert np.isfinite(k).all()
+    sp = solve(torch.from_numpy(k)[None], torch.tensor([143]), tau=0.2, eps=1e-5, binary=True,
+               precision="float32", tol=TOL, max_iter=300)
+    _check_against_reference(k, sp, 0, binary=True, precision="float32")

@@ -115,3 +115,22 @@ def test_cuda_fast_precision_and_chunking(cuda: torch.device, rng: np.random.Gen
     torch.testing.assert_close(parts.lambda2, exact.lambda2, rtol=1e-9, atol=1e-12, equal_nan=True)
     for b, n in enumerate(lengths[:2]):
         assert d_alignment(parts.x[b, :n].cpu().numpy(), exact.x[b, :n].cpu().numpy(), np.ones(n)) > 1 - 1e-6
+
+
+def test_cuda_backend_rejects_bad_arguments(cuda: torch.device) -> None:
+    """The cuda backend shares the cpu backend's argument checks; a non-binary graph with a degree <= 0
+    (tau < 0 keeps negative similarities) is flagged by the shared solver and raises."""
+    from ncutfast._cuda_backend import solve
+
+    kw = dict(tau=0.2, eps=1e-5, binary=True, precision="float32", tol=TOL, max_iter=60)
+    f = torch.ones(1, 4, 3, device=cuda)
+    with pytest.raises(ValueError, match="^feats: the cuda backend needs CUDA tensors"):
+        solve(f.cpu(), torch.tensor([4]), **kw)
+    with pytest.raises(ValueError, match="^lengths: "):
+        solve(f, torch.tensor([5]), **kw)
+    with pytest.raises(ValueError, match="^eps: "):
+        solve(f, torch.tensor([4]), **(kw | {"eps": 0.0}))
+    angles = torch.tensor([0.0, 100.0, 110.0, 120.0]).deg2rad()  # row 0: 1 + cos 100 + cos 110 + cos 120 < 0
+    feats = torch.stack([angles.cos(), angles.sin()], dim=-1)[None].to(cuda)
+    with pytest.raises(ValueError, match="degree <= 0"):
+        solve(feats, torch.tensor([4]), **(kw | {"tau": -0.95, "binary": False}))

@@ -1,86 +1,205 @@
 #include "graph_cpu.h"
 
+#include <cmath>
+#include <limits>
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 #include "../ncut/graph.h"
 
 namespace ncutfast {
 
 namespace {
 
+/// The largest T not above x: for v of type T, v > x (in double) iff v > round_down<T>(x), which keeps
+/// a float32 comparison exact against a float64 tau.
 template <typename T>
-void pack_graph_impl(const T* s, int64_t batch, int64_t n_max, const int64_t* lengths, double tau,
-                     uint64_t* bits) {
+T round_down(double x) {
+  T r = static_cast<T>(x);
+  if (static_cast<double>(r) > x) r = std::nextafter(r, -std::numeric_limits<T>::infinity());
+  return r;
+}
+
+/// Bits k of the result: src[k] * scale[k] > thr for k < count (scale null: src[k] > thr), one rounding in
+/// T. `nan` counts NaN entries. The SIMD versions below compute the same decisions 4 or 2 at a time.
+template <typename T>
+uint64_t decide_scalar(const T* src, const T* scale, int64_t count, T thr, int64_t* nan) {
+  uint64_t word = 0;
+  for (int64_t k = 0; k < count; ++k) {
+    const T v = scale ? src[k] * scale[k] : src[k];
+    *nan += v != v;
+    word |= static_cast<uint64_t>(v > thr) << k;
+  }
+  return word;
+}
+
+template <typename T>
+uint64_t decide(const T* src, const T* scale, int64_t count, T thr, int64_t* nan) {
+  return decide_scalar(src, scale, count, thr, nan);
+}
+
+#if defined(__SSE2__)
+template <>
+uint64_t decide<float>(const float* src, const float* scale, int64_t count, float thr, int64_t* nan) {
+  const __m128 t = _mm_set1_ps(thr);
+  uint64_t word = 0;
+  int64_t k = 0;
+  int unord = 0;
+  for (; k + 4 <= count; k += 4) {
+    __m128 v = _mm_loadu_ps(src + k);
+    if (scale) v = _mm_mul_ps(v, _mm_loadu_ps(scale + k));
+    word |= static_cast<uint64_t>(_mm_movemask_ps(_mm_cmpgt_ps(v, t))) << k;
+    unord |= _mm_movemask_ps(_mm_cmpunord_ps(v, v));
+  }
+  if (unord) *nan += 1;
+  if (k < count) word |= decide_scalar(src + k, scale ? scale + k : nullptr, count - k, thr, nan) << k;
+  return word;
+}
+
+template <>
+uint64_t decide<double>(const double* src, const double* scale, int64_t count, double thr, int64_t* nan) {
+  const __m128d t = _mm_set1_pd(thr);
+  uint64_t word = 0;
+  int64_t k = 0;
+  int unord = 0;
+  for (; k + 2 <= count; k += 2) {
+    __m128d v = _mm_loadu_pd(src + k);
+    if (scale) v = _mm_mul_pd(v, _mm_loadu_pd(scale + k));
+    word |= static_cast<uint64_t>(_mm_movemask_pd(_mm_cmpgt_pd(v, t))) << k;
+    unord |= _mm_movemask_pd(_mm_cmpunord_pd(v, v));
+  }
+  if (unord) *nan += 1;
+  if (k < count) word |= decide_scalar(src + k, scale ? scale + k : nullptr, count - k, thr, nan) << k;
+  return word;
+}
+#endif
+
+/// In-place transpose of a 64 x 64 bit matrix: bit j of a[i] (row i, column j) moves to bit i of a[j].
+void transpose64(uint64_t* a) {
+  uint64_t m = 0x00000000FFFFFFFFull;
+  for (int j = 32; j != 0; j >>= 1, m ^= m << j) {
+    for (int k = 0; k < 64; k = ((k | j) + 1) & ~j) {
+      const uint64_t t = ((a[k] >> j) ^ a[k | j]) & m;
+      a[k] ^= t << j;
+      a[k | j] ^= t;
+    }
+  }
+}
+
+template <typename T>
+int64_t pack_graph_impl(const T* s, int64_t batch, int64_t n_max, const int64_t* lengths, double tau,
+                        uint64_t* bits) {
   const int64_t words = words_per_row(n_max);
-#pragma omp parallel for collapse(2) schedule(static)
+  const T thr = round_down<T>(tau);
+  int64_t nan = 0;
+#pragma omp parallel for collapse(2) schedule(static) reduction(+ : nan)
   for (int64_t b = 0; b < batch; ++b) {
     for (int64_t i = 0; i < n_max; ++i) {
       const int64_t n = lengths[b];
       const T* row = s + (b * n_max + i) * n_max;
       uint64_t* out = bits + (b * n_max + i) * words;
-      for (int64_t w = 0; w < words; ++w) out[w] = i < n ? pack_word(row, 64 * w, n, tau) : 0;
+      for (int64_t w = 0; w < words; ++w) {
+        const int64_t count = i < n ? (n - 64 * w < 64 ? n - 64 * w : 64) : 0;
+        out[w] = count > 0 ? decide<T>(row + 64 * w, nullptr, count, thr, &nan) : 0;
+      }
     }
   }
+  return nan;
 }
 
 template <typename T>
-void pack_block_impl(const T* s, int64_t batch, int64_t n_max, int64_t row0, int64_t rows, const int64_t* lengths,
-                     double tau, uint64_t* bits) {
+int64_t pack_block_impl(const T* s, int64_t batch, int64_t n_max, int64_t row0, int64_t rows, const T* inv,
+                        const int64_t* lengths, double tau, uint64_t* bits) {
   const int64_t words = words_per_row(n_max);
   const int64_t cols = n_max - row0;
-  const int64_t row1 = row0 + rows;
-  // The block's own rows, columns from row0 on: S_ij from row i where j >= i, from row j (also in the
-  // block) where row0 <= j < i.
-#pragma omp parallel for collapse(2) schedule(static)
+  const int64_t w0 = row0 / 64, w1 = (row0 + rows + 63) / 64;
+  int64_t nan = 0;
+  // Phase 1: each row of the block, columns from row0 on, straight from its contiguous row of s (the part
+  // left of the diagonal is overwritten in phase 2).
+#pragma omp parallel for collapse(2) schedule(static) reduction(+ : nan)
   for (int64_t b = 0; b < batch; ++b) {
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t n = lengths[b], i = row0 + r;
-      const T* sb = s + b * rows * cols;
+      const T* row = s + (b * rows + r) * cols;  // row[j - row0] = S_ij
+      const T* scale = inv ? inv + b * n_max : nullptr;
+      const T thr = round_down<T>(inv ? tau / static_cast<double>(scale[i < n ? i : 0]) : tau);
       uint64_t* out = bits + (b * n_max + i) * words;
-      for (int64_t w = row0 / 64; w < words; ++w) {
-        uint64_t word = 0;
-        const int64_t hi = 64 * w + 64 < n ? 64 * w + 64 : n;
-        for (int64_t j = 64 * w; i < n && j < hi; ++j) {
-          const T v = j >= i ? sb[r * cols + (j - row0)] : sb[(j - row0) * cols + r];
-          word |= static_cast<uint64_t>(is_edge(v, tau)) << (j - 64 * w);
-        }
-        out[w] = word;
+      for (int64_t w = w0; w < words; ++w) {
+        const int64_t count = i < n ? (n - 64 * w < 64 ? n - 64 * w : 64) : 0;
+        out[w] = count > 0 ? decide<T>(row + (64 * w - row0), scale ? scale + 64 * w : nullptr, count, thr, &nan)
+                           : 0;
       }
     }
   }
-  // The mirror: rows j >= row1 at the block's columns, by tiles of 64 x 64 so that the column reads of s
-  // stay in L1. row1 is a multiple of 64 whenever such rows exist.
-  const int64_t tiles = (n_max - row1 + 63) / 64;
-#pragma omp parallel for collapse(2) schedule(static)
+  // Phase 2, by 64 x 64 tiles of bits: the diagonal tiles keep their upper triangle and mirror it; tile
+  // (w, t), t > w, of the block's rows is transposed into tile (t, w) (rows below, block's columns). Tiles
+  // read and written are disjoint, so the jobs run in parallel.
+#pragma omp parallel for collapse(3) schedule(static)
   for (int64_t b = 0; b < batch; ++b) {
-    for (int64_t t = 0; t < tiles; ++t) {
-      const int64_t n = lengths[b];
-      const T* sb = s + b * rows * cols;
-      const int64_t j0 = row1 + 64 * t, j1 = j0 + 64 < n_max ? j0 + 64 : n_max;
-      for (int64_t w = row0 / 64; w < row1 / 64; ++w) {
-        for (int64_t j = j0; j < j1; ++j) {
-          uint64_t word = 0;
-          for (int64_t ii = 0; j < n && ii < 64 && 64 * w + ii < n; ++ii)
-            word |= static_cast<uint64_t>(is_edge(sb[(64 * w + ii - row0) * cols + (j - row0)], tau)) << ii;
-          bits[(b * n_max + j) * words + w] = word;
+    for (int64_t w = w0; w < w1; ++w) {
+      for (int64_t t = w0; t < words; ++t) {
+        if (t < w) continue;
+        uint64_t a[64];
+        uint64_t* base = bits + b * n_max * words;
+        const int64_t rmax = n_max - 64 * w < 64 ? n_max - 64 * w : 64;
+        for (int64_t k = 0; k < 64; ++k) a[k] = k < rmax ? base[(64 * w + k) * words + t] : 0;
+        if (t == w) {
+          uint64_t upper[64];
+          for (int k = 0; k < 64; ++k) {
+            upper[k] = a[k] & (~0ull << k);
+            a[k] &= k == 63 ? 0ull : ~0ull << (k + 1);  // strictly upper, to be mirrored
+          }
+          transpose64(a);
+          for (int64_t k = 0; k < rmax; ++k) base[(64 * w + k) * words + w] = upper[k] | a[k];
+        } else {
+          transpose64(a);
+          const int64_t tmax = n_max - 64 * t < 64 ? n_max - 64 * t : 64;
+          for (int64_t k = 0; k < tmax; ++k) base[(64 * t + k) * words + w] = a[k];
         }
       }
     }
   }
+  return nan;
 }
 
 }  // namespace
 
-void pack_graph_block_cpu(const void* s, DType dtype, int64_t batch, int64_t n_max, int64_t row0, int64_t rows,
-                          const int64_t* lengths, double tau, uint64_t* bits) {
+int64_t pack_graph_block_cpu(const void* s, DType dtype, int64_t batch, int64_t n_max, int64_t row0, int64_t rows,
+                             const void* inv_norms, const int64_t* lengths, double tau, uint64_t* bits) {
+  int64_t nan = 0;
   NCUT_DISPATCH_FLOAT(dtype, [&] {
-    pack_block_impl(static_cast<const scalar_t*>(s), batch, n_max, row0, rows, lengths, tau, bits);
+    nan = pack_block_impl(static_cast<const scalar_t*>(s), batch, n_max, row0, rows,
+                          static_cast<const scalar_t*>(inv_norms), lengths, tau, bits);
   });
+  return nan;
 }
 
-void pack_graph_cpu(const void* s, DType dtype, int64_t batch, int64_t n_max, const int64_t* lengths, double tau,
-                    uint64_t* bits) {
+int64_t pack_graph_cpu(const void* s, DType dtype, int64_t batch, int64_t n_max, const int64_t* lengths,
+                       double tau, uint64_t* bits) {
+  int64_t nan = 0;
   NCUT_DISPATCH_FLOAT(dtype, [&] {
-    pack_graph_impl(static_cast<const scalar_t*>(s), batch, n_max, lengths, tau, bits);
+    nan = pack_graph_impl(static_cast<const scalar_t*>(s), batch, n_max, lengths, tau, bits);
   });
+  return nan;
+}
+
+int64_t find_stray_bits(const uint64_t* bits, int64_t batch, int64_t n_max, const int64_t* lengths) {
+  const int64_t words = words_per_row(n_max);
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t n = lengths[b];
+    const int64_t last = (n - 1) / 64;  // the word holding column n - 1
+    const uint64_t keep = n % 64 == 0 ? ~0ull : (1ull << (n % 64)) - 1;
+    for (int64_t i = 0; i < n_max; ++i) {
+      const uint64_t* row = bits + (b * n_max + i) * words;
+      for (int64_t w = i < n ? last : 0; w < words; ++w) {
+        const uint64_t allowed = i < n && w == last ? keep : 0;
+        if (row[w] & ~allowed) return b;
+      }
+    }
+  }
+  return -1;
 }
 
 }  // namespace ncutfast

@@ -9,18 +9,25 @@ namespace ncutfast {
 ///   s: (batch, n_max, n_max) float32/float64, row-major; rows/columns at or beyond lengths[b] are ignored.
 ///   lengths: (batch,) int64 in [1, n_max].
 ///   bits: (batch, n_max, words_per_row(n_max)) uint64, fully written (zero beyond each length).
-void pack_graph_cpu(const void* s, DType dtype, int64_t batch, int64_t n_max, const int64_t* lengths, double tau,
-                    uint64_t* bits);
+/// Returns the number of NaN similarities met within the lengths (their bits are 0; callers raise).
+int64_t pack_graph_cpu(const void* s, DType dtype, int64_t batch, int64_t n_max, const int64_t* lengths,
+                       double tau, uint64_t* bits);
 
 /// Pack rows [row0, row0 + rows) of the graph from the upper part of the similarity only, mirroring it, so
 /// that a caller can form half of S (blocks of rows against the columns from row0 on) and still get every
 /// bit. Only S_ij with i <= j is read: the packed graph is exactly symmetric whatever the GEMM's rounding.
 ///   s: (batch, rows, n_max - row0) with s[b][i - row0][j - row0] = S_ij (j >= row0).
+///   inv_norms: null, or (batch, n_max) of the similarity's dtype: then s holds raw dot products k_i . k_j
+///     and the edge test is s_ij * inv_j > tau / inv_i (the cosine s_ij inv_i inv_j > tau, rounded once in
+///     the similarity's dtype), so no normalized copy of the features is needed.
 ///   row0: a multiple of 64; row0 + rows: a multiple of 64 or n_max.
 /// Writes rows [row0, row0 + rows) at columns >= row0 and rows >= row0 + rows at columns
 /// [row0, row0 + rows); blocks that tile [0, n_max) in order write every word of bits (same layout as
-/// pack_graph_cpu).
-void pack_graph_block_cpu(const void* s, DType dtype, int64_t batch, int64_t n_max, int64_t row0, int64_t rows,
-                          const int64_t* lengths, double tau, uint64_t* bits);
+/// pack_graph_cpu). Returns the number of NaN entries met (as pack_graph_cpu).
+int64_t pack_graph_block_cpu(const void* s, DType dtype, int64_t batch, int64_t n_max, int64_t row0, int64_t rows,
+                             const void* inv_norms, const int64_t* lengths, double tau, uint64_t* bits);
+
+/// First problem whose packed rows break the layout (a set bit at or beyond its length), or -1.
+int64_t find_stray_bits(const uint64_t* bits, int64_t batch, int64_t n_max, const int64_t* lengths);
 
 }  // namespace ncutfast

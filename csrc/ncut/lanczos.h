@@ -212,6 +212,20 @@ NCUT_HD void lanczos_solve(Exec& ex, const Op& op, int64_t n, int64_t n_max, con
     ws.sd[i] = ::sqrt(d);
     ws.isd[i] = 1.0 / ws.sd[i];
   }
+  // A degree <= 0 (a non-binary graph with tau < 0 and negative similarities) or NaN has no D^-1/2: report
+  // it as iterations = -1 with NaN results, which the launchers' callers turn into an error.
+  double bad = 0.0;
+  for (int64_t i = lo; i < hi; i += step) bad += ws.sd[i] > 0.0 && ws.sd[i] <= 1.7976931348623157e308 ? 0.0 : 1.0;
+  if (ex.sum(bad) != 0.0) {
+    if (ex.leader()) {
+      *out.lambda2 = ::nan("");
+      *out.lambda3 = ::nan("");
+      *out.residual = ::nan("");
+      *out.iterations = -1;
+    }
+    for (int64_t i = lo; i < hi; i += step) out.x[i] = ::nan("");
+    return;
+  }
   const double norm0 = ::sqrt(ex.sum(part));
   for (int64_t i = lo; i < hi; i += step) {
     ws.y0[i] = ws.sd[i] / norm0;
