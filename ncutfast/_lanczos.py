@@ -17,7 +17,8 @@ when no fresh direction is left, that problem's space is exhausted and its Ritz 
 ``check_every`` steps the small tridiagonal matrices are solved with a batched ``eigh`` and the residual
 estimate |beta_k s_k| of the top Ritz pair is tested against ``tol`` times the Ritz gap theta1 - theta2
 (residual / gap bounds the eigenvector's angle error, and the ncut spectra have tiny absolute gaps), and
-the second pair's against sqrt(tol). Problems that have not converged when the Krylov space is full are
+the second pair's against sqrt(tol) times that gap; converged problems then stop iterating (the batch is
+compacted once half of it has). Problems that have not converged when the Krylov space is full are
 restarted from their current Ritz vector, until ``max_iter`` steps are spent.
 """
 
@@ -104,8 +105,9 @@ def _converged(alpha, beta, live, k, tol):
     """Ritz decomposition after k steps and the convergence test.
 
     The top pair must have residual |beta_last s_last| <= tol * min(1, theta1 - theta2) / 2 (its vector is
-    the answer); the second pair, which only supplies lambda3, residual <= sqrt(tol) (its Ritz value's error
-    is then about tol / gap). ``last`` is each problem's last live slot.
+    the answer); the second pair, which only supplies lambda3, residual <= sqrt(tol) * min(1, theta1 - theta2)
+    (its Ritz value's error, about residual^2 / gap, is then below tol * gap). ``last`` is each problem's last
+    live slot.
     """
     evals, evecs = _ritz(alpha, beta, live, k)
     lv = live[:, :k]
@@ -114,10 +116,11 @@ def _converged(alpha, beta, live, k, tol):
     last = torch.where(lv, slots, torch.full_like(slots, -1)).max(1).values.clamp_min(0)
     b_last = beta.gather(1, last[:, None])[:, 0].abs()
     est1 = b_last * evecs[:, :, -1].gather(1, last[:, None])[:, 0].abs()
-    conv = est1 <= 0.5 * tol * _gap(evals, klen)
+    gap = _gap(evals, klen)
+    conv = est1 <= 0.5 * tol * gap
     if k >= 2:
         est2 = b_last * evecs[:, :, -2].gather(1, last[:, None])[:, 0].abs()
-        conv = conv & ((est2 <= tol**0.5) | (klen < 2))
+        conv = conv & ((est2 <= tol**0.5 * gap) | (klen < 2))
     return evals, evecs, conv, klen
 
 
@@ -139,7 +142,7 @@ def lanczos_fiedler(
         lengths: ``(B,)`` int64 problem sizes (each >= 2; size-1 problems have no deflated space).
         tol: stop a problem when its residual estimate |beta_k s_k| <= tol * min(1, theta1 - theta2) / 2,
             i.e. when the Ritz vector's angle error is about tol, and the second Ritz pair (lambda3) has
-            residual <= sqrt(tol).
+            residual <= sqrt(tol) * min(1, theta1 - theta2).
         max_iter: total Lanczos steps per problem over all restart cycles.
         krylov_dim: basis size of one cycle (memory: B * (krylov_dim + 2) * N float64).
         check_every: steps between convergence checks, each one host synchronization (default: 2 on a CPU,
@@ -195,29 +198,37 @@ def _cycle(op, y0, lengths, v0, idx, m, tol, check_every, salt):
     done = klen >= cap
     stalled = torch.zeros(b, dtype=torch.bool, device=device)
     revived = torch.zeros(b, dtype=torch.bool, device=device)
+    # Problems still iterating: all (a slice, no copies) until checks have frozen half of them; then an
+    # index tensor, kept as one object until the next compaction so that ``op`` can cache its gathers.
+    run: slice | torch.Tensor = slice(None)
+    sub = idx
     k = 0
     for j in range(m):
-        act = ~done & ~stalled
-        q = basis[:, j + 1]
-        w = op(q, idx)
+        act = ~done & ~stalled  # frozen problems are done, so this is False outside ``run``
+        q = basis[run, j + 1]
+        w = op(q, sub)
         a = (q * w).sum(-1)
-        w = _project_out(w, basis[:, : j + 2])
+        w = _project_out(w, basis[run, : j + 2])
         bj = w.norm(dim=-1)
-        broke = act & (bj <= _BREAKDOWN)
+        act_r = act[run]
+        broke_r = act_r & (bj <= _BREAKDOWN)
         live[:, j] = act
-        alpha[:, j] = torch.where(act, a, torch.zeros_like(a))
-        beta[:, j] = torch.where(act & ~broke, bj, torch.zeros_like(bj))
+        alpha[run, j] = torch.where(act_r, a, torch.zeros_like(a))
+        beta[run, j] = torch.where(act_r & ~broke_r, bj, torch.zeros_like(bj))
+        broke = torch.zeros_like(act)
+        broke[run] = broke_r
         klen = klen + act.to(torch.int64)
         done = done | (act & (klen >= cap))
         stalled = stalled | broke
-        grow = act & ~broke & ~done
-        basis[:, j + 2] = torch.where(grow[:, None], w / bj.clamp_min(1e-300)[:, None], torch.zeros_like(w))
+        grow = (act & ~broke & ~done)[run]
+        basis[run, j + 2] = torch.where(grow[:, None], w / bj.clamp_min(1e-300)[:, None], torch.zeros_like(w))
         k = j + 1
         if k % check_every == 0 or k == m:
             _, _, conv, _ = _converged(alpha, beta, live, k, tol)
             # A first breakdown is not trusted (the top eigenvalue may be repeated); after one fresh
-            # continuation the Ritz values of all blocks together decide.
-            if bool(((conv & (~stalled | revived)) | done).all()):
+            # continuation the Ritz values of all blocks together decide. Converged problems freeze.
+            done = done | (conv & (~stalled | revived))
+            if bool(done.all()):
                 break
             if k < m and bool(stalled.any()):
                 fresh = _project_out(start_vectors(lengths, n, salt * 1000 + k, device), basis[:, : k + 1])
@@ -228,6 +239,11 @@ def _cycle(op, y0, lengths, v0, idx, m, tol, check_every, salt):
                                               basis[:, k + 1])
                 revived = revived | revive
                 stalled = torch.zeros_like(stalled)
+            # Compact once at most half of the iterating problems are left: a gather of their operator
+            # data costs about two mat-vecs, so frozen problems ride along until then.
+            running = torch.nonzero(~done).flatten()
+            if 2 * running.numel() <= (b if isinstance(run, slice) else run.numel()):
+                run, sub = running, idx[running]
     evals, evecs, conv, klen = _converged(alpha, beta, live, k, tol)
     conv = (conv & (~stalled | revived)) | done
     y = torch.bmm(evecs[:, :, -1][:, None, :], basis[:, 1 : k + 1])[:, 0]

@@ -161,8 +161,8 @@ NCUT_HD void apply_m(Exec& ex, const Op& op, int64_t n, const Workspace& ws, con
 /// index the two largest. With `full`, ws.tz holds all eigenvectors (columns); otherwise only their last
 /// components (row 0). Returns whether both residual estimates |beta_k s_k| pass (_lanczos.py's test):
 /// top <= tol * min(1, theta1 - theta2) / 2 (residual / gap bounds the vector's angle error, and ncut
-/// spectra have tiny absolute gaps); second <= sqrt(tol) (it only supplies lambda3, whose error is then
-/// about tol / gap).
+/// spectra have tiny absolute gaps); second <= sqrt(tol) * min(1, theta1 - theta2) (it only supplies
+/// lambda3, whose error, about residual^2 / gap, is then below tol * gap).
 NCUT_HD bool ritz(const Workspace& ws, int k, bool full, double tol, int* top, int* second, bool* ok) {
   for (int t = 0; t < k; ++t) {
     ws.td[t] = ws.alpha[t];
@@ -178,7 +178,7 @@ NCUT_HD bool ritz(const Workspace& ws, int k, bool full, double tol, int* top, i
   double gap = 1.0;
   if (*second >= 0 && ws.td[*top] - ws.td[*second] < 1.0) gap = ws.td[*top] - ws.td[*second];
   const bool first_ok = b * ::fabs(last[*top]) <= 0.5 * tol * gap;
-  const bool second_ok = *second < 0 || b * ::fabs(last[*second]) <= ::sqrt(tol);
+  const bool second_ok = *second < 0 || b * ::fabs(last[*second]) <= ::sqrt(tol) * gap;
   return *ok && first_ok && second_ok;
 }
 
