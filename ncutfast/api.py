@@ -5,10 +5,16 @@ torch tensors (any device), NumPy arrays or CuPy arrays; outputs come back in th
 its device. A batch is ``(B, N, C)``, a ragged batch a list of ``(N_i, C)`` arrays or a padded
 ``(B, N_max, C)`` array plus ``lengths``.
 
-Deterministic tie-break (documented deviation from NumPy's "first index" on rounded values): tokens with
-identical rows of W have exactly equal eigenvector entries in exact arithmetic, so argmax|x| is often a tie
-that rounding decides (in the reference too). ncutfast takes the **lowest index among the entries within a
-relative** ``SEED_TIE_RTOL`` **of the maximum**; in exact arithmetic that is NumPy's first-index rule.
+Deterministic ties (documented deviation from the originals, whose rounding decides them):
+
+- Seed: tokens with identical rows of W have exactly equal eigenvector entries in exact arithmetic, so
+  argmax|x| is often a tie that rounding decides (in the reference too). ncutfast takes the **lowest index
+  among the entries within a relative** ``TIE_RTOL`` **of the maximum**; in exact arithmetic that is NumPy's
+  first-index rule.
+- Mean: some graphs put whole groups of tokens exactly at the unweighted mean (e.g. a group the cut does not
+  involve, with x = 0 = mean); rounding then scatters them across TokenCut's ``x > mean``. ncutfast orients
+  x so that the seed's entry is positive and keeps tokens within ``TIE_RTOL * max|x|`` of the mean outside
+  the partition, which is ``x > mean`` in exact arithmetic for that sign.
 """
 
 from __future__ import annotations
@@ -32,11 +38,11 @@ from ._validate import (
     check_tau,
 )
 
-__all__ = ["SEED_TIE_RTOL", "PRECISIONS", "NcutResult", "TokenCutResult", "MaskCutResult", "ncut", "tokencut",
+__all__ = ["TIE_RTOL", "PRECISIONS", "NcutResult", "TokenCutResult", "MaskCutResult", "ncut", "tokencut",
            "maskcut"]
 
-#: Entries of |x| within this relative distance of the maximum count as tied for the seed.
-SEED_TIE_RTOL = 1e-6
+#: Relative tie tolerance (times max|x|): for the seed (ties with max|x|) and for the mean (ties with it).
+TIE_RTOL = 1e-6
 PRECISIONS = _dispatch.PRECISIONS
 Array = Any  # torch.Tensor | numpy.ndarray | cupy.ndarray
 
@@ -73,15 +79,20 @@ def _solve(feats, lengths, *, tau, eps, binary, precision, backend, tol, max_ite
     n = lengths.to(dev)
     valid = torch.arange(sp.x.shape[1], device=dev)[None, :] < n[:, None]
     x = sp.x
-    mean = x.sum(-1) / n  # spec §2 step 6: unweighted mean over the image's tokens
-    part = (x > mean[:, None]) & valid
     ax = x.abs()
     amax = ax.max(-1).values
-    cand = (ax >= amax[:, None] * (1.0 - SEED_TIE_RTOL)) & valid
-    seed = cand.to(torch.int8).argmax(-1)  # lowest index among the tied maxima
-    flip = ~part.gather(1, seed[:, None])[:, 0]  # spec §2 step 7: seed outside -> complement
+    cand = (ax >= amax[:, None] * (1.0 - TIE_RTOL)) & valid
+    seed = cand.to(torch.int8).argmax(-1)  # spec §2 step 7, lowest index among the tied maxima
+    # Orient x so that the seed's entry is positive; the partition is then TokenCut's for that sign, and
+    # tokens tied with the mean (|x - mean| <= TIE_RTOL max|x|: exact in theory, decided by rounding
+    # otherwise) stay outside it, as x > mean says in exact arithmetic.
+    sign = torch.where(x.gather(1, seed[:, None]) < 0, -1.0, 1.0).to(x.dtype)
+    xs = x * sign
+    mean = xs.sum(-1) / n  # spec §2 step 6: unweighted mean over the image's tokens
+    part = (xs > (mean + TIE_RTOL * amax)[:, None]) & valid
+    flip = ~part.gather(1, seed[:, None])[:, 0]  # only when all entries tie (e.g. N = 1): complement
     part = torch.where(flip[:, None], ~part & valid, part)
-    xo = torch.where(flip[:, None], -x, x)
+    xo = torch.where(flip[:, None], -xs, xs)
     return _Cut(sp.lambda2, sp.lambda3, xo, x, part, seed, sp.residual, sp.converged, sp.iterations, name)
 
 
@@ -96,8 +107,8 @@ class NcutResult:
         lambda2: float64 ``(B,)``, 2nd smallest generalized eigenvalue of (D - W, D) (NaN for N = 1).
         lambda3: float64 ``(B,)``, 3rd smallest (NaN for N < 3); the eigengap shows whether the cut is
             well defined.
-        eigenvector: float64 ``(B, N_max)``, x with ``x^T D x = 1``, sign set by the TokenCut seed rule
-            (the seed's entry is on the > mean side); 0 on padding.
+        eigenvector: float64 ``(B, N_max)``, x with ``x^T D x = 1``, oriented so that the seed's entry is
+            positive (on the > mean side); 0 on padding.
         partition: bool ``(B, N_max)``, the foreground side; False on padding.
         seed: int64 ``(B,)``, argmax |x| with the documented tie-break.
         residual: float64 ``(B,)``, ``||M y - (1 - lambda2) y||`` with y = D^1/2 x.
@@ -300,9 +311,9 @@ class MaskCutResult:
 
 
 def _tie_argmax(v: np.ndarray) -> int:
-    """Lowest index among entries within SEED_TIE_RTOL * max|v| of max(v) (see the module docstring)."""
+    """Lowest index among entries within TIE_RTOL * max|v| of max(v) (see the module docstring)."""
     scale = float(np.abs(v).max())
-    return int(np.flatnonzero(v >= v.max() - SEED_TIE_RTOL * scale)[0])
+    return int(np.flatnonzero(v >= v.max() - TIE_RTOL * scale)[0])
 
 
 def maskcut(
@@ -362,8 +373,8 @@ def maskcut(
         lam2[:, t] = cut.lambda2.cpu().numpy()
         lam3[:, t] = cut.lambda3.cpu().numpy()
         for i, (g, n) in enumerate(zip(grids, lens, strict=True)):
-            part, seed, used = reference.maskcut_decision(raw[i, :n], g, sign_rule=sign_rule,
-                                                          argmax=_tie_argmax)  # spec §4 steps 2-3
+            part, seed, used = reference.maskcut_decision(raw[i, :n], g, sign_rule=sign_rule, argmax=_tie_argmax,
+                                                          mean_rtol=TIE_RTOL)  # spec §4 steps 2-3
             _, mask = reference.seed_component(part, seed, g)  # spec §4 step 4
             mask = mask.reshape(-1)
             if t >= 1 and (reference.token_iou(prev[i, :n], mask) > 0.5 or mask.sum() / n <= 0.01):

@@ -291,6 +291,7 @@ def maskcut_decision(
     *,
     sign_rule: str = "cutler",
     argmax: Callable[[np.ndarray], int] = np.argmax,
+    mean_rtol: float = 0.0,
 ) -> tuple[np.ndarray, int, np.ndarray]:
     """Spec §4 steps 2-3: MaskCut's foreground side and seed from one eigenvector.
 
@@ -299,8 +300,9 @@ def maskcut_decision(
     ``sign_rule="canonical"`` first orients x so that its largest-|x| entry is positive; the rule then reads
     "the seed's side, unless that side holds >= 3 of the 4 corner tokens, in which case the other side",
     whatever sign the solver returned.
-    ``argmax`` picks an index from a vector (NumPy's first-index rule by default; the API passes its
-    documented tie-break).
+    ``argmax`` picks an index from a vector (NumPy's first-index rule by default) and entries within
+    ``mean_rtol * max|x|`` of the mean count as equal to it (0: CutLER's exact ``x > mean``); the API passes
+    its documented tie rules.
 
     Returns ``(partition, seed, x_used)``: the chosen side (bool ``(N,)``), the seed (argmax of the oriented
     vector on that side) and the vector the rule saw (before any reversal).
@@ -310,7 +312,7 @@ def maskcut_decision(
     s = int(argmax(np.abs(x)))
     if sign_rule == "canonical" and x[s] < 0:
         x = -x
-    partition = x > x.sum() / x.shape[0]
+    partition = x > x.sum() / x.shape[0] + mean_rtol * np.abs(x).max()
     nc = corner_count(partition, grid)
     reverse = True if nc >= 3 else not partition[s]
     if reverse:

