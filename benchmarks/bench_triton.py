@@ -155,7 +155,7 @@ def _measure(args: argparse.Namespace, device, n: int) -> list[tuple]:
             (n, precision, "ncut-int8", t_all8, b / t_all8, nan, nan, "int8 matvec; " + note8),
         ]
     eb = min(args.eigh_batch, args.batch)
-    provider = TorchEigh(device.type)
+    provider = TorchEigh(device.type, torch.float32)
     t_eigh = timed(lambda: provider.solve(feats[:eb], args.tau, args.eps))
     rows.append((n, "float32", "torch.linalg.eigh", t_eigh, eb / t_eigh, float("nan"), float("nan"),
                  f"baseline on {eb} images (graph build + batched eigh of M)"))

@@ -145,7 +145,7 @@ class Agreement:
 
     well_defined: bool  # relative eigengap >= GAP_MIN
     alignment: float  # |<x, x_ref>_D|, unit D-norms
-    same_partition: bool  # on the tokens not tied with the reference's mean (those are decided by rounding)
+    same_partition: bool  # off the tokens tied with the reference's mean; either side if max|x| ties across signs
     seed_tied: bool  # our seed is one of the reference's tokens tied for max |x|
     lambda2_error: float  # |lambda2 - lambda2_ref|
 
@@ -161,10 +161,16 @@ def compare_to_reference(
     """Agreement of one image's (x, partition, seed, lambda2) with the reference's NcutResult."""
     gap = relative_gap(ref.lambda2, ref.lambda3)
     untied = ~mean_tied_tokens(ref.eigenvector)
+    part = np.asarray(partition, bool)[untied]
+    same = np.array_equal(part, ref.partition[untied])
+    tied = ref.eigenvector[tied_tokens(ref.eigenvector)]
+    if not same and (tied > 0).any() and (tied < 0).any():
+        # max|x| is tied across signs: which side TokenCut keeps is decided by the tie-break.
+        same = np.array_equal(~part, ref.partition[untied])
     return Agreement(
         well_defined=bool(np.isfinite(gap) and gap >= GAP_MIN),
         alignment=d_alignment(x, ref.eigenvector, d_ref) if np.any(ref.eigenvector) else 1.0,
-        same_partition=bool(np.array_equal(np.asarray(partition, bool)[untied], ref.partition[untied])),
+        same_partition=bool(same),
         seed_tied=bool(int(seed) in set(tied_tokens(ref.eigenvector).tolist())),
         lambda2_error=abs(float(lambda2) - ref.lambda2) if np.isfinite(ref.lambda2) else 0.0,
     )

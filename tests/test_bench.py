@@ -10,6 +10,7 @@ import time
 import numpy as np
 import pytest
 
+from ncutfast import reference
 from ncutfast.bench import cli, harness
 from ncutfast.bench.providers import Solution, TorchEigh, build_providers
 
@@ -109,3 +110,19 @@ def test_budget_and_memory_skips(monkeypatch: pytest.MonkeyPatch) -> None:
     assert rows[0].status == "ok" and rows[0].repeats == 1 and rows[0].agrees == "yes"
     assert rows[1].status.startswith("skipped: over the 0.01 s budget at N=16")
     assert all(r.status.startswith("skipped: needs") for r in result.rows if r.provider == "huge")
+
+
+def test_seed_tied_across_signs_accepts_either_side() -> None:
+    def ref_for(x_ref: np.ndarray) -> harness._Reference:
+        part, x, seed = reference.orient_tokencut(x_ref)
+        return harness._Reference([reference.NcutResult(0.1, 0.5, x, part, seed)], [np.ones(x.size)], 1.0)
+
+    lam = np.array([0.1])
+    tied = np.array([1.0, 1.0, -1.0, -1.0, 0.5, -0.5])  # max|x| reached with both signs
+    other = np.array([[1.0 - 1e-9, 1.0, -1.0 - 2e-9, -1.0, 0.5, -0.5]])  # rounding picks the other side
+    got = harness.measure_agreement(Solution(other, lam, lam * 5), ref_for(tied))
+    assert got["partitions"] == 1.0 and got["tokens"] == 1.0
+    untied = np.array([2.0, 1.0, -1.0, -1.0, 0.5, -1.5])  # one seed: the complement is a wrong answer
+    complement = ~reference.orient_tokencut(untied)[0]
+    sol = Solution(untied[None], lam, lam * 5, complement[None], np.array([0]))
+    assert harness.measure_agreement(sol, ref_for(untied))["partitions"] == 0.0
