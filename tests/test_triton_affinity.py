@@ -18,8 +18,6 @@ from ncutfast.kernels.affinity import affinity_fwd, normalize_fwd  # noqa: E402
 from ncutfast.kernels.lanczos import degrees_from_counts  # noqa: E402
 
 DEVICE = "cpu" if _utils.interpreting() else "cuda"
-# The interpreter (triton 3.6 + NumPy 2.3) warns on every scalar it converts; nothing to act on.
-pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning")
 
 
 @pytest.fixture(autouse=True)
