@@ -384,19 +384,12 @@ def maskcut(
             seeds[i, t] = seed
             vecs[i, t, :n] = used
     mask_list = [masks[i, :, : g[0] * g[1]].reshape(n_masks, *g) for i, g in enumerate(grids)]
-
-    def per_image(a: np.ndarray) -> Any:
-        if batch.layout == "single":
-            return to_framework(torch.from_numpy(a[0]), batch.framework, batch.device)
-        if batch.layout == "list":
-            return [to_framework(torch.from_numpy(a[i]), batch.framework, batch.device) for i in range(b)]
-        return to_framework(torch.from_numpy(a), batch.framework, batch.device)
-
     vec_list = [vecs[i, :, :n] for i, n in enumerate(lens)]
     return MaskCutResult(
         masks=_stack_or_list(mask_list, batch),
-        seeds=per_image(seeds),
-        lambda2=per_image(lam2),
-        lambda3=per_image(lam3),
-        eigenvectors=_stack_or_list(vec_list, batch) if batch.layout in ("single", "list") else per_image(vecs),
+        seeds=_out(torch.from_numpy(seeds), batch, False),
+        lambda2=_out(torch.from_numpy(lam2), batch, False),
+        lambda3=_out(torch.from_numpy(lam3), batch, False),
+        eigenvectors=(_stack_or_list(vec_list, batch) if batch.layout in ("single", "list")
+                      else _out(torch.from_numpy(vecs), batch, False)),
     )
