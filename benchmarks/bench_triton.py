@@ -8,10 +8,18 @@ padded batch of planted-object scenes (ncutfast.testing):
 
 - ``affinity``: ``affinity_fwd`` (row normalization + similarity + threshold + bitmask + popcounts), with
   the flip rate of its threshold decisions against float64; for float32 also ``affinity-tf32x3``;
+- ``ncut``: the whole backend solve (affinity + degrees + deflated Lanczos to ``--tol``) at the default
+  launch settings, giving images/s;
+
+and at precision "fast" (else the first one) also
+
 - ``matvec`` / ``matvec-int8``: one application of the bitmask operator D^-1/2 W D^-1/2 to the whole
   batch, fp64 FMA kernel / int8 tensor-core kernel (kernels/lanczos.py);
-- ``ncut`` / ``ncut-int8``: the whole backend solve (affinity + degrees + deflated Lanczos to ``--tol``)
-  with either mat-vec, giving images/s (the faster one should become the default "int8" setting);
+- ``ncut-<mode>``: the whole solve with the Lanczos steps run another way (launch setting "lanczos"
+  ``solve``, ``--modes``): "graph" (fused launches replayed from a CUDA graph, the default), "steps" (the
+  same launches issued one by one), "persistent" (one launch per convergence-check interval), "torch"
+  (the shared driver op by op, also with the int8 mat-vec as ``ncut-torch-int8``): the fastest one
+  should become the default;
 
 and prints the FLOP and byte counts of each kernel beside the achieved TFLOP/s and GB/s. The baseline is
 batched ``torch.linalg.eigh`` of M = D^-1/2 W D^-1/2 in float32 (graph build included; the harness's
@@ -49,6 +57,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--eps", type=float, default=1e-5)
     p.add_argument("--tol", type=float, default=1e-8)
     p.add_argument("--max-iter", type=int, default=300)
+    p.add_argument("--modes", nargs="+", default=["graph", "steps", "persistent", "torch"],
+                   choices=["graph", "steps", "persistent", "torch"],
+                   help="Lanczos step modes compared (launch setting lanczos.solve), at precision fast")
     p.add_argument("--scenes", type=int, default=16, help="distinct planted scenes, tiled over the batch")
     p.add_argument("--eigh-batch", type=int, default=16, help="images for the torch.linalg.eigh baseline")
     p.add_argument("--repeats", type=int, default=5)
@@ -100,7 +111,7 @@ def _measure(args: argparse.Namespace, device, n: int) -> list[tuple]:
 
     from ncutfast import _triton_backend, testing
     from ncutfast.bench.providers import TorchEigh
-    from ncutfast.kernels._utils import override, words_per_row
+    from ncutfast.kernels._utils import block_sizes, override, words_per_row
     from ncutfast.kernels.affinity import affinity_fwd
     from ncutfast.kernels.lanczos import BitmaskOperator
 
@@ -115,6 +126,7 @@ def _measure(args: argparse.Namespace, device, n: int) -> list[tuple]:
     ref_mask = affinity_fwd(feats[:nf], lengths[:nf], tau=args.tau, precision="float64")[0]
     table = torch.tensor([bin(i).count("1") for i in range(256)], device=device)
     rows = []
+    compare_at = "fast" if "fast" in args.precision else args.precision[0]
     for precision in args.precision:
         mask = affinity_fwd(feats[:nf], lengths[:nf], tau=args.tau, precision=precision)[0]
         flips = int(table[(mask ^ ref_mask).view(torch.uint8).long()].sum())
@@ -123,11 +135,7 @@ def _measure(args: argparse.Namespace, device, n: int) -> list[tuple]:
         aff_flop = b * (n * (n + 1) * c + 3 * n * c)
         aff_bytes = b * (n * c * (2 * 4 + s_bytes) + 4 * n * w + 4 * n)
         t_aff = timed(lambda p=precision: affinity_fwd(feats, lengths, tau=args.tau, precision=p))
-        op = BitmaskOperator(*affinity_fwd(feats, lengths, tau=args.tau, precision=precision), lengths,
-                             args.eps)
-        v = torch.randn(b, n, dtype=torch.float64, device=device)
-        t_mv = timed(lambda op=op, v=v: op(v))
-        mv_flop, mv_bytes = b * 2 * n * n, b * (4 * n * w + 24 * n)
+        nan = float("nan")
 
         def whole(p=precision):
             return _triton_backend.solve(feats, lengths, tau=args.tau, eps=args.eps, binary=True, precision=p,
@@ -140,20 +148,37 @@ def _measure(args: argparse.Namespace, device, n: int) -> list[tuple]:
             flips = int(table[(mask ^ ref_mask).view(torch.uint8).long()].sum())
             rows.append((n, precision, "affinity-tf32x3", t_x3, b / t_x3, aff_flop, aff_bytes,
                          f"3xTF32 dot; threshold flips vs float64: {flips / (nf * n * n):.2e}"))
+        default = block_sizes("lanczos")["solve"]
         t_all = timed(whole)
-        note = _solve_note(whole(), b)
-        with override("matvec", int8=1):
-            t_mv8 = timed(lambda op=op, v=v: op(v))
-            t_all8 = timed(whole)
-            note8 = _solve_note(whole(), b)
-        nan = float("nan")
         rows += [
             (n, precision, "affinity", t_aff, b / t_aff, aff_flop, aff_bytes, flip_note),
-            (n, precision, "matvec", t_mv, nan, mv_flop, mv_bytes, "fp64 FMA; one step, whole batch"),
-            (n, precision, "matvec-int8", t_mv8, nan, mv_flop, mv_bytes, "int8 tensor cores; one step"),
-            (n, precision, "ncut", t_all, b / t_all, nan, nan, note),
-            (n, precision, "ncut-int8", t_all8, b / t_all8, nan, nan, "int8 matvec; " + note8),
+            (n, precision, "ncut", t_all, b / t_all, nan, nan, f"solve={default}; " + _solve_note(whole(), b)),
         ]
+        if precision != compare_at:
+            continue
+        op = BitmaskOperator(*affinity_fwd(feats, lengths, tau=args.tau, precision=precision), lengths,
+                             args.eps)
+        v = torch.randn(b, n, dtype=torch.float64, device=device)
+        mv_flop, mv_bytes = b * 2 * n * n, b * (4 * n * w + 24 * n)
+        t_mv = timed(lambda op=op, v=v: op(v))
+        with override("matvec", int8=1):
+            t_mv8 = timed(lambda op=op, v=v: op(v))
+        rows += [(n, precision, "matvec", t_mv, nan, mv_flop, mv_bytes, "fp64 FMA; one step, whole batch"),
+                 (n, precision, "matvec-int8", t_mv8, nan, mv_flop, mv_bytes, "int8 tensor cores; one step")]
+        # How the Lanczos steps run between convergence checks (issue 4: CUDA graph vs persistent kernel),
+        # plus the op-by-op driver with either mat-vec, on the same batch.
+        for mode in args.modes:
+            for int8 in (0, 1) if mode == "torch" else (0,):
+                if mode == default and not int8:
+                    continue
+                with override("lanczos", solve=mode), override("matvec", int8=int8):
+                    t = timed(whole)
+                    note = _solve_note(whole(), b)
+                label = f"ncut-{mode}" + ("-int8" if int8 else "")
+                what = {"graph": "2 launches/step replayed from a CUDA graph", "steps": "2 launches/step",
+                        "persistent": "1 launch per check interval", "torch": "op by op, ~30 torch ops/step"}[mode]
+                rows.append((n, precision, label, t, b / t, nan, nan, f"{what}{', int8 matvec' if int8 else ''}; "
+                             + note))
     eb = min(args.eigh_batch, args.batch)
     provider = TorchEigh(device.type, torch.float32)
     t_eigh = timed(lambda: provider.solve(feats[:eb], args.tau, args.eps))
@@ -200,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         by = {(r[1], r[2]): r for r in rows if r[0] == n}
         eigh_ips = by[("float32", "torch.linalg.eigh")][4]
         for prec in args.precision:
-            for kern in ("ncut", "ncut-int8"):
+            for kern in sorted(k for p_, k in by if p_ == prec and k.startswith("ncut")):
                 ips = by[(prec, kern)][4]
                 print(f"N={n} {prec} {kern}: {ips:,.0f} images/s = {ips / eigh_ips:,.1f}x torch.linalg.eigh "
                       f"({card})")

@@ -26,10 +26,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
-__all__ = ["LanczosResult", "lanczos_fiedler", "start_vectors"]
+__all__ = ["CycleState", "LanczosResult", "Steps", "init_state", "lanczos_fiedler", "start_vectors"]
 
 #: ``op(v, idx) -> M v`` for a ``(b, N)`` float64 block v of the problems ``idx`` (int64 ``(b,)``).
 Operator = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -133,6 +134,7 @@ def lanczos_fiedler(
     max_iter: int,
     krylov_dim: int = 48,
     check_every: int | None = None,
+    steps: Steps | None = None,
 ) -> LanczosResult:
     """Largest eigenpair of M restricted to the complement of y0, for a padded batch.
 
@@ -147,6 +149,7 @@ def lanczos_fiedler(
         krylov_dim: basis size of one cycle (memory: B * (krylov_dim + 2) * N float64).
         check_every: steps between convergence checks, each one host synchronization (default: 2 on a CPU,
             where a check costs nothing, 6 on a GPU).
+        steps: fused steps of the backend (see ``Steps``); default: op by op (``_torch_step``).
     """
     device = y0.device
     if check_every is None:
@@ -164,24 +167,77 @@ def lanczos_fiedler(
     cycle = 0
     while todo.numel() and spent < max_iter:
         m = min(krylov_dim, max_iter - spent, n_max)
-        th1, th2, y, steps, conv = _cycle(op, y0[todo], lengths_dev[todo], v0[todo], todo, m, tol, check_every,
-                                          salt=cycle)
+        th1, th2, y, taken, conv = _cycle(op, y0[todo], lengths_dev[todo], v0[todo], todo, m, tol, check_every,
+                                          salt=cycle, steps=steps)
         theta1[todo], theta2[todo], y_out[todo] = th1, th2, y
-        iters[todo] += steps
-        spent += int(steps.max())
+        iters[todo] += taken
+        spent += int(taken.max())
         todo, v0 = todo[~conv], y_out.clone()
         cycle += 1
     return LanczosResult(theta1, theta2, y_out, iters)
 
 
-def _cycle(op, y0, lengths, v0, idx, m, tol, check_every, salt):
-    """One Lanczos cycle of at most m steps for the problems idx; returns Ritz data and convergence.
+@dataclass
+class CycleState:
+    """Device state of one Lanczos cycle of b problems and at most m steps, updated in place (so that a
+    CUDA graph captured over a few steps stays valid for the whole cycle).
 
-    ``basis`` row 0 holds y0, so one projection removes y0 and the Lanczos vectors (rows 1..j+1) together.
-    A problem whose new vector vanishes (breakdown: an invariant subspace) stalls until the next check,
-    where it continues from a fresh direction orthogonal to everything (so eigenvalues of multiplicity > 1
-    are found too) or, if none is left, is done: its Ritz values are then exact.
+    basis: (b, m + 2, N) float64; row 0 is y0, row j + 1 the j-th Lanczos vector. alpha, beta: (b, m)
+    float64, ``beta[:, j]`` couples slot j to j + 1 (0 after a breakdown). live: (b, m) bool, slots that
+    took part. klen: (b,) int64 live slots so far; cap: (b,) int64 = n - 1, the deflated dimension.
+    done: (b,) bool, the problem stopped iterating (converged or space exhausted); stalled: (b,) bool, it
+    broke down since the last check. idx: (b,) int64 problem indices into the operator's batch.
     """
+
+    basis: torch.Tensor
+    alpha: torch.Tensor
+    beta: torch.Tensor
+    live: torch.Tensor
+    klen: torch.Tensor
+    cap: torch.Tensor
+    done: torch.Tensor
+    stalled: torch.Tensor
+    idx: torch.Tensor
+
+
+class Steps(Protocol):
+    """Fused Lanczos steps (a backend's alternative to the op-by-op step of ``_cycle``).
+
+    ``begin(state)`` starts a cycle; ``run(j0, j1)`` performs steps j0, ..., j1 - 1 of it on the device,
+    without host synchronization, with exactly the semantics of ``_torch_step`` for every problem (a
+    problem that is done or stalled leaves its slots dead).
+    """
+
+    def begin(self, state: CycleState) -> None: ...
+
+    def run(self, j0: int, j1: int) -> None: ...
+
+
+def _torch_step(op: Operator, st: CycleState, j: int, run: slice | torch.Tensor, sub: torch.Tensor) -> None:
+    """Lanczos step j for the problems ``run`` (the others are done): w = M q, alpha = q.w, w projected
+    off y0 and the basis (CGS2), beta = ||w||; a breakdown stalls the problem, a full space finishes it."""
+    act = ~st.done & ~st.stalled  # frozen problems are done, so this is False outside ``run``
+    q = st.basis[run, j + 1]
+    w = op(q, sub)
+    a = (q * w).sum(-1)
+    w = _project_out(w, st.basis[run, : j + 2])
+    bj = w.norm(dim=-1)
+    act_r = act[run]
+    broke_r = act_r & (bj <= _BREAKDOWN)
+    st.live[:, j] = act
+    st.alpha[run, j] = torch.where(act_r, a, torch.zeros_like(a))
+    st.beta[run, j] = torch.where(act_r & ~broke_r, bj, torch.zeros_like(bj))
+    broke = torch.zeros_like(act)
+    broke[run] = broke_r
+    st.klen += act.to(torch.int64)
+    st.done |= act & (st.klen >= st.cap)
+    st.stalled |= broke
+    grow = (act & ~broke & ~st.done)[run]
+    st.basis[run, j + 2] = torch.where(grow[:, None], w / bj.clamp_min(1e-300)[:, None], torch.zeros_like(w))
+
+
+def init_state(y0: torch.Tensor, lengths: torch.Tensor, v0: torch.Tensor, idx: torch.Tensor, m: int) -> CycleState:
+    """State before step 0 of a cycle: basis rows y0 and v0 projected off y0, normalized; nothing live."""
     b, n = y0.shape
     device = y0.device
     f64 = dict(dtype=torch.float64, device=device)
@@ -189,63 +245,66 @@ def _cycle(op, y0, lengths, v0, idx, m, tol, check_every, salt):
     basis[:, 0] = y0
     q = _project_out(v0, basis[:, :1])
     basis[:, 1] = q / q.norm(dim=-1, keepdim=True).clamp_min(1e-300)
-    alpha = torch.zeros(b, m, **f64)
-    beta = torch.zeros(b, m, **f64)
-    live = torch.zeros(b, m, dtype=torch.bool, device=device)
-    # The deflated space has n - 1 dimensions: once that many slots are live, it is spanned exactly.
-    cap = lengths - 1
-    klen = torch.zeros(b, dtype=torch.int64, device=device)
-    done = klen >= cap
-    stalled = torch.zeros(b, dtype=torch.bool, device=device)
+    flag = dict(dtype=torch.bool, device=device)
+    st = CycleState(basis=basis, alpha=torch.zeros(b, m, **f64), beta=torch.zeros(b, m, **f64),
+                    live=torch.zeros(b, m, **flag), klen=torch.zeros(b, dtype=torch.int64, device=device),
+                    # the deflated space has n - 1 dimensions: once that many slots are live, it is spanned
+                    cap=(lengths - 1).to(device), done=torch.zeros(b, **flag), stalled=torch.zeros(b, **flag),
+                    idx=idx)
+    st.done |= st.klen >= st.cap
+    return st
+
+
+def _cycle(op, y0, lengths, v0, idx, m, tol, check_every, salt, steps=None):
+    """One Lanczos cycle of at most m steps for the problems idx; returns Ritz data and convergence.
+
+    ``basis`` row 0 holds y0, so one projection removes y0 and the Lanczos vectors (rows 1..j+1) together.
+    A problem whose new vector vanishes (breakdown: an invariant subspace) stalls until the next check,
+    where it continues from a fresh direction orthogonal to everything (so eigenvalues of multiplicity > 1
+    are found too) or, if none is left, is done: its Ritz values are then exact. The steps between two
+    checks run op by op (``_torch_step``) or, given ``steps``, fused by the backend.
+    """
+    b, n = y0.shape
+    device = y0.device
+    st = init_state(y0, lengths, v0, idx, m)
+    basis = st.basis
     revived = torch.zeros(b, dtype=torch.bool, device=device)
-    # Problems still iterating: all (a slice, no copies) until checks have frozen half of them; then an
-    # index tensor, kept as one object until the next compaction so that ``op`` can cache its gathers.
+    if steps is not None:
+        steps.begin(st)
+    # Problems still iterating (op-by-op steps only): all (a slice, no copies) until checks have frozen
+    # half of them; then an index tensor, kept as one object until the next compaction so that ``op`` can
+    # cache its gathers. Fused steps skip frozen problems inside their kernels instead.
     run: slice | torch.Tensor = slice(None)
     sub = idx
     k = 0
-    for j in range(m):
-        act = ~done & ~stalled  # frozen problems are done, so this is False outside ``run``
-        q = basis[run, j + 1]
-        w = op(q, sub)
-        a = (q * w).sum(-1)
-        w = _project_out(w, basis[run, : j + 2])
-        bj = w.norm(dim=-1)
-        act_r = act[run]
-        broke_r = act_r & (bj <= _BREAKDOWN)
-        live[:, j] = act
-        alpha[run, j] = torch.where(act_r, a, torch.zeros_like(a))
-        beta[run, j] = torch.where(act_r & ~broke_r, bj, torch.zeros_like(bj))
-        broke = torch.zeros_like(act)
-        broke[run] = broke_r
-        klen = klen + act.to(torch.int64)
-        done = done | (act & (klen >= cap))
-        stalled = stalled | broke
-        grow = (act & ~broke & ~done)[run]
-        basis[run, j + 2] = torch.where(grow[:, None], w / bj.clamp_min(1e-300)[:, None], torch.zeros_like(w))
-        k = j + 1
-        if k % check_every == 0 or k == m:
-            _, _, conv, _ = _converged(alpha, beta, live, k, tol)
-            # A first breakdown is not trusted (the top eigenvalue may be repeated); after one fresh
-            # continuation the Ritz values of all blocks together decide. Converged problems freeze.
-            done = done | (conv & (~stalled | revived))
-            if bool(done.all()):
-                break
-            if k < m and bool(stalled.any()):
-                fresh = _project_out(start_vectors(lengths, n, salt * 1000 + k, device), basis[:, : k + 1])
-                fn = fresh.norm(dim=-1)
-                revive = stalled & (fn > 1e-8)
-                done = done | (stalled & ~revive)
-                basis[:, k + 1] = torch.where(revive[:, None], fresh / fn.clamp_min(1e-300)[:, None],
-                                              basis[:, k + 1])
-                revived = revived | revive
-                stalled = torch.zeros_like(stalled)
-            # Compact once at most half of the iterating problems are left: a gather of their operator
-            # data costs about two mat-vecs, so frozen problems ride along until then.
-            running = torch.nonzero(~done).flatten()
-            if 2 * running.numel() <= (b if isinstance(run, slice) else run.numel()):
-                run, sub = running, idx[running]
-    evals, evecs, conv, klen = _converged(alpha, beta, live, k, tol)
-    conv = (conv & (~stalled | revived)) | done
+    while k < m:
+        j0, k = k, min(m, k + check_every)
+        if steps is None:
+            for j in range(j0, k):
+                _torch_step(op, st, j, run, sub)
+        else:
+            steps.run(j0, k)
+        _, _, conv, _ = _converged(st.alpha, st.beta, st.live, k, tol)
+        # A first breakdown is not trusted (the top eigenvalue may be repeated); after one fresh
+        # continuation the Ritz values of all blocks together decide. Converged problems freeze.
+        st.done |= conv & (~st.stalled | revived)
+        if bool(st.done.all()):
+            break
+        if k < m and bool(st.stalled.any()):
+            fresh = _project_out(start_vectors(lengths, n, salt * 1000 + k, device), basis[:, : k + 1])
+            fn = fresh.norm(dim=-1)
+            revive = st.stalled & (fn > 1e-8)
+            st.done |= st.stalled & ~revive
+            basis[:, k + 1] = torch.where(revive[:, None], fresh / fn.clamp_min(1e-300)[:, None], basis[:, k + 1])
+            revived |= revive
+            st.stalled.zero_()
+        # Compact once at most half of the iterating problems are left: a gather of their operator
+        # data costs about two mat-vecs, so frozen problems ride along until then.
+        running = torch.nonzero(~st.done).flatten()
+        if steps is None and 2 * running.numel() <= (b if isinstance(run, slice) else run.numel()):
+            run, sub = running, idx[running]
+    evals, evecs, conv, klen = _converged(st.alpha, st.beta, st.live, k, tol)
+    conv = (conv & (~st.stalled | revived)) | st.done
     y = torch.bmm(evecs[:, :, -1][:, None, :], basis[:, 1 : k + 1])[:, 0]
     y = y / y.norm(dim=-1, keepdim=True).clamp_min(1e-300)
     nan = torch.full_like(evals[:, -1], float("nan"))

@@ -2,9 +2,11 @@
 
 Per padded batch: ``kernels.affinity.affinity_fwd`` builds the thresholded graph as a bitmask with row
 popcounts in one launch (never an N x N float matrix), degrees follow exactly from the popcounts, and the
-batched deflated Lanczos of ``ncutfast._lanczos`` runs with ``kernels.lanczos.BitmaskOperator`` as its
-operator (one kernel launch per step applies D^-1/2 W D^-1/2 to every problem of the batch). Every
-problem of the batch shares each launch, whatever its length.
+batched deflated Lanczos of ``ncutfast._lanczos`` runs on ``kernels.lanczos.BitmaskOperator``: its steps
+between two convergence checks are fused (``kernels.lanczos.FusedSteps``: two launches per step, replayed
+from a CUDA graph on a GPU, or one persistent launch per chunk; launch setting "lanczos" ``solve``), and
+the host synchronizes only at the checks. Every problem of the batch shares each launch, whatever its
+length.
 
 Runs on CUDA tensors, or on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1`` set before
 ``ncutfast.kernels`` is first imported), which makes the whole path testable without a GPU. Non-binary
@@ -55,9 +57,9 @@ def solve(
         return torch_solve(feats, lengths, tau=tau, eps=eps, binary=binary, precision=precision, tol=tol,
                            max_iter=max_iter)
     from ._lanczos import lanczos_fiedler
-    from .kernels._utils import interpreting
+    from .kernels._utils import block_sizes, interpreting
     from .kernels.affinity import affinity_fwd
-    from .kernels.lanczos import BitmaskOperator
+    from .kernels.lanczos import BitmaskOperator, FusedSteps
 
     device = feats.device
     if device.type != "cuda" and not interpreting():
@@ -82,7 +84,9 @@ def solve(
         op = BitmaskOperator(mask, counts, ln, eps)
         sd = op.degrees.sqrt()  # 0 on padding
         y0 = sd / sd.norm(dim=-1, keepdim=True)
-        res = lanczos_fiedler(op, y0, ln, tol=tol, max_iter=max_iter)
+        mode = block_sizes("lanczos")["solve"]
+        steps = None if mode == "torch" else FusedSteps(op, mode)
+        res = lanczos_fiedler(op, y0, ln, tol=tol, max_iter=max_iter, steps=steps)
         # True residual of the returned pair (one extra mat-vec): ||M y - theta1 y||.
         r = (op(res.y) - res.theta1[:, None] * res.y).norm(dim=-1)
         lam2[sub_dev] = 1.0 - res.theta1

@@ -24,7 +24,14 @@ def _variants() -> list[tuple[str, object, dict, dict, dict]]:
 
     from ncutfast.kernels import _utils
     from ncutfast.kernels.affinity import _PRECISIONS, _affinity_kernel, _normalize_kernel
-    from ncutfast.kernels.lanczos import _bitmask_matvec_i8_kernel, _bitmask_matvec_kernel, _digits_kernel
+    from ncutfast.kernels.lanczos import (
+        _bitmask_matvec_i8_kernel,
+        _bitmask_matvec_kernel,
+        _digits_kernel,
+        _lanczos_matvec_kernel,
+        _lanczos_persistent_kernel,
+        _lanczos_step_kernel,
+    )
 
     tl_name = {"torch.float16": "fp16", "torch.float32": "fp32", "torch.float64": "fp64"}
     out = []
@@ -69,7 +76,41 @@ def _variants() -> list[tuple[str, object, dict, dict, dict]]:
                "BM": "constexpr", "BN": "constexpr", "KP": "constexpr"}
         consts = {"BM": i8["BM"], "BN": i8["BN"], "KP": kp}
         out.append((f"matvec-int8-k{kp}", _bitmask_matvec_i8_kernel, sig, consts, {"num_warps": i8["num_warps"]}))
+    # fused Lanczos steps (FusedSteps), at the default Krylov dimension 48: KB = next power of two of 50
+    lz = _utils.block_sizes("lanczos")
+    state = {"basis_ptr": "*fp64", "w_ptr": "*fp64", "alpha_ptr": "*fp64", "beta_ptr": "*fp64", "live_ptr": "*i8",
+             "klen_ptr": "*i64", "cap_ptr": "*i64", "done_ptr": "*i8", "stalled_ptr": "*i8", "step_ptr": "*i32"}
+    operator = {"mask_ptr": "*i32", "s_ptr": "*fp64", "len_ptr": "*i32", "eps_ptr": "*fp64", "idx_ptr": "*i32"}
+    sig = {**operator, **{k: state[k] for k in ("basis_ptr", "w_ptr", "done_ptr", "stalled_ptr", "step_ptr")},
+           "N_max": "i32", "W": "i32", "stride_bb": "i32", "stride_br": "i32", "BM": "constexpr", "BN": "constexpr"}
+    out.append(("lanczos-matvec", _lanczos_matvec_kernel, sig, {"BM": lz["BM"], "BN": lz["BN"]},
+                {"num_warps": lz["num_warps"]}))
+    body = {"BREAKDOWN": 1e-13, "KB": 64}
+    sig = {"len_ptr": "*i32", "idx_ptr": "*i32", **state, "N_max": "i32", "M": "i32", "stride_bb": "i32",
+           "stride_br": "i32", "BREAKDOWN": "constexpr", "KB": "constexpr", "BN": "constexpr"}
+    out.append(("lanczos-step", _lanczos_step_kernel, sig, {**body, "BN": lz["BS"]}, {"num_warps": lz["num_warps"]}))
+    sig = {**operator, **state, "N_max": "i32", "W": "i32", "M": "i32", "stride_bb": "i32", "stride_br": "i32",
+           "n_steps": "i32", "BREAKDOWN": "constexpr", "KB": "constexpr", "BM": "constexpr", "BN": "constexpr",
+           "BS": "constexpr"}
+    out.append(("lanczos-persistent", _lanczos_persistent_kernel, sig,
+                {**body, "BM": lz["BM"], "BN": lz["BN"], "BS": lz["BS"]}, {"num_warps": lz["num_warps"]}))
     return out
+
+
+def _registers(ptx: str) -> tuple[int, int]:
+    """(registers per thread, spill-store bytes) that Triton's ptxas reports for the PTX on sm_90a."""
+    import re
+    import tempfile
+
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as fh:
+        fh.write(ptx)
+        fh.flush()
+        log = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name", "sm_90a", fh.name, "-o", os.devnull],
+                             capture_output=True, text=True, check=True).stderr
+    return (max(int(r) for r in re.findall(r"Used (\d+) registers", log)),
+            sum(int(b) for b in re.findall(r"(\d+) bytes spill stores", log)))
 
 
 def _compile_all() -> None:
@@ -86,7 +127,9 @@ def _compile_all() -> None:
         k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs), target=target,
                            options=options)
         ptx = k.asm["ptx"]
-        print(json.dumps({"label": label, "cubin": len(k.asm["cubin"]), "popc": "popc.b32" in ptx,
+        regs, spills = _registers(ptx)
+        print(json.dumps({"label": label, "registers": regs, "spill_bytes": spills, "cubin": len(k.asm["cubin"]),
+                          "popc": "popc.b32" in ptx,
                           "wgmma": "wgmma" in ptx, "pipelined": "async_copy_global_to_local" in k.asm["ttgir"],
                           "shared": k.metadata.shared}), flush=True)
 
@@ -118,6 +161,13 @@ def test_affinity_uses_popc_and_tensor_cores(compiled):
     assert compiled["affinity-float32-tf32x3"]["wgmma"]
     assert not compiled["affinity-float32"]["wgmma"]  # IEEE fp32: no tf32 tensor-core path
     assert all(compiled[f"matvec-int8-k{kp}"]["wgmma"] for kp in (2, 4))  # int8 wgmma
+
+
+def test_fp64_kernels_do_not_spill(compiled):
+    # fp64 tiles cost two registers per element: the GPU block sizes of the mat-vec and the fused Lanczos
+    # kernels are chosen to stay in registers (ptxas of sm_90a, at the default launch settings).
+    for label in ("matvec-k1", "matvec-k4", "lanczos-matvec", "lanczos-step", "lanczos-persistent"):
+        assert compiled[label]["spill_bytes"] == 0, compiled[label]
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from ncutfast import _dispatch, reference, testing  # noqa: E402
 from ncutfast import _triton_backend as tb  # noqa: E402
 from ncutfast.kernels import _utils  # noqa: E402
 from ncutfast.kernels.affinity import affinity_fwd  # noqa: E402
-from ncutfast.kernels.lanczos import BitmaskOperator, bitmask_matvec_fwd  # noqa: E402
+from ncutfast.kernels.lanczos import BitmaskOperator, FusedSteps, bitmask_matvec_fwd  # noqa: E402
 
 DEVICE = "cpu" if _utils.interpreting() else "cuda"
 
@@ -107,19 +107,95 @@ def test_matvec_bad_input_raises():
         bitmask_matvec_fwd(mask, lengths[:1], s, v, EPS)
 
 
+def _cycle_problems() -> tuple[BitmaskOperator, torch.Tensor, torch.Tensor]:
+    """Operator, y0 and lengths of a batch that exercises every branch of a Lanczos step: n = 2 (the
+    deflated space is full after one step), n = 6 (full after five), a two-clique graph (rank 2: breaks
+    down after two steps), random and planted graphs of awkward sizes (97, 53)."""
+    rng = np.random.default_rng(80)
+    two = np.repeat(rng.standard_normal((2, 13)), [9, 14], axis=0)  # 23 tokens, two identical groups
+    feats = [rng.standard_normal((2, 13)), rng.standard_normal((6, 13)), two, rng.standard_normal((97, 13)),
+             testing.planted_scene(rng, 53, channels=13).features]
+    x, lengths = batch([f.astype(np.float32) for f in feats])
+    op = BitmaskOperator(*affinity_fwd(x, lengths, tau=0.2, precision="float64"), lengths, EPS)
+    sd = op.degrees.sqrt()
+    return op, sd / sd.norm(dim=-1, keepdim=True), lengths
+
+
+FUSED_MODES = ["steps", "persistent",
+               pytest.param("graph", marks=pytest.mark.skipif(DEVICE == "cpu", reason="CUDA graphs need CUDA"))]
+
+
+@pytest.mark.parametrize("mode", FUSED_MODES)
+def test_fused_steps_match_torch_steps(mode):
+    # FusedSteps must do exactly what the shared driver's op-by-op step does, branch for branch: the same
+    # live slots, step counts, breakdowns and finished problems, and the same numbers to rounding. The
+    # chunks (2, 1, 6 steps) make "graph" run eagerly once, then capture and replay two graphs.
+    from ncutfast import _lanczos
+
+    op, y0, lengths = _cycle_problems()
+    b, m = y0.shape[0], 9
+    idx = torch.arange(b, device=DEVICE)
+    v0 = _lanczos.start_vectors(lengths, y0.shape[1], 0, y0.device)
+    ours, want = (_lanczos.init_state(y0, lengths, v0, idx, m) for _ in range(2))
+    fused = FusedSteps(op, mode)
+    fused.begin(ours)
+    with _utils.override("lanczos", BM=32, BN=32, BS=32):  # several column steps and row blocks per problem
+        for j0, j1 in ((0, 2), (2, 3), (3, m)):
+            fused.run(j0, j1)
+            for j in range(j0, j1):
+                _lanczos._torch_step(op, want, j, slice(None), idx)
+            for name in ("live", "klen", "done", "stalled"):
+                assert torch.equal(getattr(ours, name), getattr(want, name)), (name, j1)
+    assert want.stalled[2] and want.done[:2].all() and not want.done[3:].any()  # every branch was taken
+    assert int(want.klen[0]) == 1 and int(want.klen[1]) == 5
+    for name in ("alpha", "beta", "basis"):
+        torch.testing.assert_close(getattr(ours, name), getattr(want, name), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", FUSED_MODES)
+def test_solve_modes_agree(mode):
+    # The fused solve gives the op-by-op driver's spectrum (convergence checks,
+    # revivals after a breakdown and restarts included: a Krylov space of 7 forces restarts).
+    from ncutfast import _lanczos
+
+    op, y0, lengths = _cycle_problems()
+    want = _lanczos.lanczos_fiedler(op, y0, lengths, tol=1e-10, max_iter=120, krylov_dim=7)
+    got = _lanczos.lanczos_fiedler(op, y0, lengths, tol=1e-10, max_iter=120, krylov_dim=7,
+                                   steps=FusedSteps(op, mode))
+    assert torch.equal(got.iterations, want.iterations)
+    assert int(want.iterations.max()) > 7  # restarted
+    torch.testing.assert_close(got.theta1, want.theta1, rtol=0, atol=1e-12)
+    torch.testing.assert_close(got.theta2, want.theta2, rtol=0, atol=1e-10, equal_nan=True)
+    align = (got.y * want.y).sum(-1).abs()
+    gap = want.theta1 - want.theta2
+    assert bool((align[gap > 1e-6] > 1 - 1e-9).all()), align
+
+
+def test_fused_steps_bad_mode_and_state():
+    op, y0, lengths = _cycle_problems()
+    with pytest.raises(ValueError, match="mode"):
+        FusedSteps(op, "cuda-graph")
+    from ncutfast import _lanczos
+
+    st = _lanczos.init_state(y0[:, :-1], lengths, y0[:, :-1], torch.arange(5, device=DEVICE), 4)
+    with pytest.raises(ValueError, match="state.basis"):
+        FusedSteps(op, "steps").begin(st)
+
+
 def solve(x: torch.Tensor, lengths: torch.Tensor, tau: float, precision: str, **kw) -> _dispatch.Spectrum:
     return _dispatch.solve(x, lengths, tau=tau, eps=EPS, binary=kw.pop("binary", True), precision=precision,
                            tol=1e-8, max_iter=kw.pop("max_iter", 300), backend="triton", **kw)
 
 
-@pytest.mark.parametrize(("precision", "int8"), [("float32", 0), ("fast", 0), ("float64", 0), ("float32", 1)])
-def test_solve_agrees_with_reference(precision, int8):
+@pytest.mark.parametrize(("precision", "int8", "mode"), [("float32", 0, "steps"), ("fast", 0, "steps"),
+                                                         ("float64", 0, "persistent"), ("float32", 1, "torch")])
+def test_solve_agrees_with_reference(precision, int8, mode):
     rng = np.random.default_rng(40)
     scenes = [testing.planted_scene(rng, n, channels=40) for n in (12, 35, 64, 97, 120)]
     feats = [s.features for s in scenes]
     x, lengths = batch(feats)
     tau = reference.TOKENCUT_TAU
-    with _utils.override("matvec", int8=int8):
+    with _utils.override("matvec", int8=int8), _utils.override("lanczos", solve=mode):
         spec = solve(x, lengths, tau, precision)
     tol = testing.TOLERANCES[precision]["alignment"]
     compared = 0
@@ -208,5 +284,6 @@ def test_benchmark_dry_run(tmp_path):
     proc = subprocess.run([sys.executable, "-W", "ignore", os.path.join(root, "benchmarks", "bench_triton.py"),
                            "--dry", "--csv", str(csv)], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert "ncut-int8" in proc.stdout and "torch.linalg.eigh" in proc.stdout
-    assert len(csv.read_text().splitlines()) == 1 + (6 + 5) + 1  # header, float32, fast, eigh
+    assert "ncut-persistent" in proc.stdout and "torch.linalg.eigh" in proc.stdout
+    # header; float32: affinity, tf32x3, ncut; fast: affinity, ncut, 2 matvecs, 4 other solve modes; eigh
+    assert len(csv.read_text().splitlines()) == 1 + 3 + (2 + 2 + 4) + 1

@@ -26,12 +26,18 @@ __all__ = ["interpreting", "block_sizes", "override", "popc32", "words_per_row"]
 #         vectors so that the (BM, BN, K) fp64 accumulator stays in registers (32 per thread by default);
 #         int8 = 1 selects the tensor-core variant (fixed-point digits, int8 tl.dot) with the matvec_int8
 #         settings (BR: digit rows per step of the digits kernel).
+# lanczos: how the Triton backend runs the Lanczos steps between convergence checks (kernels/lanczos.py,
+#          FusedSteps): solve = "torch" (op by op, the shared driver's torch step around the matvec
+#          kernel), "steps" (two fused launches per step), "graph" (those launches replayed from a CUDA
+#          graph), "persistent" (one launch per chunk of steps); BM, BN = mat-vec tile of the fused kernels,
+#          BS = columns per sweep of the reorthogonalization.
 _GPU = {
     "affinity": {"BT": 128, "BK": 32, "num_warps": 8, "num_stages": 3, "tf32x3": 0},
     "affinity_fast": {"BT": 128, "BK": 64, "num_warps": 8, "num_stages": 3, "tf32x3": 0},
     "normalize": {"BR": 16, "BC": 256, "num_warps": 4},
     "matvec": {"BM": 32, "BN": 128, "num_warps": 4, "int8": 0},
     "matvec_int8": {"BM": 128, "BN": 128, "BR": 256, "num_warps": 8},
+    "lanczos": {"solve": "graph", "BM": 32, "BN": 64, "BS": 32, "num_warps": 8},
 }
 _INTERP = {
     "affinity": {"BT": 64, "BK": 64, "num_warps": 4, "num_stages": 1, "tf32x3": 0},
@@ -39,8 +45,9 @@ _INTERP = {
     "normalize": {"BR": 128, "BC": 128, "num_warps": 4},
     "matvec": {"BM": 128, "BN": 128, "num_warps": 4, "int8": 0},
     "matvec_int8": {"BM": 128, "BN": 128, "BR": 128, "num_warps": 4},
+    "lanczos": {"solve": "steps", "BM": 128, "BN": 128, "BS": 128, "num_warps": 4},
 }
-_OVERRIDES: dict[str, dict[str, int]] = {}
+_OVERRIDES: dict[str, dict[str, int | str]] = {}
 
 
 def interpreting() -> bool:
@@ -48,7 +55,7 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def block_sizes(kernel: str) -> dict[str, int]:
+def block_sizes(kernel: str) -> dict[str, int | str]:
     """Launch settings of ``kernel`` for the current mode, with any active ``override`` applied."""
     base = dict((_INTERP if interpreting() else _GPU)[kernel])
     base.update(_OVERRIDES.get(kernel, {}))
@@ -56,7 +63,7 @@ def block_sizes(kernel: str) -> dict[str, int]:
 
 
 @contextlib.contextmanager
-def override(kernel: str, **settings: int) -> Iterator[None]:
+def override(kernel: str, **settings: int | str) -> Iterator[None]:
     """Temporarily replace some launch settings of ``kernel`` (e.g. ``override("affinity", BT=32)``)."""
     if kernel not in _GPU:
         raise KeyError(f"kernel: unknown kernel {kernel!r}; expected one of {sorted(_GPU)}")

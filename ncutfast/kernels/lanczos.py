@@ -24,9 +24,47 @@ import torch
 import triton
 import triton.language as tl
 
+from .._lanczos import _BREAKDOWN
 from ._utils import block_sizes, words_per_row
 
-__all__ = ["bitmask_matvec_fwd", "degrees_from_counts", "BitmaskOperator"]
+__all__ = ["bitmask_matvec_fwd", "degrees_from_counts", "BitmaskOperator", "FusedSteps"]
+
+
+@triton.jit
+def _matvec_rows(
+    mask_ptr, s_ptr, eps, b, n, N_max, W, rows, v_base, stride_vn, stride_vk, K, n_cols,
+    BM: tl.constexpr, BN: tl.constexpr, KP: tl.constexpr,
+):
+    """Rows ``rows`` (BM,) of M v for image b (n tokens), all K vectors of the block at ``v_base`` at once:
+    a (BM, KP) fp64 tensor, zero on rows >= n. ``n_cols`` is n, or 0 to skip the work (rows past n).
+
+    It walks the columns in steps of BN: loads u = s * v for those columns (BN, KP), expands the
+    (BM, BN / 32) mask words to bits and adds the selected u into a (BM, BN, KP) fp64 accumulator; the
+    column sums of u (for the eps term) build up the same way. Both are reduced over BN once, after the
+    loop, so the loop body has no cross-thread reduction."""
+    kk = tl.arange(0, KP)
+    k_ok = kk[None, :] < K  # KP is K rounded up to a power of two
+    sh = tl.arange(0, 32)
+    wi = tl.arange(0, BN // 32)
+    row_ok = rows < n  # padding rows (and rows past N_max in the last block) are not graph nodes
+    mrow = mask_ptr + (b * N_max + rows[:, None]).to(tl.int64) * W
+    acc = tl.zeros((BM, BN, KP), dtype=tl.float64)
+    tot = tl.zeros((BN, KP), dtype=tl.float64)
+    for c0 in range(0, n_cols, BN):
+        cols = c0 + tl.arange(0, BN)
+        col_ok = cols < n  # last column step; v may hold anything beyond n
+        s_c = tl.load(s_ptr + b * N_max + cols, mask=col_ok, other=0.0)
+        u = tl.load(v_base + cols[:, None] * stride_vn + kk[None, :] * stride_vk,
+                    mask=col_ok[:, None] & k_ok, other=0.0).to(tl.float64) * s_c[:, None]
+        tot += u
+        # words past W do not exist (the last step may overhang the row); their columns are >= n anyway
+        words = tl.load(mrow + c0 // 32 + wi[None, :], mask=row_ok[:, None] & (c0 // 32 + wi[None, :] < W),
+                        other=0)
+        bits = tl.reshape((words[:, :, None] >> sh[None, None, :]) & 1, (BM, BN))
+        acc += tl.where(bits[:, :, None] != 0, u[None, :, :], 0.0)
+    bu = tl.sum(acc, axis=1)
+    s_r = tl.load(s_ptr + b * N_max + rows, mask=row_ok, other=0.0)
+    return s_r[:, None] * (eps * tl.sum(tot, axis=0)[None, :] + (1.0 - eps) * bu)
 
 
 @triton.jit
@@ -39,45 +77,18 @@ def _bitmask_matvec_kernel(
 ):
     """One program computes BM rows of y = M v for one image, all K vectors at once: row p = program_id(1)
     of v and y belongs to image b = idx[p] of the mask, so a subset of the batch (Lanczos restarts) runs
-    without gathering its masks.
-
-    It walks the n columns of the image in steps of BN: loads u = s * v for those columns (BN, KP),
-    expands the (BM, BN / 32) mask words to bits and adds the selected u into a (BM, BN, KP) fp64
-    accumulator; the column sums of u (for the eps term) build up the same way. Both are reduced over BN
-    once, after the loop, so the loop body has no cross-thread reduction. Row blocks entirely past n skip
-    the loop and store zeros."""
+    without gathering its masks. Row blocks entirely past n skip the column loop and store zeros."""
     pid = tl.program_id(0)
     p = tl.program_id(1)
     b = tl.load(idx_ptr + p)
     n = tl.load(len_ptr + b).to(tl.int32)
     rows = pid * BM + tl.arange(0, BM)
     kk = tl.arange(0, KP)
-    k_ok = kk[None, :] < K  # KP is K rounded up to a power of two
-    sh = tl.arange(0, 32)
-    wi = tl.arange(0, BN // 32)
-    row_ok = rows < n  # padding rows (and rows past N_max in the last block) are not graph nodes
-    mrow = mask_ptr + (b * N_max + rows[:, None]).to(tl.int64) * W
-    acc = tl.zeros((BM, BN, KP), dtype=tl.float64)
-    tot = tl.zeros((BN, KP), dtype=tl.float64)
-    n_cols = tl.where(pid * BM < n, n, 0)
-    for c0 in range(0, n_cols, BN):
-        cols = c0 + tl.arange(0, BN)
-        col_ok = cols < n  # last column step; v may hold anything beyond n
-        s_c = tl.load(s_ptr + b * N_max + cols, mask=col_ok, other=0.0)
-        u = tl.load(v_ptr + p * stride_vb + cols[:, None] * stride_vn + kk[None, :] * stride_vk,
-                    mask=col_ok[:, None] & k_ok, other=0.0).to(tl.float64) * s_c[:, None]
-        tot += u
-        # words past W do not exist (the last step may overhang the row); their columns are >= n anyway
-        words = tl.load(mrow + c0 // 32 + wi[None, :], mask=row_ok[:, None] & (c0 // 32 + wi[None, :] < W),
-                        other=0)
-        bits = tl.reshape((words[:, :, None] >> sh[None, None, :]) & 1, (BM, BN))
-        acc += tl.where(bits[:, :, None] != 0, u[None, :, :], 0.0)
-    bu = tl.sum(acc, axis=1)
-    s_r = tl.load(s_ptr + b * N_max + rows, mask=row_ok, other=0.0)
     eps = tl.load(eps_ptr)  # fp64 from memory: a Python float argument would be rounded to fp32
-    y = s_r[:, None] * (eps * tl.sum(tot, axis=0)[None, :] + (1.0 - eps) * bu)
+    y = _matvec_rows(mask_ptr, s_ptr, eps, b, n, N_max, W, rows, v_ptr + p * stride_vb, stride_vn, stride_vk,
+                     K, tl.where(pid * BM < n, n, 0), BM, BN, KP)
     tl.store(y_ptr + p * stride_yb + rows[:, None] * stride_yn + kk[None, :] * stride_yk, y,
-             mask=(rows[:, None] < N_max) & k_ok)
+             mask=(rows[:, None] < N_max) & (kk[None, :] < K))
 
 
 @triton.jit
@@ -172,6 +183,134 @@ def _bitmask_matvec_i8_kernel(
     y = s_r[:, None] * (eps * tot[None, :] + (1.0 - eps) * (bu * scale[None, :]))
     tl.store(y_ptr + p * stride_yb + rows[:, None] * stride_yn + kk[None, :] * stride_yk, y,
              mask=(rows[:, None] < N_max) & (kk[None, :] < K))
+
+
+@triton.jit
+def _lanczos_step_body(
+    p, n, basis_ptr, w_ptr, alpha_ptr, beta_ptr, live_ptr, klen_ptr, cap_ptr, done_ptr, stalled_ptr, step_ptr,
+    N_max, M, stride_bb, stride_br,
+    BREAKDOWN: tl.constexpr, KB: tl.constexpr, BN: tl.constexpr,
+):
+    """Lanczos step j = step[p] of problem p after w = M q (q = basis row j + 1), as ``_lanczos._torch_step``:
+    w is projected off basis rows 0..j + 1 by classical Gram-Schmidt twice, alpha = q.w, beta = ||w||; a
+    breakdown (beta <= BREAKDOWN) stalls the problem, a full deflated space (klen = cap) finishes it;
+    otherwise w / beta becomes basis row j + 2. A done or stalled problem leaves slot j dead.
+
+    Three sweeps over the basis (the step's dominant memory traffic) instead of the four of two separate
+    passes: (1) h = V w, whose entry j + 1 is alpha; (2) w -= V^T h, and in the same sweep, on the same
+    tiles, h2 = V w of the updated chunk; (3) w -= V^T h2 and ||w||^2. Then w / beta is written (w only).
+    Each sweep walks the n columns BN at a time with the (KB, BN) basis tile; w lives in global memory
+    between sweeps (a barrier orders one sweep's stores before the next one's loads)."""
+    j = tl.load(step_ptr + p)
+    act = (tl.load(done_ptr + p) == 0) & (tl.load(stalled_ptr + p) == 0)
+    if act:
+        bp = basis_ptr + p.to(tl.int64) * stride_bb
+        wp = w_ptr + p.to(tl.int64) * N_max
+        kr = tl.arange(0, KB)
+        rows_ok = kr[:, None] < j + 2  # basis rows 0 (y0) .. j + 1 (q); the rest are not loaded
+        h = tl.zeros((KB,), dtype=tl.float64)
+        for c0 in range(0, n, BN):
+            cols = c0 + tl.arange(0, BN)
+            ok = cols < n
+            v = tl.load(bp + kr[:, None] * stride_br + cols[None, :], mask=rows_ok & ok[None, :], other=0.0)
+            h += tl.sum(v * tl.load(wp + cols, mask=ok, other=0.0)[None, :], axis=1)
+        a = tl.sum(tl.where(kr == j + 1, h, 0.0), axis=0)
+        h2 = tl.zeros((KB,), dtype=tl.float64)
+        for c0 in range(0, n, BN):
+            cols = c0 + tl.arange(0, BN)
+            ok = cols < n
+            v = tl.load(bp + kr[:, None] * stride_br + cols[None, :], mask=rows_ok & ok[None, :], other=0.0)
+            w = tl.load(wp + cols, mask=ok, other=0.0) - tl.sum(v * h[:, None], axis=0)
+            tl.store(wp + cols, w, mask=ok)
+            h2 += tl.sum(v * w[None, :], axis=1)
+        tl.debug_barrier()
+        part = tl.zeros((BN,), dtype=tl.float64)
+        for c0 in range(0, n, BN):
+            cols = c0 + tl.arange(0, BN)
+            ok = cols < n
+            v = tl.load(bp + kr[:, None] * stride_br + cols[None, :], mask=rows_ok & ok[None, :], other=0.0)
+            w = tl.load(wp + cols, mask=ok, other=0.0) - tl.sum(v * h2[:, None], axis=0)
+            tl.store(wp + cols, w, mask=ok)
+            part += w * w
+        tl.debug_barrier()
+        bj = tl.sqrt(tl.sum(part, axis=0))
+        klen = tl.load(klen_ptr + p) + 1
+        fresh = bj > BREAKDOWN
+        full = klen >= tl.load(cap_ptr + p)
+        tl.store(klen_ptr + p, klen)
+        tl.store(done_ptr + p, full.to(tl.int8))
+        tl.store(stalled_ptr + p, (bj <= BREAKDOWN).to(tl.int8))
+        tl.store(alpha_ptr + p * M + j, a)
+        tl.store(beta_ptr + p * M + j, tl.where(fresh, bj, 0.0))
+        tl.store(live_ptr + p * M + j, tl.full((), 1, tl.int8))
+        inv = tl.where(fresh & (full == 0), 1.0 / tl.maximum(bj, 1e-300), 0.0)
+        for c0 in range(0, n, BN):
+            cols = c0 + tl.arange(0, BN)
+            ok = cols < n
+            tl.store(bp + (j + 2) * stride_br + cols, tl.load(wp + cols, mask=ok, other=0.0) * inv, mask=ok)
+    tl.store(step_ptr + p, j + 1)
+
+
+@triton.jit
+def _lanczos_matvec_kernel(
+    mask_ptr, s_ptr, len_ptr, eps_ptr, idx_ptr, basis_ptr, w_ptr, done_ptr, stalled_ptr, step_ptr,
+    N_max, W, stride_bb, stride_br,
+    BM: tl.constexpr, BN: tl.constexpr,
+):
+    """w = M q for Lanczos step j = step[p] of problem p = program_id(1) (image idx[p]; q = basis row
+    j + 1), BM rows per program; done or stalled problems skip the column loop (their w is not read)."""
+    pid = tl.program_id(0)
+    p = tl.program_id(1)
+    b = tl.load(idx_ptr + p)
+    n = tl.load(len_ptr + b).to(tl.int32)
+    j = tl.load(step_ptr + p)
+    act = (tl.load(done_ptr + p) == 0) & (tl.load(stalled_ptr + p) == 0)
+    rows = pid * BM + tl.arange(0, BM)
+    eps = tl.load(eps_ptr)
+    q = basis_ptr + p.to(tl.int64) * stride_bb + (j + 1) * stride_br
+    y = _matvec_rows(mask_ptr, s_ptr, eps, b, n, N_max, W, rows, q, 1, 0, 1, tl.where(act & (pid * BM < n), n, 0),
+                     BM, BN, 1)
+    tl.store(w_ptr + p.to(tl.int64) * N_max + rows[:, None], y, mask=rows[:, None] < N_max)
+
+
+@triton.jit
+def _lanczos_step_kernel(
+    len_ptr, idx_ptr, basis_ptr, w_ptr, alpha_ptr, beta_ptr, live_ptr, klen_ptr, cap_ptr, done_ptr, stalled_ptr,
+    step_ptr, N_max, M, stride_bb, stride_br,
+    BREAKDOWN: tl.constexpr, KB: tl.constexpr, BN: tl.constexpr,
+):
+    """The rest of the step after ``_lanczos_matvec_kernel``: one program per problem (see the body)."""
+    p = tl.program_id(0)
+    n = tl.load(len_ptr + tl.load(idx_ptr + p)).to(tl.int32)
+    _lanczos_step_body(p, n, basis_ptr, w_ptr, alpha_ptr, beta_ptr, live_ptr, klen_ptr, cap_ptr, done_ptr,
+                       stalled_ptr, step_ptr, N_max, M, stride_bb, stride_br, BREAKDOWN, KB, BN)
+
+
+@triton.jit
+def _lanczos_persistent_kernel(
+    mask_ptr, s_ptr, len_ptr, eps_ptr, idx_ptr, basis_ptr, w_ptr, alpha_ptr, beta_ptr, live_ptr, klen_ptr,
+    cap_ptr, done_ptr, stalled_ptr, step_ptr, N_max, W, M, stride_bb, stride_br, n_steps,
+    BREAKDOWN: tl.constexpr, KB: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BS: tl.constexpr,
+):
+    """``n_steps`` whole Lanczos steps of problem p = program_id(0) in one program: the mat-vec BM rows at
+    a time into w, a barrier, the step body, a barrier; no other launch or host round trip in between."""
+    p = tl.program_id(0)
+    b = tl.load(idx_ptr + p)
+    n = tl.load(len_ptr + b).to(tl.int32)
+    eps = tl.load(eps_ptr)
+    for _ in range(0, n_steps):
+        j = tl.load(step_ptr + p)
+        act = (tl.load(done_ptr + p) == 0) & (tl.load(stalled_ptr + p) == 0)
+        if act:
+            q = basis_ptr + p.to(tl.int64) * stride_bb + (j + 1) * stride_br
+            for r0 in range(0, n, BM):
+                rows = r0 + tl.arange(0, BM)
+                y = _matvec_rows(mask_ptr, s_ptr, eps, b, n, N_max, W, rows, q, 1, 0, 1, n, BM, BN, 1)
+                tl.store(w_ptr + p.to(tl.int64) * N_max + rows[:, None], y, mask=rows[:, None] < N_max)
+            tl.debug_barrier()
+        _lanczos_step_body(p, n, basis_ptr, w_ptr, alpha_ptr, beta_ptr, live_ptr, klen_ptr, cap_ptr, done_ptr,
+                           stalled_ptr, step_ptr, N_max, M, stride_bb, stride_br, BREAKDOWN, KB, BS)
+        tl.debug_barrier()
 
 
 def degrees_from_counts(counts: torch.Tensor, lengths: torch.Tensor, eps: float) -> torch.Tensor:
@@ -289,3 +428,90 @@ class BitmaskOperator:
         image ``idx[p]`` (default: all B images in order)."""
         idx32 = self._all if idx is None else idx.to(dtype=torch.int32)
         return _launch(self.mask, self._lens, self.s, self._eps, idx32, v)
+
+
+class FusedSteps:
+    """Lanczos steps in Triton launches: the ``steps`` hook of ``ncutfast._lanczos.lanczos_fiedler``.
+
+    ``mode`` (launch setting "lanczos" ``solve``):
+    - "steps": two launches per step, ``_lanczos_matvec_kernel`` (many programs per problem) and
+      ``_lanczos_step_kernel`` (reorthogonalization + bookkeeping, one program per problem);
+    - "graph": the same launches, captured once per cycle as a CUDA graph of ``check_every`` steps and
+      replayed between convergence checks (CUDA only; the first chunk runs eagerly, compiling the kernels);
+    - "persistent": one launch per chunk of steps, ``_lanczos_persistent_kernel`` (one program per problem).
+    The step counter lives on the device (one int32 per problem), so every launch of a chunk is identical.
+    """
+
+    MODES = ("steps", "graph", "persistent")
+
+    def __init__(self, op: BitmaskOperator, mode: str) -> None:
+        if mode not in self.MODES:
+            raise ValueError(f"mode: expected one of {self.MODES}, got {mode!r}")
+        if mode == "graph" and op.mask.device.type != "cuda":
+            mode = "steps"  # CUDA graphs need CUDA; the interpreter runs the same launches eagerly
+        self.op, self.mode = op, mode
+        self._st = None
+        self._graph = None
+
+    def begin(self, state) -> None:
+        """Start a cycle on ``state`` (an ``ncutfast._lanczos.CycleState``): scratch and step counter."""
+        b, _, n = state.basis.shape
+        if n != self.op.mask.shape[1] or not state.basis.is_contiguous():
+            raise ValueError(f"state.basis: expected a contiguous (b, m + 2, {self.op.mask.shape[1]}) tensor, "
+                             f"got {tuple(state.basis.shape)}")
+        dev = state.basis.device
+        self._st = state
+        self._w = torch.empty(b, n, dtype=torch.float64, device=dev)
+        self._step = torch.zeros(b, dtype=torch.int32, device=dev)
+        self._idx = state.idx.to(dtype=torch.int32)
+        self._flags = (state.live.view(torch.int8), state.done.view(torch.int8), state.stalled.view(torch.int8))
+        self._graph, self._graph_len, self._warm = None, 0, False
+
+    def run(self, j0: int, j1: int) -> None:
+        """Steps j0, ..., j1 - 1 of the cycle (the device counter is at j0), no host synchronization."""
+        count = j1 - j0
+        if count <= 0:
+            return
+        if self.mode == "persistent":
+            self._persistent(count)
+        elif self.mode == "graph" and self._warm:
+            if self._graph is None or self._graph_len != count:
+                self._graph, self._graph_len = torch.cuda.CUDAGraph(), count
+                with torch.cuda.graph(self._graph):
+                    for _ in range(count):
+                        self._one_step()
+            self._graph.replay()
+        else:
+            for _ in range(count):
+                self._one_step()
+            self._warm = True
+
+    def _one_step(self) -> None:
+        st, op = self._st, self.op
+        b, rows, n = st.basis.shape
+        live, done, stalled = self._flags
+        cfg = block_sizes("lanczos")
+        grid = (triton.cdiv(n, cfg["BM"]), b)
+        _lanczos_matvec_kernel[grid](
+            op.mask, op.s, op._lens, op._eps, self._idx, st.basis, self._w, done, stalled, self._step,
+            n, op.mask.shape[2], st.basis.stride(0), st.basis.stride(1),
+            BM=cfg["BM"], BN=cfg["BN"], num_warps=cfg["num_warps"],
+        )
+        _lanczos_step_kernel[(b,)](
+            op._lens, self._idx, st.basis, self._w, st.alpha, st.beta, live, st.klen, st.cap, done, stalled,
+            self._step, n, st.alpha.shape[1], st.basis.stride(0), st.basis.stride(1),
+            BREAKDOWN=_BREAKDOWN, KB=triton.next_power_of_2(rows), BN=cfg["BS"], num_warps=cfg["num_warps"],
+        )
+
+    def _persistent(self, count: int) -> None:
+        st, op = self._st, self.op
+        b, rows, n = st.basis.shape
+        live, done, stalled = self._flags
+        cfg = block_sizes("lanczos")
+        _lanczos_persistent_kernel[(b,)](
+            op.mask, op.s, op._lens, op._eps, self._idx, st.basis, self._w, st.alpha, st.beta, live, st.klen,
+            st.cap, done, stalled, self._step, n, op.mask.shape[2], st.alpha.shape[1], st.basis.stride(0),
+            st.basis.stride(1), count,
+            BREAKDOWN=_BREAKDOWN, KB=triton.next_power_of_2(rows), BM=cfg["BM"], BN=cfg["BN"], BS=cfg["BS"],
+            num_warps=cfg["num_warps"],
+        )
