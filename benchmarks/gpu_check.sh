@@ -69,17 +69,17 @@ assert _ext.HAS_CUDA_EXT and _ext.cuda_device_available(), 'ncutfast._C has no u
 "
 
 # 3. GPU tests (NCUTFAST_REQUIRE_EXT: a missing extension fails instead of skipping).
-run_step "pytest (GPU tests)" 210 "$OUT/pytest.log" env NCUTFAST_REQUIRE_EXT=1 "$PY" -m pytest -q -rfEs \
+run_step "pytest (GPU tests)" 180 "$OUT/pytest.log" env NCUTFAST_REQUIRE_EXT=1 "$PY" -m pytest -q -rfEs \
   -p no:cacheprovider tests/test_cuda_ext.py tests/test_gpu.py tests/test_triton_affinity.py \
   tests/test_triton_lanczos.py tests/test_triton_compile.py tests/test_solver.py tests/test_api.py
 TEST_LINE="$(grep -E '^(=+ )?[0-9]+ (passed|failed|error)' "$OUT/pytest.log" | tail -n 1 | sed 's/=//g')"
 TEST_LINE="${TEST_LINE:-no pytest summary line (see pytest.log)}"
 
 # 4. GPU benchmarks.
-run_step "bench_triton" 100 "$OUT/bench_triton.log" "$PY" benchmarks/bench_triton.py --csv "$OUT/bench_triton.csv"
+run_step "bench_triton" 150 "$OUT/bench_triton.log" "$PY" benchmarks/bench_triton.py --csv "$OUT/bench_triton.csv"
 HARNESS_TMP="$(mktemp -d)"
 if "$PY" -c "import ncutfast.bench.cli" >/dev/null 2>&1; then
-  run_step "ncutfast.bench --device cuda --quick" 100 "$OUT/bench_harness.log" \
+  run_step "ncutfast.bench --device cuda --quick" 90 "$OUT/bench_harness.log" \
     "$PY" -m ncutfast.bench --device cuda --quick --no-plots --out "$HARNESS_TMP"
   find "$HARNESS_TMP" -name '*.md' -exec cat {} + > "$OUT/bench_harness.md" 2>/dev/null
   [ -s "$OUT/bench_harness.md" ] || rm -f "$OUT/bench_harness.md"

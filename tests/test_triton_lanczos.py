@@ -147,6 +147,7 @@ def test_fused_steps_match_torch_steps(mode):
             for name in ("live", "klen", "done", "stalled"):
                 assert torch.equal(getattr(ours, name), getattr(want, name)), (name, j1)
     assert want.stalled[2] and want.done[:2].all() and not want.done[3:].any()  # every branch was taken
+    assert fused.mode == mode and (mode != "graph" or fused._graph is not None)
     assert int(want.klen[0]) == 1 and int(want.klen[1]) == 5
     for name in ("alpha", "beta", "basis"):
         torch.testing.assert_close(getattr(ours, name), getattr(want, name), rtol=0, atol=1e-12)
@@ -169,6 +170,35 @@ def test_solve_modes_agree(mode):
     align = (got.y * want.y).sum(-1).abs()
     gap = want.theta1 - want.theta2
     assert bool((align[gap > 1e-6] > 1 - 1e-9).all()), align
+
+
+def test_graph_capture_failure_falls_back_to_launches(monkeypatch):
+    # If a CUDA graph cannot be captured, "graph" warns and launches the same kernels one by one, with the
+    # cycle's state untouched by the failed capture (captured launches do not run). Simulated: the capture
+    # raises before anything runs, as torch does when the stream cannot be captured.
+    from ncutfast import _lanczos
+
+    class FailingCapture:
+        def __init__(self, graph):
+            pass
+
+        def __enter__(self):
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+        def __exit__(self, *exc):
+            return False
+
+    op, y0, lengths = _cycle_problems()
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: None)
+    monkeypatch.setattr(torch.cuda, "graph", FailingCapture)
+    want = _lanczos.lanczos_fiedler(op, y0, lengths, tol=1e-10, max_iter=40)
+    fused = FusedSteps(op, "steps")
+    fused.mode = "graph"  # as on a CUDA device (on CPU tensors the constructor picks "steps" itself)
+    with pytest.warns(RuntimeWarning, match="CUDA graph capture"):
+        got = _lanczos.lanczos_fiedler(op, y0, lengths, tol=1e-10, max_iter=40, steps=fused)
+    assert fused.mode == "steps"
+    assert torch.equal(got.iterations, want.iterations)
+    torch.testing.assert_close(got.theta1, want.theta1, rtol=0, atol=1e-12)
 
 
 def test_fused_steps_bad_mode_and_state():

@@ -20,6 +20,8 @@ Either way a Lanczos step reads N^2 / 8 bytes of mask per image instead of an N 
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import triton
 import triton.language as tl
@@ -475,16 +477,32 @@ class FusedSteps:
         if self.mode == "persistent":
             self._persistent(count)
         elif self.mode == "graph" and self._warm:
-            if self._graph is None or self._graph_len != count:
-                self._graph, self._graph_len = torch.cuda.CUDAGraph(), count
-                with torch.cuda.graph(self._graph):
-                    for _ in range(count):
-                        self._one_step()
+            if (self._graph is None or self._graph_len != count) and not self._capture(count):
+                self.run(j0, j1)  # now mode "steps"
+                return
             self._graph.replay()
         else:
             for _ in range(count):
                 self._one_step()
             self._warm = True
+
+    def _capture(self, count: int) -> bool:
+        """Capture ``count`` steps as a CUDA graph (nothing runs). If capture fails (a driver or a Triton
+        version that cannot capture these launches), warn once and fall back to mode "steps": the state is
+        untouched, since captured launches do not execute."""
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                for _ in range(count):
+                    self._one_step()
+        except RuntimeError as err:
+            warnings.warn(f"ncutfast: CUDA graph capture of the Lanczos steps failed ({err}); launching them one "
+                          "by one instead (launch setting lanczos.solve='steps' avoids the attempt)",
+                          RuntimeWarning, stacklevel=3)
+            self.mode, self._graph = "steps", None
+            return False
+        self._graph, self._graph_len = graph, count
+        return True
 
     def _one_step(self) -> None:
         st, op = self._st, self.op
