@@ -188,6 +188,27 @@ def _bitmask_matvec_i8_kernel(
 
 
 @triton.jit
+def _cgs_sweep(bp, wp, n, h, rows_ok, stride_br, KB: tl.constexpr, BN: tl.constexpr):
+    """One sweep of a Gram-Schmidt pass: w -= V^T h over the n columns, BN at a time (V = basis rows
+    ``rows_ok`` at ``bp``, w at ``wp``). Returns V w and ||w||^2 of the updated w, accumulated on the tiles
+    already loaded (the kernel is memory bound: the extra multiply-adds are free). Ends with a barrier so
+    that the next sweep sees every store."""
+    kr = tl.arange(0, KB)
+    h_next = tl.zeros((KB,), dtype=tl.float64)
+    part = tl.zeros((BN,), dtype=tl.float64)
+    for c0 in range(0, n, BN):
+        cols = c0 + tl.arange(0, BN)
+        ok = cols < n
+        v = tl.load(bp + kr[:, None] * stride_br + cols[None, :], mask=rows_ok & ok[None, :], other=0.0)
+        w = tl.load(wp + cols, mask=ok, other=0.0) - tl.sum(v * h[:, None], axis=0)
+        tl.store(wp + cols, w, mask=ok)
+        h_next += tl.sum(v * w[None, :], axis=1)
+        part += w * w
+    tl.debug_barrier()
+    return h_next, tl.sum(part, axis=0)
+
+
+@triton.jit
 def _lanczos_step_body(
     p, n, basis_ptr, w_ptr, alpha_ptr, beta_ptr, live_ptr, klen_ptr, cap_ptr, done_ptr, stalled_ptr, step_ptr,
     N_max, M, stride_bb, stride_br,
@@ -217,25 +238,9 @@ def _lanczos_step_body(
             v = tl.load(bp + kr[:, None] * stride_br + cols[None, :], mask=rows_ok & ok[None, :], other=0.0)
             h += tl.sum(v * tl.load(wp + cols, mask=ok, other=0.0)[None, :], axis=1)
         a = tl.sum(tl.where(kr == j + 1, h, 0.0), axis=0)
-        h2 = tl.zeros((KB,), dtype=tl.float64)
-        for c0 in range(0, n, BN):
-            cols = c0 + tl.arange(0, BN)
-            ok = cols < n
-            v = tl.load(bp + kr[:, None] * stride_br + cols[None, :], mask=rows_ok & ok[None, :], other=0.0)
-            w = tl.load(wp + cols, mask=ok, other=0.0) - tl.sum(v * h[:, None], axis=0)
-            tl.store(wp + cols, w, mask=ok)
-            h2 += tl.sum(v * w[None, :], axis=1)
-        tl.debug_barrier()
-        part = tl.zeros((BN,), dtype=tl.float64)
-        for c0 in range(0, n, BN):
-            cols = c0 + tl.arange(0, BN)
-            ok = cols < n
-            v = tl.load(bp + kr[:, None] * stride_br + cols[None, :], mask=rows_ok & ok[None, :], other=0.0)
-            w = tl.load(wp + cols, mask=ok, other=0.0) - tl.sum(v * h2[:, None], axis=0)
-            tl.store(wp + cols, w, mask=ok)
-            part += w * w
-        tl.debug_barrier()
-        bj = tl.sqrt(tl.sum(part, axis=0))
+        h2, _ = _cgs_sweep(bp, wp, n, h, rows_ok, stride_br, KB, BN)
+        _, ww = _cgs_sweep(bp, wp, n, h2, rows_ok, stride_br, KB, BN)
+        bj = tl.sqrt(ww)
         klen = tl.load(klen_ptr + p) + 1
         fresh = bj > BREAKDOWN
         full = klen >= tl.load(cap_ptr + p)
