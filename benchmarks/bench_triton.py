@@ -13,6 +13,9 @@ padded batch of planted-object scenes (ncutfast.testing):
 
 and at precision "fast" (else the first one) also
 
+- ``step-matvec`` / ``step-reorth`` / ``step``: one fused Lanczos step (kernels/lanczos.py, FusedSteps) at
+  step 16 for the whole batch: its mat-vec launch, its reorthogonalization + bookkeeping launch, both;
+
 - ``matvec`` / ``matvec-int8``: one application of the bitmask operator D^-1/2 W D^-1/2 to the whole
   batch, fp64 FMA kernel / int8 tensor-core kernel (kernels/lanczos.py);
 - ``ncut-<mode>``: the whole solve with the Lanczos steps run another way (launch setting "lanczos"
@@ -68,6 +71,10 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+# Lanczos step at which one fused step is timed: the benchmark's scenes converge in 12-24 steps.
+_STEP_AT = 16
+
+
 def _fmt(x: float, scale: float, spec: str) -> str:
     """x / scale formatted with spec; empty for NaN (a count that does not apply to the row)."""
     return "" if x != x else format(x / scale, spec)
@@ -102,6 +109,47 @@ def _solve_note(spec, b: int) -> str:
     it = spec.iterations.double()
     return (f"Lanczos steps median {it.median().item():.0f} max {it.max().item():.0f}; "
             f"converged {int(spec.converged.sum())}/{b}")
+
+
+def _fused_step_rows(args: argparse.Namespace, timed, op, lengths, n: int, precision: str) -> list[tuple]:
+    """One fused Lanczos step at step j = ``_STEP_AT`` (its basis has j + 2 rows), whole batch: the
+    mat-vec launch alone, the reorthogonalization + bookkeeping launch alone, and both (FusedSteps).
+
+    Counts per image: mat-vec as ``matvec``; step: 3 sweeps over the (j + 2, n) fp64 basis (24 (j + 2) n
+    bytes) plus w (7 passes of 8 n bytes), FLOPs 2 (j + 2) n for the first sweep and 4 (j + 2) n for each
+    of the two update sweeps (the update and the next coefficients)."""
+    import torch
+
+    from ncutfast import _lanczos
+    from ncutfast.kernels._utils import words_per_row
+    from ncutfast.kernels.lanczos import FusedSteps
+
+    b, j, w = lengths.shape[0], _STEP_AT, words_per_row(n)
+    sd = op.degrees.sqrt()
+    y0 = sd / sd.norm(dim=-1, keepdim=True)
+    idx = torch.arange(b, device=y0.device)
+    st = _lanczos.init_state(y0, lengths, _lanczos.start_vectors(lengths, n, 0, y0.device), idx, 48)
+    fused = FusedSteps(op, "steps")
+    fused.begin(st)
+    fused.run(0, j)
+
+    def again(*launches):
+        def fn():
+            fused.rewind(j)
+            for launch in launches:
+                launch()
+        return fn
+
+    mv_flop, mv_bytes = b * 2 * n * n, b * (4 * n * w + 24 * n)
+    st_flop, st_bytes = b * 10 * (j + 2) * n, b * (24 * (j + 2) * n + 56 * n)
+    t_mv = timed(again(fused.launch_matvec))
+    t_st = timed(again(fused.launch_step))
+    t_both = timed(again(fused.launch_matvec, fused.launch_step))
+    nan = float("nan")
+    note = f"fused step at j={j}, whole batch"
+    return [(n, precision, "step-matvec", t_mv, nan, mv_flop, mv_bytes, note + "; mat-vec launch"),
+            (n, precision, "step-reorth", t_st, nan, st_flop, st_bytes, note + "; CGS2 + bookkeeping launch"),
+            (n, precision, "step", t_both, nan, mv_flop + st_flop, mv_bytes + st_bytes, note + "; both launches")]
 
 
 def _measure(args: argparse.Namespace, device, n: int) -> list[tuple]:
@@ -165,6 +213,7 @@ def _measure(args: argparse.Namespace, device, n: int) -> list[tuple]:
             t_mv8 = timed(lambda op=op, v=v: op(v))
         rows += [(n, precision, "matvec", t_mv, nan, mv_flop, mv_bytes, "fp64 FMA; one step, whole batch"),
                  (n, precision, "matvec-int8", t_mv8, nan, mv_flop, mv_bytes, "int8 tensor cores; one step")]
+        rows += _fused_step_rows(args, timed, op, lengths, n, precision)
         # How the Lanczos steps run between convergence checks (issue 4: CUDA graph vs persistent kernel),
         # plus the op-by-op driver with either mat-vec, on the same batch.
         for mode in args.modes:
@@ -177,6 +226,8 @@ def _measure(args: argparse.Namespace, device, n: int) -> list[tuple]:
                 label = f"ncut-{mode}" + ("-int8" if int8 else "")
                 what = {"graph": "2 launches/step replayed from a CUDA graph", "steps": "2 launches/step",
                         "persistent": "1 launch per check interval", "torch": "op by op, ~30 torch ops/step"}[mode]
+                if mode == "graph" and device.type != "cuda":
+                    what += " (run eagerly here: no CUDA)"
                 rows.append((n, precision, label, t, b / t, nan, nan, f"{what}{', int8 matvec' if int8 else ''}; "
                              + note))
     eb = min(args.eigh_batch, args.batch)

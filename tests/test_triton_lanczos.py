@@ -315,5 +315,6 @@ def test_benchmark_dry_run(tmp_path):
                            "--dry", "--csv", str(csv)], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "ncut-persistent" in proc.stdout and "torch.linalg.eigh" in proc.stdout
-    # header; float32: affinity, tf32x3, ncut; fast: affinity, ncut, 2 matvecs, 4 other solve modes; eigh
-    assert len(csv.read_text().splitlines()) == 1 + 3 + (2 + 2 + 4) + 1
+    # header; float32: affinity, tf32x3, ncut; fast: affinity, ncut, 2 matvecs, 3 fused-step rows, 4 other
+    # solve modes; eigh
+    assert len(csv.read_text().splitlines()) == 1 + 3 + (2 + 2 + 3 + 4) + 1

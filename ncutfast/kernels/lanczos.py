@@ -510,21 +510,39 @@ class FusedSteps:
         return True
 
     def _one_step(self) -> None:
+        self.launch_matvec()
+        self.launch_step()
+
+    def launch_matvec(self) -> None:
+        """First launch of a step: w = M q for every problem (the benchmark also times it alone)."""
         st, op = self._st, self.op
-        b, rows, n = st.basis.shape
-        live, done, stalled = self._flags
+        b, _, n = st.basis.shape
+        _, done, stalled = self._flags
         cfg = block_sizes("lanczos")
-        grid = (triton.cdiv(n, cfg["BM"]), b)
-        _lanczos_matvec_kernel[grid](
+        _lanczos_matvec_kernel[(triton.cdiv(n, cfg["BM"]), b)](
             op.mask, op.s, op._lens, op._eps, self._idx, st.basis, self._w, done, stalled, self._step,
             n, op.mask.shape[2], st.basis.stride(0), st.basis.stride(1),
             BM=cfg["BM"], BN=cfg["BN"], num_warps=cfg["num_warps"],
         )
+
+    def launch_step(self) -> None:
+        """Second launch of a step: reorthogonalization and bookkeeping, one program per problem."""
+        st, op = self._st, self.op
+        b, rows, n = st.basis.shape
+        live, done, stalled = self._flags
+        cfg = block_sizes("lanczos")
         _lanczos_step_kernel[(b,)](
             op._lens, self._idx, st.basis, self._w, st.alpha, st.beta, live, st.klen, st.cap, done, stalled,
             self._step, n, st.alpha.shape[1], st.basis.stride(0), st.basis.stride(1),
             BREAKDOWN=_BREAKDOWN, KB=triton.next_power_of_2(rows), BN=cfg["BS"], num_warps=cfg["num_warps"],
         )
+
+    def rewind(self, j: int) -> None:
+        """Put every problem back at step j, iterating (benchmarks repeat one step with it)."""
+        self._step.fill_(j)
+        self._st.klen.fill_(j)
+        self._st.done.zero_()
+        self._st.stalled.zero_()
 
     def _persistent(self, count: int) -> None:
         st, op = self._st, self.op
