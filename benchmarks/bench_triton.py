@@ -19,8 +19,8 @@ and at precision "fast" (else the first one) also
 - ``matvec`` / ``matvec-int8``: one application of the bitmask operator D^-1/2 W D^-1/2 to the whole
   batch, fp64 FMA kernel / int8 tensor-core kernel (kernels/lanczos.py);
 - ``ncut-<mode>``: the whole solve with the Lanczos steps run another way (launch setting "lanczos"
-  ``solve``, ``--modes``): "graph" (fused launches replayed from a CUDA graph, the default), "steps" (the
-  same launches issued one by one), "persistent" (one launch per convergence-check interval), "torch"
+  ``solve``, ``--modes``): "steps" (two fused launches per step, the default), "graph" (the same launches
+  replayed from a CUDA graph), "persistent" (one launch per convergence-check interval), "torch"
   (the shared driver op by op, also with the int8 mat-vec as ``ncut-torch-int8``): the fastest one
   should become the default;
 

@@ -3,8 +3,8 @@
 Per padded batch: ``kernels.affinity.affinity_fwd`` builds the thresholded graph as a bitmask with row
 popcounts in one launch (never an N x N float matrix), degrees follow exactly from the popcounts, and the
 batched deflated Lanczos of ``ncutfast._lanczos`` runs on ``kernels.lanczos.BitmaskOperator``: its steps
-between two convergence checks are fused (``kernels.lanczos.FusedSteps``: two launches per step, replayed
-from a CUDA graph on a GPU, or one persistent launch per chunk; launch setting "lanczos" ``solve``), and
+between two convergence checks are fused (``kernels.lanczos.FusedSteps``: two launches per step, optionally
+replayed from a CUDA graph, or one persistent launch per chunk; launch setting "lanczos" ``solve``), and
 the host synchronizes only at the checks. Every problem of the batch shares each launch, whatever its
 length.
 

@@ -29,15 +29,17 @@ __all__ = ["interpreting", "block_sizes", "override", "popc32", "words_per_row"]
 # lanczos: how the Triton backend runs the Lanczos steps between convergence checks (kernels/lanczos.py,
 #          FusedSteps): solve = "torch" (op by op, the shared driver's torch step around the matvec
 #          kernel), "steps" (two fused launches per step), "graph" (those launches replayed from a CUDA
-#          graph), "persistent" (one launch per chunk of steps); BM, BN = mat-vec tile of the fused kernels,
-#          BS = columns per sweep of the reorthogonalization.
+#          graph, captured once per Lanczos cycle), "persistent" (one launch per chunk of steps). "steps" is
+#          the default until bench_triton.py has measured the others on a GPU. BM, BN = mat-vec tile of the
+#          fused kernels, BS = columns per sweep of the reorthogonalization (GPU values: no register spills
+#          on sm_90, checked by tests/test_triton_compile.py).
 _GPU = {
     "affinity": {"BT": 128, "BK": 32, "num_warps": 8, "num_stages": 3, "tf32x3": 0},
     "affinity_fast": {"BT": 128, "BK": 64, "num_warps": 8, "num_stages": 3, "tf32x3": 0},
     "normalize": {"BR": 16, "BC": 256, "num_warps": 4},
     "matvec": {"BM": 32, "BN": 128, "num_warps": 4, "int8": 0},
     "matvec_int8": {"BM": 128, "BN": 128, "BR": 256, "num_warps": 8},
-    "lanczos": {"solve": "graph", "BM": 32, "BN": 64, "BS": 32, "num_warps": 8},
+    "lanczos": {"solve": "steps", "BM": 32, "BN": 64, "BS": 32, "num_warps": 8},
 }
 _INTERP = {
     "affinity": {"BT": 64, "BK": 64, "num_warps": 4, "num_stages": 1, "tf32x3": 0},
