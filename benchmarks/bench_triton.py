@@ -24,7 +24,9 @@ and at precision "fast" (else the first one) also
   (the shared driver op by op, also with the int8 mat-vec as ``ncut-torch-int8``): the fastest one
   should become the default;
 
-and prints the FLOP and byte counts of each kernel beside the achieved TFLOP/s and GB/s. The baseline is
+and prints the FLOP and byte counts of each kernel beside the achieved TFLOP/s and GB/s, and on an H100 or
+H200 the fraction of the datasheet roofline it reaches ("% peak": the larger of FLOP/s over the peak of the
+kernel's math path and bytes/s over the HBM peak). The baseline is
 batched ``torch.linalg.eigh`` of M = D^-1/2 W D^-1/2 in float32 (graph build included; the harness's
 ``TorchEigh`` provider) on the same card, in the same run; at large N it is measured on ``--eigh-batch``
 images (its cost is per matrix) and reported as images/s. Without a CUDA device and without ``--dry`` it
@@ -69,6 +71,34 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--dry", action="store_true", help="tiny CPU run under TRITON_INTERPRET=1 (smoke test)")
     p.add_argument("--csv", default="", help="also write the rows to this CSV file")
     return p.parse_args(argv)
+
+
+# Datasheet peaks (dense) of the cards the GPU check runs on, for the "% peak" column: HBM bytes/s and the
+# FLOP/s of the math path each kernel uses. The first key found in the device name applies.
+_PEAKS = {
+    "H200": {"hbm": 4.8e12, "fp64": 34e12, "fp64_tc": 67e12, "fp32": 67e12, "tf32_tc": 494e12,
+             "fp16_tc": 989e12, "int8_tc": 1979e12},
+    "H100 PCIe": {"hbm": 2.0e12, "fp64": 26e12, "fp64_tc": 51e12, "fp32": 51e12, "tf32_tc": 378e12,
+                  "fp16_tc": 756e12, "int8_tc": 1513e12},
+    "H100": {"hbm": 3.35e12, "fp64": 34e12, "fp64_tc": 67e12, "fp32": 67e12, "tf32_tc": 494e12,
+             "fp16_tc": 989e12, "int8_tc": 1979e12},
+}
+# Math path of each kernel row (affinity by precision; 3xTF32 does three tf32 products per multiply-add).
+_PATH = {("affinity", "float32"): ("fp32", 1), ("affinity", "fast"): ("fp16_tc", 1),
+         ("affinity", "float64"): ("fp64_tc", 1), ("affinity-tf32x3", "float32"): ("tf32_tc", 3),
+         ("matvec-int8", None): ("int8_tc", 1)}
+
+
+def _percent_of_peak(card: str, kernel: str, precision: str, t: float, flop: float, nbytes: float) -> str:
+    """Achieved fraction of the roofline: max(FLOP/s / peak of the kernel's math path, bytes/s / HBM peak),
+    with the bound that gives it ("flop" or "hbm"); empty for an unknown card or a row without counts."""
+    peaks = next((v for k, v in _PEAKS.items() if k in card), None)
+    if peaks is None or flop != flop:
+        return ""
+    path, mult = _PATH.get((kernel, precision)) or _PATH.get((kernel, None)) or ("fp64", 1)
+    f = flop * mult / t / peaks[path]
+    m = nbytes / t / peaks["hbm"]
+    return f"{100 * max(f, m):.0f}% ({'flop' if f >= m else 'hbm'})"
 
 
 # Lanczos step at which one fused step is timed: the benchmark's scenes converge in 12-24 steps.
@@ -261,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
           f"batch {args.batch}, C={args.channels}, tau={args.tau}, tol={args.tol}")
 
     rows = []
-    header = ("N", "precision", "kernel", "ms", "images/s", "GFLOP", "TFLOP/s", "MB", "GB/s", "note")
+    header = ("N", "precision", "kernel", "ms", "images/s", "GFLOP", "TFLOP/s", "MB", "GB/s", "% peak", "note")
     for n in args.n:
         rows += _measure(args, device, n)
     print("| " + " | ".join(header) + " |")
@@ -269,7 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     lines = []
     for n, prec, kern, t, ips, flop, nbytes, note in rows:
         vals = (n, prec, kern, f"{t * 1e3:.3f}", _fmt(ips, 1, ",.0f"), _fmt(flop, 1e9, ".3f"),
-                _fmt(flop / t, 1e12, ".2f"), _fmt(nbytes, 1e6, ".1f"), _fmt(nbytes / t, 1e9, ".1f"), note)
+                _fmt(flop / t, 1e12, ".2f"), _fmt(nbytes, 1e6, ".1f"), _fmt(nbytes / t, 1e9, ".1f"),
+                _percent_of_peak(card, kern, prec, t, flop, nbytes), note)
         lines.append(vals)
         print("| " + " | ".join(str(x) for x in vals) + " |")
     for n in args.n:
