@@ -30,7 +30,7 @@ from typing import Protocol
 
 import torch
 
-__all__ = ["CycleState", "LanczosResult", "Steps", "init_state", "lanczos_fiedler", "start_vectors"]
+__all__ = ["CycleState", "LanczosResult", "Steps", "convergence_test", "init_state", "lanczos_fiedler", "start_vectors"]
 
 #: ``op(v, idx) -> M v`` for a ``(b, N)`` float64 block v of the problems ``idx`` (int64 ``(b,)``).
 Operator = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -94,34 +94,39 @@ def _ritz(alpha: torch.Tensor, beta: torch.Tensor, live: torch.Tensor, k: int):
     return torch.linalg.eigh(t)
 
 
-def _gap(evals: torch.Tensor, klen: torch.Tensor) -> torch.Tensor:
-    """min(1, theta1 - theta2): residual / gap bounds the Ritz vector's angle error."""
-    if evals.shape[1] < 2:
-        return torch.ones_like(evals[:, -1])
-    gap = (evals[:, -1] - evals[:, -2]).clamp(max=1.0)
-    return torch.where(klen >= 2, gap, torch.ones_like(gap))
+def convergence_test(theta: torch.Tensor, s_last: torch.Tensor, beta: torch.Tensor, live: torch.Tensor, k: int,
+                     tol: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The convergence test of a problem after k steps, from its top two Ritz pairs: ``(conv, klen)``.
+
+    theta: (b, 2) the largest two eigenvalues theta1 >= theta2 of T (k x k, dead slots parked; theta2 is
+    ignored when k < 2); s_last: (b, 2) |last live component| of their unit eigenvectors. The top pair must
+    have residual |beta_last s_last| <= tol * min(1, theta1 - theta2) / 2 (its vector is the answer); the
+    second pair, which only supplies lambda3, residual <= sqrt(tol) * min(1, theta1 - theta2) (its Ritz
+    value's error, about residual^2 / gap, is then below tol * gap). ``last`` is each problem's last live
+    slot; with fewer than two live slots the gap counts as 1.
+    """
+    lv = live[:, :k]
+    klen = lv.sum(1)
+    slots = torch.arange(k, device=beta.device)
+    last = torch.where(lv, slots, torch.full_like(slots, -1)).max(1).values.clamp_min(0)
+    b_last = beta.gather(1, last[:, None])[:, 0].abs()
+    gap = (theta[:, 0] - theta[:, 1]).clamp(max=1.0) if k >= 2 else torch.ones_like(theta[:, 0])
+    gap = torch.where(klen >= 2, gap, torch.ones_like(gap))
+    conv = b_last * s_last[:, 0] <= 0.5 * tol * gap
+    if k >= 2:
+        conv = conv & ((b_last * s_last[:, 1] <= tol**0.5 * gap) | (klen < 2))
+    return conv, klen
 
 
 def _converged(alpha, beta, live, k, tol):
-    """Ritz decomposition after k steps and the convergence test.
-
-    The top pair must have residual |beta_last s_last| <= tol * min(1, theta1 - theta2) / 2 (its vector is
-    the answer); the second pair, which only supplies lambda3, residual <= sqrt(tol) * min(1, theta1 - theta2)
-    (its Ritz value's error, about residual^2 / gap, is then below tol * gap). ``last`` is each problem's last
-    live slot.
-    """
+    """Ritz decomposition after k steps (``_ritz``) and ``convergence_test``: (evals, evecs, conv, klen)."""
     evals, evecs = _ritz(alpha, beta, live, k)
-    lv = live[:, :k]
-    klen = lv.sum(1)
     slots = torch.arange(k, device=alpha.device)
-    last = torch.where(lv, slots, torch.full_like(slots, -1)).max(1).values.clamp_min(0)
-    b_last = beta.gather(1, last[:, None])[:, 0].abs()
-    est1 = b_last * evecs[:, :, -1].gather(1, last[:, None])[:, 0].abs()
-    gap = _gap(evals, klen)
-    conv = est1 <= 0.5 * tol * gap
-    if k >= 2:
-        est2 = b_last * evecs[:, :, -2].gather(1, last[:, None])[:, 0].abs()
-        conv = conv & ((est2 <= tol**0.5 * gap) | (klen < 2))
+    last = torch.where(live[:, :k], slots, torch.full_like(slots, -1)).max(1).values.clamp_min(0)
+    top = evecs[:, :, -2:].flip(-1) if k >= 2 else evecs[:, :, -1:].expand(-1, -1, 2)
+    s_last = top.gather(1, last[:, None, None].expand(-1, 1, 2))[:, 0].abs()
+    theta = evals[:, -2:].flip(-1) if k >= 2 else evals[:, -1:].expand(-1, 2)
+    conv, klen = convergence_test(theta, s_last, beta, live, k, tol)
     return evals, evecs, conv, klen
 
 
@@ -205,12 +210,19 @@ class Steps(Protocol):
 
     ``begin(state)`` starts a cycle; ``run(j0, j1)`` performs steps j0, ..., j1 - 1 of it on the device,
     without host synchronization, with exactly the semantics of ``_torch_step`` for every problem (a
-    problem that is done or stalled leaves its slots dead).
+    problem that is done or stalled leaves its slots dead); ``converged(k, tol)`` is the test at the
+    checks in between.
     """
 
     def begin(self, state: CycleState) -> None: ...
 
     def run(self, j0: int, j1: int) -> None: ...
+
+    def converged(self, k: int, tol: float) -> torch.Tensor:
+        """(b,) bool: ``convergence_test`` after k steps, computed on the device without an eigensolver.
+        Used between steps only; the end of a cycle re-tests with ``_converged``, so an estimate that
+        errs costs steps or a restart, never a wrong answer."""
+        ...
 
 
 def _torch_step(op: Operator, st: CycleState, j: int, run: slice | torch.Tensor, sub: torch.Tensor) -> None:
@@ -269,6 +281,7 @@ def _cycle(op, y0, lengths, v0, idx, m, tol, check_every, salt, steps=None):
     st = init_state(y0, lengths, v0, idx, m)
     basis = st.basis
     revived = torch.zeros(b, dtype=torch.bool, device=device)
+    exhausted = torch.zeros(b, dtype=torch.bool, device=device)  # no fresh direction was left
     if steps is not None:
         steps.begin(st)
     # Problems still iterating (op-by-op steps only): all (a slice, no copies) until checks have frozen
@@ -284,7 +297,7 @@ def _cycle(op, y0, lengths, v0, idx, m, tol, check_every, salt, steps=None):
                 _torch_step(op, st, j, run, sub)
         else:
             steps.run(j0, k)
-        _, _, conv, _ = _converged(st.alpha, st.beta, st.live, k, tol)
+        conv = _converged(st.alpha, st.beta, st.live, k, tol)[2] if steps is None else steps.converged(k, tol)
         # A first breakdown is not trusted (the top eigenvalue may be repeated); after one fresh
         # continuation the Ritz values of all blocks together decide. Converged problems freeze.
         st.done |= conv & (~st.stalled | revived)
@@ -294,7 +307,8 @@ def _cycle(op, y0, lengths, v0, idx, m, tol, check_every, salt, steps=None):
             fresh = _project_out(start_vectors(lengths, n, salt * 1000 + k, device), basis[:, : k + 1])
             fn = fresh.norm(dim=-1)
             revive = st.stalled & (fn > 1e-8)
-            st.done |= st.stalled & ~revive
+            exhausted |= st.stalled & ~revive
+            st.done |= exhausted
             basis[:, k + 1] = torch.where(revive[:, None], fresh / fn.clamp_min(1e-300)[:, None], basis[:, k + 1])
             revived |= revive
             st.stalled.zero_()
@@ -303,8 +317,10 @@ def _cycle(op, y0, lengths, v0, idx, m, tol, check_every, salt, steps=None):
         running = torch.nonzero(~st.done).flatten()
         if steps is None and 2 * running.numel() <= (b if isinstance(run, slice) else run.numel()):
             run, sub = running, idx[running]
+    # The final test does not take ``done`` on trust: problems frozen by a check pass it again (their T has
+    # not changed since), and an estimate of ``steps.converged`` that was wrong shows up here.
     evals, evecs, conv, klen = _converged(st.alpha, st.beta, st.live, k, tol)
-    conv = (conv & (~st.stalled | revived)) | st.done
+    conv = (conv & (~st.stalled | revived)) | exhausted | (klen >= st.cap)
     y = torch.bmm(evecs[:, :, -1][:, None, :], basis[:, 1 : k + 1])[:, 0]
     y = y / y.norm(dim=-1, keepdim=True).clamp_min(1e-300)
     nan = torch.full_like(evals[:, -1], float("nan"))

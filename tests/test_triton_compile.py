@@ -32,6 +32,7 @@ def _variants() -> list[tuple[str, object, dict, dict, dict]]:
         _lanczos_persistent_kernel,
         _lanczos_step_kernel,
     )
+    from ncutfast.kernels.ritz import _ritz_top2_kernel
 
     tl_name = {"torch.float16": "fp16", "torch.float32": "fp32", "torch.float64": "fp64"}
     out = []
@@ -94,6 +95,12 @@ def _variants() -> list[tuple[str, object, dict, dict, dict]]:
            "BS": "constexpr"}
     out.append(("lanczos-persistent", _lanczos_persistent_kernel, sig,
                 {**body, "BM": lz["BM"], "BN": lz["BN"], "BS": lz["BS"]}, {"num_warps": lz["num_warps"]}))
+    rz = _utils.block_sizes("ritz")
+    sig = {"alpha_ptr": "*fp64", "beta_ptr": "*fp64", "live_ptr": "*i8", "tri_ptr": "*fp64", "out_ptr": "*fp64",
+           "M": "i32", "k": "i32", "KP": "constexpr", "S": "constexpr", "ROUNDS": "constexpr", "PARK": "constexpr",
+           "PIVMIN": "constexpr"}
+    consts = {"KP": 64, "S": rz["S"], "ROUNDS": rz["ROUNDS"], "PARK": -8.0, "PIVMIN": 1e-290}
+    out.append(("ritz-top2", _ritz_top2_kernel, sig, consts, {"num_warps": rz["num_warps"]}))
     return out
 
 
@@ -166,7 +173,7 @@ def test_affinity_uses_popc_and_tensor_cores(compiled):
 def test_fp64_kernels_do_not_spill(compiled):
     # fp64 tiles cost two registers per element: the GPU block sizes of the mat-vec and the fused Lanczos
     # kernels are chosen to stay in registers (ptxas of sm_90a, at the default launch settings).
-    for label in ("matvec-k1", "matvec-k4", "lanczos-matvec", "lanczos-step", "lanczos-persistent"):
+    for label in ("matvec-k1", "matvec-k4", "lanczos-matvec", "lanczos-step", "lanczos-persistent", "ritz-top2"):
         assert compiled[label]["spill_bytes"] == 0, compiled[label]
 
 

@@ -201,6 +201,71 @@ def test_graph_capture_failure_falls_back_to_launches(monkeypatch):
     torch.testing.assert_close(got.theta1, want.theta1, rtol=0, atol=1e-12)
 
 
+def _eigh_top2(alpha, beta, live, k):
+    """Reference for ritz_top2: the dense eigh of ncutfast._lanczos (theta1, theta2 and |last components|)."""
+    from ncutfast import _lanczos
+
+    evals, evecs = _lanczos._ritz(alpha, beta, live, k)
+    slots = torch.arange(k, device=alpha.device)
+    last = torch.where(live[:, :k], slots, torch.full_like(slots, -1)).max(1).values
+    top = evecs[:, :, -2:].flip(-1) if k >= 2 else evecs[:, :, -1:].expand(-1, -1, 2)
+    theta = evals[:, -2:].flip(-1) if k >= 2 else evals[:, -1:].expand(-1, 2)
+    return theta, top.gather(1, last[:, None, None].expand(-1, 1, 2))[:, 0].abs()
+
+
+def test_ritz_top2_matches_eigh():
+    # Random tridiagonals (sizes 1, 2, 3, 7, 17; k = m and k < m), with dead slots and a zero coupling in
+    # some rows: Ritz values to rounding; last components to 1e-6 where T is one block, and never below the
+    # true value where a breakdown split it (the test may then stop late, never early).
+    from ncutfast.kernels.ritz import ritz_top2
+
+    g = torch.Generator().manual_seed(90)
+    b, m = 6, 17
+    alpha = (torch.rand(b, m, dtype=torch.float64, generator=g) * 2 - 1).to(DEVICE)
+    beta = (torch.rand(b, m, dtype=torch.float64, generator=g) * 0.5 + 1e-3).to(DEVICE)
+    live = torch.ones(b, m, dtype=torch.bool, device=DEVICE)
+    live[1, 9:] = False  # stopped early (converged or stalled): a live prefix
+    live[2, 4] = False  # stalled at slot 3, revived at slot 5: a dead slot inside
+    beta[3, 6] = 0.0  # breakdown: two blocks
+    split = torch.tensor([False, False, True, True, False, False], device=DEVICE)
+    for k in (1, 2, 3, 7, 16, 17):
+        theta, s_last = ritz_top2(alpha, beta, live, k)
+        want_theta, want_s = _eigh_top2(alpha, beta, live, k)
+        used = 2 if k >= 2 else 1
+        torch.testing.assert_close(theta[:, :used], want_theta[:, :used], rtol=0, atol=1e-13)
+        one_block = ~split if k > 4 else torch.ones_like(split)
+        torch.testing.assert_close(s_last[one_block, :used], want_s[one_block, :used], rtol=1e-6, atol=1e-14)
+        low = s_last[:, :used] < want_s[:, :used] * (1 - 1e-6) - 1e-12
+        assert not bool(low.any()), (k, low)
+    with pytest.raises(ValueError, match="k="):
+        ritz_top2(alpha, beta, live, m + 1)
+
+
+def test_ritz_top2_on_lanczos_states():
+    # The matrices it is made for: after each chunk of a real cycle the device test must decide like the
+    # eigh-based one, and |s_last| be accurate down to the tiny values of converged pairs.
+    from ncutfast import _lanczos
+    from ncutfast.kernels.ritz import ritz_top2
+
+    op, y0, lengths = _cycle_problems()
+    b, m = y0.shape[0], 24
+    idx = torch.arange(b, device=DEVICE)
+    st = _lanczos.init_state(y0, lengths, _lanczos.start_vectors(lengths, y0.shape[1], 0, y0.device), idx, m)
+    fused = FusedSteps(op, "steps")
+    fused.begin(st)
+    for k in (4, 8, 16, 24):
+        fused.run(k - 4, k)
+        theta, s_last = ritz_top2(st.alpha, st.beta, st.live, k)
+        want_theta, want_s = _eigh_top2(st.alpha, st.beta, st.live, k)
+        torch.testing.assert_close(theta, want_theta, rtol=0, atol=1e-13)
+        ok = st.klen >= 2
+        torch.testing.assert_close(s_last[ok], want_s[ok], rtol=1e-6, atol=1e-16)
+        for tol in (1e-6, 1e-8, 1e-10):
+            got = _lanczos.convergence_test(theta, s_last, st.beta, st.live, k, tol)[0]
+            assert torch.equal(got, _lanczos._converged(st.alpha, st.beta, st.live, k, tol)[2]), (k, tol)
+    assert bool((want_s[:, 0] < 1e-9).any())  # converged pairs were among the cases
+
+
 def test_fused_steps_bad_mode_and_state():
     op, y0, lengths = _cycle_problems()
     with pytest.raises(ValueError, match="mode"):

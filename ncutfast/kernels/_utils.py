@@ -33,6 +33,8 @@ __all__ = ["interpreting", "block_sizes", "override", "popc32", "words_per_row"]
 #          the default until bench_triton.py has measured the others on a GPU. BM, BN = mat-vec tile of the
 #          fused kernels, BS = columns per sweep of the reorthogonalization (GPU values: no register spills
 #          on sm_90, checked by tests/test_triton_compile.py).
+# ritz: convergence test kernel (kernels/ritz.py): S shifts per eigenvalue and ROUNDS multisection rounds,
+#       (S + 1) ** ROUNDS >= 1e16 (the interpreter pays per op, not per element: few rounds, many shifts).
 _GPU = {
     "affinity": {"BT": 128, "BK": 32, "num_warps": 8, "num_stages": 3, "tf32x3": 0},
     "affinity_fast": {"BT": 128, "BK": 64, "num_warps": 8, "num_stages": 3, "tf32x3": 0},
@@ -40,6 +42,7 @@ _GPU = {
     "matvec": {"BM": 32, "BN": 128, "num_warps": 4, "int8": 0},
     "matvec_int8": {"BM": 128, "BN": 128, "BR": 256, "num_warps": 8},
     "lanczos": {"solve": "steps", "BM": 32, "BN": 64, "BS": 32, "num_warps": 8},
+    "ritz": {"S": 32, "ROUNDS": 11, "num_warps": 1},
 }
 _INTERP = {
     "affinity": {"BT": 64, "BK": 64, "num_warps": 4, "num_stages": 1, "tf32x3": 0},
@@ -48,6 +51,7 @@ _INTERP = {
     "matvec": {"BM": 128, "BN": 128, "num_warps": 4, "int8": 0},
     "matvec_int8": {"BM": 128, "BN": 128, "BR": 128, "num_warps": 4},
     "lanczos": {"solve": "steps", "BM": 128, "BN": 128, "BS": 128, "num_warps": 4},
+    "ritz": {"S": 4096, "ROUNDS": 5, "num_warps": 1},
 }
 _OVERRIDES: dict[str, dict[str, int | str]] = {}
 

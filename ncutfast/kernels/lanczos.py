@@ -447,6 +447,7 @@ class FusedSteps:
       replayed between convergence checks (CUDA only; the first chunk runs eagerly, compiling the kernels);
     - "persistent": one launch per chunk of steps, ``_lanczos_persistent_kernel`` (one program per problem).
     The step counter lives on the device (one int32 per problem), so every launch of a chunk is identical.
+    The convergence checks between chunks use ``kernels.ritz`` (one launch) instead of a batched ``eigh``.
     """
 
     MODES = ("steps", "graph", "persistent")
@@ -508,6 +509,15 @@ class FusedSteps:
             return False
         self._graph, self._graph_len = graph, count
         return True
+
+    def converged(self, k: int, tol: float) -> torch.Tensor:
+        """The convergence test after k steps from ``kernels.ritz.ritz_top2`` (one launch, no eigensolver)."""
+        from .._lanczos import convergence_test
+        from .ritz import ritz_top2
+
+        st = self._st
+        theta, s_last = ritz_top2(st.alpha, st.beta, self._flags[0], k)
+        return convergence_test(theta, s_last, st.beta, st.live, k, tol)[0]
 
     def _one_step(self) -> None:
         self.launch_matvec()
