@@ -20,7 +20,7 @@ and at precision "fast" (else the first one) also
   batch, fp64 FMA kernel / int8 tensor-core kernel (kernels/lanczos.py);
 - ``ncut-<mode>``: the whole solve with the Lanczos steps run another way (launch setting "lanczos"
   ``solve``, ``--modes``): "steps" (two fused launches per step, the default), "graph" (the same launches
-  replayed from a CUDA graph), "persistent" (one launch per convergence-check interval), "torch"
+  replayed from a CUDA graph), "persistent" (one launch per Lanczos cycle: it tests convergence itself), "torch"
   (the shared driver op by op, also with the int8 mat-vec as ``ncut-torch-int8``): the fastest one
   should become the default;
 
@@ -255,7 +255,8 @@ def _measure(args: argparse.Namespace, device, n: int) -> list[tuple]:
                     note = _solve_note(whole(), b)
                 label = f"ncut-{mode}" + ("-int8" if int8 else "")
                 what = {"graph": "2 launches/step replayed from a CUDA graph", "steps": "2 launches/step",
-                        "persistent": "1 launch per check interval", "torch": "op by op, ~30 torch ops/step"}[mode]
+                        "persistent": "1 launch per Lanczos cycle, checks itself",
+                        "torch": "op by op, ~30 torch ops/step"}[mode]
                 if mode == "graph" and device.type != "cuda":
                     what += " (run eagerly here: no CUDA)"
                 rows.append((n, precision, label, t, b / t, nan, nan, f"{what}{', int8 matvec' if int8 else ''}; "

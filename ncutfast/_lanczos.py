@@ -208,13 +208,17 @@ class CycleState:
 class Steps(Protocol):
     """Fused Lanczos steps (a backend's alternative to the op-by-op step of ``_cycle``).
 
-    ``begin(state)`` starts a cycle; ``run(j0, j1)`` performs steps j0, ..., j1 - 1 of it on the device,
-    without host synchronization, with exactly the semantics of ``_torch_step`` for every problem (a
-    problem that is done or stalled leaves its slots dead); ``converged(k, tol)`` is the test at the
-    checks in between.
+    ``begin(state, tol, check_every)`` starts a cycle; ``run(j0, j1)`` performs steps j0, ..., j1 - 1 of it
+    on the device, without host synchronization, with exactly the semantics of ``_torch_step`` for every
+    problem (a problem that is done or stalled leaves its slots dead); ``converged(k, tol)`` is the test at
+    the checks in between. A ``self_checking`` implementation also freezes converged problems itself every
+    ``check_every`` steps (as the checks would, except that it cannot continue after a breakdown), and the
+    driver then runs a first cycle as one chunk (``begin`` without ``tol``: no checks of its own).
     """
 
-    def begin(self, state: CycleState) -> None: ...
+    self_checking: bool
+
+    def begin(self, state: CycleState, tol: float | None, check_every: int) -> None: ...
 
     def run(self, j0: int, j1: int) -> None: ...
 
@@ -282,8 +286,13 @@ def _cycle(op, y0, lengths, v0, idx, m, tol, check_every, salt, steps=None):
     basis = st.basis
     revived = torch.zeros(b, dtype=torch.bool, device=device)
     exhausted = torch.zeros(b, dtype=torch.bool, device=device)  # no fresh direction was left
+    chunk = check_every
     if steps is not None:
-        steps.begin(st)
+        # Only a first cycle checks itself: a restart exists because a problem did not converge, often after
+        # a breakdown, which only the host's checks can continue (with a fresh direction).
+        self_check = steps.self_checking and salt == 0
+        steps.begin(st, tol if self_check else None, check_every)
+        chunk = m if self_check else check_every
     # Problems still iterating (op-by-op steps only): all (a slice, no copies) until checks have frozen
     # half of them; then an index tensor, kept as one object until the next compaction so that ``op`` can
     # cache its gathers. Fused steps skip frozen problems inside their kernels instead.
@@ -291,7 +300,7 @@ def _cycle(op, y0, lengths, v0, idx, m, tol, check_every, salt, steps=None):
     sub = idx
     k = 0
     while k < m:
-        j0, k = k, min(m, k + check_every)
+        j0, k = k, min(m, k + chunk)
         if steps is None:
             for j in range(j0, k):
                 _torch_step(op, st, j, run, sub)
@@ -301,9 +310,10 @@ def _cycle(op, y0, lengths, v0, idx, m, tol, check_every, salt, steps=None):
         # A first breakdown is not trusted (the top eigenvalue may be repeated); after one fresh
         # continuation the Ritz values of all blocks together decide. Converged problems freeze.
         st.done |= conv & (~st.stalled | revived)
-        if bool(st.done.all()):
+        all_done, any_stalled = torch.stack([st.done.all(), st.stalled.any()]).tolist()  # one sync
+        if all_done:
             break
-        if k < m and bool(st.stalled.any()):
+        if k < m and any_stalled:
             fresh = _project_out(start_vectors(lengths, n, salt * 1000 + k, device), basis[:, : k + 1])
             fn = fresh.norm(dim=-1)
             revive = st.stalled & (fn > 1e-8)
@@ -314,9 +324,12 @@ def _cycle(op, y0, lengths, v0, idx, m, tol, check_every, salt, steps=None):
             st.stalled.zero_()
         # Compact once at most half of the iterating problems are left: a gather of their operator
         # data costs about two mat-vecs, so frozen problems ride along until then.
-        running = torch.nonzero(~st.done).flatten()
-        if steps is None and 2 * running.numel() <= (b if isinstance(run, slice) else run.numel()):
-            run, sub = running, idx[running]
+        if steps is None:
+            running = torch.nonzero(~st.done).flatten()
+            if 2 * running.numel() <= (b if isinstance(run, slice) else run.numel()):
+                run, sub = running, idx[running]
+    # Slots past the last live one (a self-checking cycle runs to m) only pad T: drop them.
+    k = max(1, int((st.live[:, :k].any(0) * torch.arange(1, k + 1, device=device)).max()))
     # The final test does not take ``done`` on trust: problems frozen by a check pass it again (their T has
     # not changed since), and an estimate of ``steps.converged`` that was wrong shows up here.
     evals, evecs, conv, klen = _converged(st.alpha, st.beta, st.live, k, tol)

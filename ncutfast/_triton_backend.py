@@ -4,9 +4,9 @@ Per padded batch: ``kernels.affinity.affinity_fwd`` builds the thresholded graph
 popcounts in one launch (never an N x N float matrix), degrees follow exactly from the popcounts, and the
 batched deflated Lanczos of ``ncutfast._lanczos`` runs on ``kernels.lanczos.BitmaskOperator``: its steps
 between two convergence checks are fused (``kernels.lanczos.FusedSteps``: two launches per step, optionally
-replayed from a CUDA graph, or one persistent launch per chunk; launch setting "lanczos" ``solve``), and
-the host synchronizes only at the checks. Every problem of the batch shares each launch, whatever its
-length.
+replayed from a CUDA graph, or one persistent launch per cycle; launch setting "lanczos" ``solve``), the
+convergence checks run on the device (``kernels.ritz``), and the host synchronizes once per check. Every
+problem of the batch shares each launch, whatever its length.
 
 Runs on CUDA tensors, or on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1`` set before
 ``ncutfast.kernels`` is first imported), which makes the whole path testable without a GPU. Non-binary

@@ -90,12 +90,16 @@ def _variants() -> list[tuple[str, object, dict, dict, dict]]:
     sig = {"len_ptr": "*i32", "idx_ptr": "*i32", **state, "N_max": "i32", "M": "i32", "stride_bb": "i32",
            "stride_br": "i32", "BREAKDOWN": "constexpr", "KB": "constexpr", "BN": "constexpr"}
     out.append(("lanczos-step", _lanczos_step_kernel, sig, {**body, "BN": lz["BS"]}, {"num_warps": lz["num_warps"]}))
-    sig = {**operator, **state, "N_max": "i32", "W": "i32", "M": "i32", "stride_bb": "i32", "stride_br": "i32",
-           "n_steps": "i32", "BREAKDOWN": "constexpr", "KB": "constexpr", "BM": "constexpr", "BN": "constexpr",
-           "BS": "constexpr"}
-    out.append(("lanczos-persistent", _lanczos_persistent_kernel, sig,
-                {**body, "BM": lz["BM"], "BN": lz["BN"], "BS": lz["BS"]}, {"num_warps": lz["num_warps"]}))
     rz = _utils.block_sizes("ritz")
+    sig = {**operator, **state, "tri_ptr": "*fp64", "tol_ptr": "*fp64", "N_max": "i32", "W": "i32", "M": "i32",
+           "stride_bb": "i32", "stride_br": "i32", "n_steps": "i32", "BREAKDOWN": "constexpr", "KB": "constexpr",
+           "BM": "constexpr", "BN": "constexpr", "BS": "constexpr", "CHECK": "constexpr", "KR": "constexpr",
+           "S": "constexpr", "ROUNDS": "constexpr", "PARK": "constexpr", "PIVMIN": "constexpr"}
+    for check in (0, 6):  # chunks without checks; a whole self-checking cycle (GPU check interval 6)
+        consts = {**body, "BM": lz["BM"], "BN": lz["BN"], "BS": lz["BS"], "CHECK": check, "KR": 64, "S": rz["S"],
+                  "ROUNDS": rz["ROUNDS"], "PARK": -8.0, "PIVMIN": 1e-290}
+        out.append((f"lanczos-persistent-check{check}", _lanczos_persistent_kernel, sig, consts,
+                    {"num_warps": lz["num_warps"]}))
     sig = {"alpha_ptr": "*fp64", "beta_ptr": "*fp64", "live_ptr": "*i8", "tri_ptr": "*fp64", "out_ptr": "*fp64",
            "M": "i32", "k": "i32", "KP": "constexpr", "S": "constexpr", "ROUNDS": "constexpr", "PARK": "constexpr",
            "PIVMIN": "constexpr"}
@@ -173,7 +177,8 @@ def test_affinity_uses_popc_and_tensor_cores(compiled):
 def test_fp64_kernels_do_not_spill(compiled):
     # fp64 tiles cost two registers per element: the GPU block sizes of the mat-vec and the fused Lanczos
     # kernels are chosen to stay in registers (ptxas of sm_90a, at the default launch settings).
-    for label in ("matvec-k1", "matvec-k4", "lanczos-matvec", "lanczos-step", "lanczos-persistent", "ritz-top2"):
+    for label in ("matvec-k1", "matvec-k4", "lanczos-matvec", "lanczos-step", "lanczos-persistent-check0",
+                  "lanczos-persistent-check6", "ritz-top2"):
         assert compiled[label]["spill_bytes"] == 0, compiled[label]
 
 

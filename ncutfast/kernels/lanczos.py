@@ -26,8 +26,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .._lanczos import _BREAKDOWN
+from .._lanczos import _BREAKDOWN, _PARK
 from ._utils import block_sizes, words_per_row
+from .ritz import PIVMIN, _converged_on_device
 
 __all__ = ["bitmask_matvec_fwd", "degrees_from_counts", "BitmaskOperator", "FusedSteps"]
 
@@ -296,11 +297,16 @@ def _lanczos_step_kernel(
 @triton.jit
 def _lanczos_persistent_kernel(
     mask_ptr, s_ptr, len_ptr, eps_ptr, idx_ptr, basis_ptr, w_ptr, alpha_ptr, beta_ptr, live_ptr, klen_ptr,
-    cap_ptr, done_ptr, stalled_ptr, step_ptr, N_max, W, M, stride_bb, stride_br, n_steps,
+    cap_ptr, done_ptr, stalled_ptr, step_ptr, tri_ptr, tol_ptr, N_max, W, M, stride_bb, stride_br, n_steps,
     BREAKDOWN: tl.constexpr, KB: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BS: tl.constexpr,
+    CHECK: tl.constexpr, KR: tl.constexpr, S: tl.constexpr, ROUNDS: tl.constexpr, PARK: tl.constexpr,
+    PIVMIN: tl.constexpr,
 ):
     """``n_steps`` whole Lanczos steps of problem p = program_id(0) in one program: the mat-vec BM rows at
-    a time into w, a barrier, the step body, a barrier; no other launch or host round trip in between."""
+    a time into w, a barrier, the step body, a barrier; no other launch or host round trip in between.
+    With CHECK > 0 the program also runs the driver's convergence test after every CHECK-th step
+    (``kernels.ritz``; KR, S, ROUNDS: its launch settings) and freezes itself once converged, so a whole
+    Lanczos cycle is one launch. A problem that breaks down stops until the host's next check."""
     p = tl.program_id(0)
     b = tl.load(idx_ptr + p)
     n = tl.load(len_ptr + b).to(tl.int32)
@@ -318,6 +324,15 @@ def _lanczos_persistent_kernel(
         _lanczos_step_body(p, n, basis_ptr, w_ptr, alpha_ptr, beta_ptr, live_ptr, klen_ptr, cap_ptr, done_ptr,
                            stalled_ptr, step_ptr, N_max, M, stride_bb, stride_br, BREAKDOWN, KB, BS)
         tl.debug_barrier()
+        if CHECK > 0:
+            k = j + 1
+            iterating = (tl.load(done_ptr + p) == 0) & (tl.load(stalled_ptr + p) == 0)
+            if act & iterating & (k % CHECK == 0):
+                conv = _converged_on_device(alpha_ptr, beta_ptr, live_ptr, klen_ptr,
+                                            tri_ptr + p.to(tl.int64) * (2 * KR), tol_ptr, p, M, k, KR, S, ROUNDS,
+                                            PARK, PIVMIN)
+                tl.store(done_ptr + p, conv.to(tl.int8))
+            tl.debug_barrier()
 
 
 def degrees_from_counts(counts: torch.Tensor, lengths: torch.Tensor, eps: float) -> torch.Tensor:
@@ -445,7 +460,8 @@ class FusedSteps:
       ``_lanczos_step_kernel`` (reorthogonalization + bookkeeping, one program per problem);
     - "graph": the same launches, captured once per cycle as a CUDA graph of ``check_every`` steps and
       replayed between convergence checks (CUDA only; the first chunk runs eagerly, compiling the kernels);
-    - "persistent": one launch per chunk of steps, ``_lanczos_persistent_kernel`` (one program per problem).
+    - "persistent": one launch per chunk of steps, ``_lanczos_persistent_kernel`` (one program per problem);
+      given ``tol`` and ``check_every`` it tests convergence itself, so a whole cycle is one launch.
     The step counter lives on the device (one int32 per problem), so every launch of a chunk is identical.
     The convergence checks between chunks use ``kernels.ritz`` (one launch) instead of a batched ``eigh``.
     """
@@ -458,11 +474,14 @@ class FusedSteps:
         if mode == "graph" and op.mask.device.type != "cuda":
             mode = "steps"  # CUDA graphs need CUDA; the interpreter runs the same launches eagerly
         self.op, self.mode = op, mode
+        self.self_checking = mode == "persistent"
         self._st = None
         self._graph = None
 
-    def begin(self, state) -> None:
-        """Start a cycle on ``state`` (an ``ncutfast._lanczos.CycleState``): scratch and step counter."""
+    def begin(self, state, tol: float | None = None, check_every: int = 0) -> None:
+        """Start a cycle on ``state`` (an ``ncutfast._lanczos.CycleState``): scratch and step counter. With
+        ``tol`` and ``check_every``, mode "persistent" tests convergence itself every ``check_every`` steps
+        (``self_checking``: the driver then runs the whole cycle as one chunk)."""
         b, _, n = state.basis.shape
         if n != self.op.mask.shape[1] or not state.basis.is_contiguous():
             raise ValueError(f"state.basis: expected a contiguous (b, m + 2, {self.op.mask.shape[1]}) tensor, "
@@ -474,6 +493,11 @@ class FusedSteps:
         self._idx = state.idx.to(dtype=torch.int32)
         self._flags = (state.live.view(torch.int8), state.done.view(torch.int8), state.stalled.view(torch.int8))
         self._graph, self._graph_len, self._warm = None, 0, False
+        self._check = check_every if self.self_checking and tol is not None else 0
+        self._tol = torch.tensor([0.5 * tol, tol**0.5] if tol is not None else [0.0, 0.0], dtype=torch.float64,
+                                 device=dev)
+        self._tri = torch.empty(b, 2 * max(2, triton.next_power_of_2(state.alpha.shape[1])), dtype=torch.float64,
+                                device=dev)
 
     def run(self, j0: int, j1: int) -> None:
         """Steps j0, ..., j1 - 1 of the cycle (the device counter is at j0), no host synchronization."""
@@ -558,11 +582,12 @@ class FusedSteps:
         st, op = self._st, self.op
         b, rows, n = st.basis.shape
         live, done, stalled = self._flags
-        cfg = block_sizes("lanczos")
+        cfg, rz = block_sizes("lanczos"), block_sizes("ritz")
         _lanczos_persistent_kernel[(b,)](
             op.mask, op.s, op._lens, op._eps, self._idx, st.basis, self._w, st.alpha, st.beta, live, st.klen,
-            st.cap, done, stalled, self._step, n, op.mask.shape[2], st.alpha.shape[1], st.basis.stride(0),
-            st.basis.stride(1), count,
+            st.cap, done, stalled, self._step, self._tri, self._tol, n, op.mask.shape[2], st.alpha.shape[1],
+            st.basis.stride(0), st.basis.stride(1), count,
             BREAKDOWN=_BREAKDOWN, KB=triton.next_power_of_2(rows), BM=cfg["BM"], BN=cfg["BN"], BS=cfg["BS"],
-            num_warps=cfg["num_warps"],
+            CHECK=self._check, KR=self._tri.shape[1] // 2, S=rz["S"], ROUNDS=rz["ROUNDS"], PARK=_PARK,
+            PIVMIN=PIVMIN, num_warps=cfg["num_warps"],
         )

@@ -28,6 +28,9 @@ from ._utils import block_sizes
 
 __all__ = ["ritz_top2"]
 
+# Smallest pivot magnitude of the Sturm count (LAPACK's pivmin: about the safe minimum).
+PIVMIN = 1e-290
+
 
 @triton.jit
 def _sturm_count(tri, k, sig, PIVMIN: tl.constexpr):
@@ -45,18 +48,14 @@ def _sturm_count(tri, k, sig, PIVMIN: tl.constexpr):
 
 
 @triton.jit
-def _ritz_top2_kernel(
-    alpha_ptr, beta_ptr, live_ptr, tri_ptr, out_ptr, M, k,
-    KP: tl.constexpr, S: tl.constexpr, ROUNDS: tl.constexpr, PARK: tl.constexpr, PIVMIN: tl.constexpr,
-):
-    """Problem p = program_id(0): out[p] = (theta1, theta2, |s1_last|, |s2_last|) of its first k slots.
+def _ritz_core(alpha_ptr, beta_ptr, live_ptr, tri, base, k,
+               KP: tl.constexpr, S: tl.constexpr, ROUNDS: tl.constexpr, PARK: tl.constexpr, PIVMIN: tl.constexpr):
+    """(theta1, theta2, |s1_last|, |s2_last|) of the first k slots of the problem at ``base`` (see the module).
 
-    T is first written to the scratch ``tri[p]`` as diagonal (dead slots parked) and couplings (0 unless
-    both slots are live), so the sequential loops load two numbers per slot. The shift vector holds S
-    shifts for theta1 (index k - 1 in ascending order) and S for theta2 (index k - 2); each round keeps,
+    T is first written to the scratch ``tri`` (2 KP fp64) as diagonal (dead slots parked) and couplings (0
+    unless both slots are live), so the sequential loops load two numbers per slot. The shift vector holds
+    S shifts for theta1 (index k - 1 in ascending order) and S for theta2 (index k - 2); each round keeps,
     per target t, the bracket [largest shift with count <= t, smallest shift with count > t]."""
-    p = tl.program_id(0)
-    base = p * M
     jj = tl.arange(0, KP)
     in_k = jj < k
     lv = tl.load(live_ptr + base + jj, mask=in_k, other=0) != 0
@@ -65,7 +64,6 @@ def _ritz_top2_kernel(
     nxt = tl.load(live_ptr + base + jj + 1, mask=jj + 1 < k, other=0) != 0
     c_prev = tl.where(lv & prev, tl.load(beta_ptr + base + jj - 1, mask=in_k & (jj > 0), other=0.0), 0.0)
     c_next = tl.where(lv & nxt, tl.load(beta_ptr + base + jj, mask=jj + 1 < k, other=0.0), 0.0)
-    tri = tri_ptr + p.to(tl.int64) * (2 * KP)
     tl.store(tri + jj, diag, mask=in_k)
     tl.store(tri + k + jj, c_prev, mask=in_k)
     tl.debug_barrier()
@@ -129,10 +127,39 @@ def _ritz_top2_kernel(
         y2 = tl.where(big2, y2 * 1e-100, y2)
         n2 = tl.where(big2, n2 * 1e-200, n2)
         c_up = c
+    return theta1, theta2, tl.where(tiny1 > 0, 0.0, 1.0 / tl.sqrt(n1)), tl.where(tiny2 > 0, 0.0, 1.0 / tl.sqrt(n2))
+
+
+@triton.jit
+def _ritz_top2_kernel(
+    alpha_ptr, beta_ptr, live_ptr, tri_ptr, out_ptr, M, k,
+    KP: tl.constexpr, S: tl.constexpr, ROUNDS: tl.constexpr, PARK: tl.constexpr, PIVMIN: tl.constexpr,
+):
+    """Problem p = program_id(0): out[p] = (theta1, theta2, |s1_last|, |s2_last|) of its first k slots."""
+    p = tl.program_id(0)
+    theta1, theta2, s1, s2 = _ritz_core(alpha_ptr, beta_ptr, live_ptr, tri_ptr + p.to(tl.int64) * (2 * KP), p * M,
+                                        k, KP, S, ROUNDS, PARK, PIVMIN)
     tl.store(out_ptr + p * 4 + 0, theta1)
     tl.store(out_ptr + p * 4 + 1, theta2)
-    tl.store(out_ptr + p * 4 + 2, tl.where(tiny1 > 0, 0.0, 1.0 / tl.sqrt(n1)))
-    tl.store(out_ptr + p * 4 + 3, tl.where(tiny2 > 0, 0.0, 1.0 / tl.sqrt(n2)))
+    tl.store(out_ptr + p * 4 + 2, s1)
+    tl.store(out_ptr + p * 4 + 3, s2)
+
+
+@triton.jit
+def _converged_on_device(alpha_ptr, beta_ptr, live_ptr, klen_ptr, tri, tol_ptr, p, M, k,
+                         KP: tl.constexpr, S: tl.constexpr, ROUNDS: tl.constexpr, PARK: tl.constexpr,
+                         PIVMIN: tl.constexpr):
+    """``ncutfast._lanczos.convergence_test`` of problem p after k steps, inside a kernel (the persistent
+    Lanczos kernel checks itself with it). tol_ptr holds (tol / 2, sqrt(tol)) in fp64."""
+    base = p * M
+    theta1, theta2, s1, s2 = _ritz_core(alpha_ptr, beta_ptr, live_ptr, tri, base, k, KP, S, ROUNDS, PARK, PIVMIN)
+    jj = tl.arange(0, KP)
+    last = tl.max(tl.where(tl.load(live_ptr + base + jj, mask=jj < k, other=0) != 0, jj, 0), axis=0)
+    b_last = tl.abs(tl.load(beta_ptr + base + last))
+    klen = tl.load(klen_ptr + p)
+    gap = tl.where((klen >= 2) & (k >= 2), tl.minimum(theta1 - theta2, 1.0), 1.0)
+    ok2 = (b_last * s2 <= tl.load(tol_ptr + 1) * gap) | (klen < 2) | (k < 2)
+    return (b_last * s1 <= tl.load(tol_ptr) * gap) & ok2
 
 
 def ritz_top2(alpha: torch.Tensor, beta: torch.Tensor, live: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,6 +187,6 @@ def ritz_top2(alpha: torch.Tensor, beta: torch.Tensor, live: torch.Tensor, k: in
         tri = torch.empty(b, 2 * kp, dtype=torch.float64, device=alpha.device)
         _ritz_top2_kernel[(b,)](
             alpha.contiguous(), beta.contiguous(), lv.contiguous(), tri, out, m, k,
-            KP=kp, S=cfg["S"], ROUNDS=cfg["ROUNDS"], PARK=_PARK, PIVMIN=1e-290, num_warps=cfg["num_warps"],
+            KP=kp, S=cfg["S"], ROUNDS=cfg["ROUNDS"], PARK=_PARK, PIVMIN=PIVMIN, num_warps=cfg["num_warps"],
         )
     return out[:, :2], out[:, 2:]
