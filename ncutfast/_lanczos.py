@@ -20,6 +20,10 @@ estimate |beta_k s_k| of the top Ritz pair is tested against ``tol`` times the R
 the second pair's against sqrt(tol) times that gap; converged problems then stop iterating (the batch is
 compacted once half of it has). Problems that have not converged when the Krylov space is full are
 restarted from their current Ritz vector, until ``max_iter`` steps are spent.
+
+A backend may replace the op-by-op step between two checks with fused kernels (``Steps``: the Triton
+backend's ``kernels.lanczos.FusedSteps``), which also supply the test at those checks without an
+eigensolver; the end of each cycle always re-tests with ``eigh``.
 """
 
 from __future__ import annotations
