@@ -14,7 +14,8 @@ padded batch of planted-object scenes (ncutfast.testing):
 and at precision "fast" (else the first one) also
 
 - ``step-matvec`` / ``step-reorth`` / ``step``: one fused Lanczos step (kernels/lanczos.py, FusedSteps) at
-  step 16 for the whole batch: its mat-vec launch, its reorthogonalization + bookkeeping launch, both;
+  step 16 for the whole batch: its mat-vec launch, its reorthogonalization + bookkeeping launch, both
+  (with ``--sweep``, also the first two at other launch settings, at the largest N);
 
 - ``matvec`` / ``matvec-int8``: one application of the bitmask operator D^-1/2 W D^-1/2 to the whole
   batch, fp64 FMA kernel / int8 tensor-core kernel (kernels/lanczos.py);
@@ -65,6 +66,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--modes", nargs="+", default=["graph", "steps", "persistent", "torch"],
                    choices=["graph", "steps", "persistent", "torch"],
                    help="Lanczos step modes compared (launch setting lanczos.solve), at precision fast")
+    p.add_argument("--sweep", action="store_true",
+                   help="also time the fused step kernels at other launch settings (largest N only)")
     p.add_argument("--scenes", type=int, default=16, help="distinct planted scenes, tiled over the batch")
     p.add_argument("--eigh-batch", type=int, default=16, help="images for the torch.linalg.eigh baseline")
     p.add_argument("--repeats", type=int, default=5)
@@ -100,6 +103,10 @@ def _percent_of_peak(card: str, kernel: str, precision: str, t: float, flop: flo
     m = nbytes / t / peaks["hbm"]
     return f"{100 * max(f, m):.0f}% ({'flop' if f >= m else 'hbm'})"
 
+
+# --sweep: (BM, BN, num_warps) of the step's mat-vec and (BS, num_warps) of its reorthogonalization.
+_SWEEP_MATVEC = [(16, 128, 4), (32, 128, 4), (64, 64, 8), (64, 128, 8)]
+_SWEEP_REORTH = [(16, 4), (32, 4), (64, 8), (128, 8)]
 
 # Lanczos step at which one fused step is timed: the benchmark's scenes converge in 12-24 steps.
 _STEP_AT = 16
@@ -177,9 +184,22 @@ def _fused_step_rows(args: argparse.Namespace, timed, op, lengths, n: int, preci
     t_both = timed(again(fused.launch_matvec, fused.launch_step))
     nan = float("nan")
     note = f"fused step at j={j}, whole batch"
-    return [(n, precision, "step-matvec", t_mv, nan, mv_flop, mv_bytes, note + "; mat-vec launch"),
+    rows = [(n, precision, "step-matvec", t_mv, nan, mv_flop, mv_bytes, note + "; mat-vec launch"),
             (n, precision, "step-reorth", t_st, nan, st_flop, st_bytes, note + "; CGS2 + bookkeeping launch"),
             (n, precision, "step", t_both, nan, mv_flop + st_flop, mv_bytes + st_bytes, note + "; both launches")]
+    if args.sweep and n == max(args.n):
+        # Other launch settings of the two step kernels (the defaults are in kernels/_utils.py, "lanczos").
+        from ncutfast.kernels._utils import override
+
+        for bm, bn, nw in _SWEEP_MATVEC:
+            with override("lanczos", BM=bm, BN=bn, num_warps=nw):
+                t = timed(again(fused.launch_matvec))
+            rows.append((n, precision, f"step-matvec BM={bm} BN={bn} w={nw}", t, nan, mv_flop, mv_bytes, "sweep"))
+        for bs, nw in _SWEEP_REORTH:
+            with override("lanczos", BS=bs, num_warps=nw):
+                t = timed(again(fused.launch_step))
+            rows.append((n, precision, f"step-reorth BS={bs} w={nw}", t, nan, st_flop, st_bytes, "sweep"))
+    return rows
 
 
 def _measure(args: argparse.Namespace, device, n: int) -> list[tuple]:

@@ -76,7 +76,7 @@ TEST_LINE="$(grep -E '^(=+ )?[0-9]+ (passed|failed|error)' "$OUT/pytest.log" | t
 TEST_LINE="${TEST_LINE:-no pytest summary line (see pytest.log)}"
 
 # 4. GPU benchmarks.
-run_step "bench_triton" 150 "$OUT/bench_triton.log" "$PY" benchmarks/bench_triton.py --csv "$OUT/bench_triton.csv"
+run_step "bench_triton" 150 "$OUT/bench_triton.log" "$PY" benchmarks/bench_triton.py --sweep --csv "$OUT/bench_triton.csv"
 HARNESS_TMP="$(mktemp -d)"
 if "$PY" -c "import ncutfast.bench.cli" >/dev/null 2>&1; then
   run_step "ncutfast.bench --device cuda --quick" 90 "$OUT/bench_harness.log" \

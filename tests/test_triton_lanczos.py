@@ -378,7 +378,7 @@ def test_public_api_runs_through_triton(monkeypatch):
 
 @pytest.mark.slow
 def test_benchmark_dry_run(tmp_path):
-    # benchmarks/bench_triton.py --dry: the GPU benchmark's code path at tiny shapes under the interpreter
+    # benchmarks/bench_triton.py --dry --sweep: the GPU check's benchmark command at tiny shapes under the interpreter
     # (a fresh process: --dry sets TRITON_INTERPRET before the kernels are imported, even on a GPU machine).
     import os
     import subprocess
@@ -388,9 +388,9 @@ def test_benchmark_dry_run(tmp_path):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
     csv = tmp_path / "bench.csv"
     proc = subprocess.run([sys.executable, "-W", "ignore", os.path.join(root, "benchmarks", "bench_triton.py"),
-                           "--dry", "--csv", str(csv)], env=env, capture_output=True, text=True, timeout=300)
+                           "--dry", "--sweep", "--csv", str(csv)], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "ncut-persistent" in proc.stdout and "torch.linalg.eigh" in proc.stdout
-    # header; float32: affinity, tf32x3, ncut; fast: affinity, ncut, 2 matvecs, 3 fused-step rows, 4 other
-    # solve modes; eigh
-    assert len(csv.read_text().splitlines()) == 1 + 3 + (2 + 2 + 3 + 4) + 1
+    # header; float32: affinity, tf32x3, ncut; fast: affinity, ncut, 2 matvecs, 3 fused-step rows, 8 sweep
+    # rows, 4 other solve modes; eigh
+    assert len(csv.read_text().splitlines()) == 1 + 3 + (2 + 2 + 3 + 8 + 4) + 1
