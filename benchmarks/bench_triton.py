@@ -13,8 +13,9 @@ padded batch of planted-object scenes (ncutfast.testing):
 
 and at precision "fast" (else the first one) also
 
-- ``step-matvec`` / ``step-reorth`` / ``step``: one fused Lanczos step (kernels/lanczos.py, FusedSteps) at
-  step 16 for the whole batch: its mat-vec launch, its reorthogonalization + bookkeeping launch, both
+- ``step-matvec`` / ``step-matvec-int8`` / ``step-reorth`` / ``step``: one fused Lanczos step
+  (kernels/lanczos.py, FusedSteps) at step 16 for the whole batch: its mat-vec (fp64 or int8 tensor cores),
+  its reorthogonalization + bookkeeping launch, both
   (with ``--sweep``, also the first two at other launch settings, at the largest N);
 
 - ``matvec`` / ``matvec-int8``: one application of the bitmask operator D^-1/2 W D^-1/2 to the whole
@@ -22,8 +23,8 @@ and at precision "fast" (else the first one) also
 - ``ncut-<mode>``: the whole solve with the Lanczos steps run another way (launch setting "lanczos"
   ``solve``, ``--modes``): "steps" (two fused launches per step, the default), "graph" (the same launches
   replayed from a CUDA graph), "persistent" (one launch per Lanczos cycle: it tests convergence itself), "torch"
-  (the shared driver op by op, also with the int8 mat-vec as ``ncut-torch-int8``): the fastest one
-  should become the default;
+  (the shared driver op by op); all but "persistent" also with the int8 mat-vec (``-int8``): the fastest
+  one should become the default;
 
 and prints the FLOP and byte counts of each kernel beside the achieved TFLOP/s and GB/s, and on an H100 or
 H200 the fraction of the datasheet roofline it reaches ("% peak": the larger of FLOP/s over the peak of the
@@ -158,7 +159,7 @@ def _fused_step_rows(args: argparse.Namespace, timed, op, lengths, n: int, preci
     import torch
 
     from ncutfast import _lanczos
-    from ncutfast.kernels._utils import words_per_row
+    from ncutfast.kernels._utils import override, words_per_row
     from ncutfast.kernels.lanczos import FusedSteps
 
     b, j, w = lengths.shape[0], _STEP_AT, words_per_row(n)
@@ -182,14 +183,16 @@ def _fused_step_rows(args: argparse.Namespace, timed, op, lengths, n: int, preci
     t_mv = timed(again(fused.launch_matvec))
     t_st = timed(again(fused.launch_step))
     t_both = timed(again(fused.launch_matvec, fused.launch_step))
+    with override("matvec", int8=1):
+        t_mv8 = timed(again(fused.launch_matvec))
     nan = float("nan")
     note = f"fused step at j={j}, whole batch"
     rows = [(n, precision, "step-matvec", t_mv, nan, mv_flop, mv_bytes, note + "; mat-vec launch"),
+            (n, precision, "step-matvec-int8", t_mv8, nan, mv_flop, mv_bytes, note + "; int8 mat-vec (2 launches)"),
             (n, precision, "step-reorth", t_st, nan, st_flop, st_bytes, note + "; CGS2 + bookkeeping launch"),
             (n, precision, "step", t_both, nan, mv_flop + st_flop, mv_bytes + st_bytes, note + "; both launches")]
     if args.sweep and n == max(args.n):
         # Other launch settings of the two step kernels (the defaults are in kernels/_utils.py, "lanczos").
-        from ncutfast.kernels._utils import override
 
         for bm, bn, nw in _SWEEP_MATVEC:
             with override("lanczos", BM=bm, BN=bn, num_warps=nw):
@@ -267,7 +270,7 @@ def _measure(args: argparse.Namespace, device, n: int) -> list[tuple]:
         # How the Lanczos steps run between convergence checks (issue 4: CUDA graph vs persistent kernel),
         # plus the op-by-op driver with either mat-vec, on the same batch.
         for mode in args.modes:
-            for int8 in (0, 1) if mode == "torch" else (0,):
+            for int8 in (0,) if mode == "persistent" else (0, 1):  # the persistent kernel's mat-vec is fp64
                 if mode == default and not int8:
                     continue
                 with override("lanczos", solve=mode), override("matvec", int8=int8):

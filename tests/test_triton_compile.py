@@ -66,17 +66,21 @@ def _variants() -> list[tuple[str, object, dict, dict, dict]]:
         consts = {"BM": mv["BM"], "BN": max(32, mv["BN"] // kp), "KP": kp}
         out.append((f"matvec-k{kp}", _bitmask_matvec_kernel, sig, consts, {"num_warps": mv["num_warps"]}))
     i8 = _utils.block_sizes("matvec_int8")
-    for kp in (2, 4):
+    flags = {"step_ptr": "*i32", "done_ptr": "*i8", "stalled_ptr": "*i8"}
+    for kp, stepped in ((2, False), (4, False), (2, True)):  # stepped: FusedSteps' int8 mat-vec (K = 1)
+        tag = f"k{kp}" + ("-stepped" if stepped else "")
         sig = {"s_ptr": "*fp64", "len_ptr": "*i32", "idx_ptr": "*i32", "v_ptr": "*fp64", "dig_ptr": "*i8",
-               "scale_ptr": "*fp64", "tot_ptr": "*fp64", "N_max": "i32", "K": "i32",
-               "stride_vb": "i32", "stride_vn": "i32", "stride_vk": "i32", "BR": "constexpr", "KP": "constexpr"}
-        out.append((f"digits-k{kp}", _digits_kernel, sig, {"BR": i8["BR"], "KP": kp}, {"num_warps": 4}))
+               "scale_ptr": "*fp64", "tot_ptr": "*fp64", **flags, "N_max": "i32", "K": "i32",
+               "stride_vb": "i32", "stride_vn": "i32", "stride_vk": "i32", "stride_vr": "i32",
+               "BR": "constexpr", "KP": "constexpr", "STEPPED": "constexpr"}
+        consts = {"BR": i8["BR"], "KP": kp, "STEPPED": stepped}
+        out.append((f"digits-{tag}", _digits_kernel, sig, consts, {"num_warps": 4}))
         sig = {"mask_ptr": "*i32", "s_ptr": "*fp64", "len_ptr": "*i32", "eps_ptr": "*fp64", "idx_ptr": "*i32",
-               "dig_ptr": "*i8", "scale_ptr": "*fp64", "tot_ptr": "*fp64", "y_ptr": "*fp64",
+               "dig_ptr": "*i8", "scale_ptr": "*fp64", "tot_ptr": "*fp64", "y_ptr": "*fp64", **flags,
                "N_max": "i32", "W": "i32", "K": "i32", "stride_yb": "i32", "stride_yn": "i32", "stride_yk": "i32",
-               "BM": "constexpr", "BN": "constexpr", "KP": "constexpr"}
-        consts = {"BM": i8["BM"], "BN": i8["BN"], "KP": kp}
-        out.append((f"matvec-int8-k{kp}", _bitmask_matvec_i8_kernel, sig, consts, {"num_warps": i8["num_warps"]}))
+               "BM": "constexpr", "BN": "constexpr", "KP": "constexpr", "STEPPED": "constexpr"}
+        consts = {"BM": i8["BM"], "BN": i8["BN"], "KP": kp, "STEPPED": stepped}
+        out.append((f"matvec-int8-{tag}", _bitmask_matvec_i8_kernel, sig, consts, {"num_warps": i8["num_warps"]}))
     # fused Lanczos steps (FusedSteps), at the default Krylov dimension 48: KB = next power of two of 50
     lz = _utils.block_sizes("lanczos")
     state = {"basis_ptr": "*fp64", "w_ptr": "*fp64", "alpha_ptr": "*fp64", "beta_ptr": "*fp64", "live_ptr": "*i8",
@@ -171,7 +175,7 @@ def test_affinity_uses_popc_and_tensor_cores(compiled):
     assert all(compiled[f"affinity-{p}"]["pipelined"] for p in ("float32", "fast"))  # cp.async stages
     assert compiled["affinity-float32-tf32x3"]["wgmma"]
     assert not compiled["affinity-float32"]["wgmma"]  # IEEE fp32: no tf32 tensor-core path
-    assert all(compiled[f"matvec-int8-k{kp}"]["wgmma"] for kp in (2, 4))  # int8 wgmma
+    assert all(compiled[f"matvec-int8-{tag}"]["wgmma"] for tag in ("k2", "k4", "k2-stepped"))  # int8 wgmma
 
 
 def test_fp64_kernels_do_not_spill(compiled):

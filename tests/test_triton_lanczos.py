@@ -121,12 +121,14 @@ def _cycle_problems() -> tuple[BitmaskOperator, torch.Tensor, torch.Tensor]:
     return op, sd / sd.norm(dim=-1, keepdim=True), lengths
 
 
-FUSED_MODES = ["steps", "persistent",
-               pytest.param("graph", marks=pytest.mark.skipif(DEVICE == "cpu", reason="CUDA graphs need CUDA"))]
+_NEEDS_CUDA = pytest.mark.skipif(DEVICE == "cpu", reason="CUDA graphs need CUDA")
 
 
-@pytest.mark.parametrize("mode", FUSED_MODES)
-def test_fused_steps_match_torch_steps(mode):
+@pytest.mark.parametrize(("mode", "int8"), [("steps", 0), ("persistent", 0),
+                                            pytest.param("graph", 0, marks=_NEEDS_CUDA),
+                                            ("steps", 1), pytest.param("graph", 1, marks=_NEEDS_CUDA)],
+                         ids=["steps", "persistent", "graph", "steps-int8", "graph-int8"])
+def test_fused_steps_match_torch_steps(mode, int8):
     # FusedSteps must do exactly what the shared driver's op-by-op step does, branch for branch: the same
     # live slots, step counts, breakdowns and finished problems, and the same numbers to rounding. The
     # chunks (2, 1, 6 steps) make "graph" run eagerly once, then capture and replay two graphs.
@@ -139,7 +141,9 @@ def test_fused_steps_match_torch_steps(mode):
     ours, want = (_lanczos.init_state(y0, lengths, v0, idx, m) for _ in range(2))
     fused = FusedSteps(op, mode)
     fused.begin(ours)
-    with _utils.override("lanczos", BM=32, BN=32, BS=32):  # several column steps and row blocks per problem
+    # several column steps and row blocks per problem; int8: the tensor-core mat-vec in both
+    with _utils.override("lanczos", BM=32, BN=32, BS=32), _utils.override("matvec", int8=int8), \
+            _utils.override("matvec_int8", BM=32, BN=64, BR=32):
         for j0, j1 in ((0, 2), (2, 3), (3, m)):
             fused.run(j0, j1)
             for j in range(j0, j1):
@@ -154,7 +158,7 @@ def test_fused_steps_match_torch_steps(mode):
 
 
 @pytest.mark.parametrize("krylov_dim", [7, 48])
-@pytest.mark.parametrize("mode", FUSED_MODES)
+@pytest.mark.parametrize("mode", ["steps", "persistent", pytest.param("graph", marks=_NEEDS_CUDA)])
 def test_solve_modes_agree(mode, krylov_dim):
     # The fused solve gives the op-by-op driver's spectrum (convergence checks, revivals after a breakdown
     # and restarts included: a Krylov space of 7 forces restarts; in one of 48 the problems converge at
@@ -391,6 +395,6 @@ def test_benchmark_dry_run(tmp_path):
                            "--dry", "--sweep", "--csv", str(csv)], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "ncut-persistent" in proc.stdout and "torch.linalg.eigh" in proc.stdout
-    # header; float32: affinity, tf32x3, ncut; fast: affinity, ncut, 2 matvecs, 3 fused-step rows, 8 sweep
-    # rows, 4 other solve modes; eigh
-    assert len(csv.read_text().splitlines()) == 1 + 3 + (2 + 2 + 3 + 8 + 4) + 1
+    # header; float32: affinity, tf32x3, ncut; fast: affinity, ncut, 2 matvecs, 4 fused-step rows, 8 sweep
+    # rows, 6 other solve modes (steps-int8, graph, graph-int8, persistent, torch, torch-int8); eigh
+    assert len(csv.read_text().splitlines()) == 1 + 3 + (2 + 2 + 4 + 8 + 6) + 1

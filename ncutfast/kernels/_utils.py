@@ -30,7 +30,8 @@ __all__ = ["interpreting", "block_sizes", "override", "popc32", "words_per_row"]
 #          FusedSteps): solve = "torch" (op by op, the shared driver's torch step around the matvec
 #          kernel), "steps" (two fused launches per step), "graph" (those launches replayed from a CUDA
 #          graph, captured once per Lanczos cycle), "persistent" (one launch per cycle, convergence tested
-#          inside with kernels/ritz.py). "steps" is
+#          inside with kernels/ritz.py; it always uses the fp64 mat-vec, the others follow matvec's
+#          int8 setting). "steps" is
 #          the default until bench_triton.py has measured the others on a GPU. BM, BN = mat-vec tile of the
 #          fused kernels, BS = columns per sweep of the reorthogonalization (GPU values: no register spills
 #          on sm_90, checked by tests/test_triton_compile.py).

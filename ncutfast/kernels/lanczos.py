@@ -95,28 +95,45 @@ def _bitmask_matvec_kernel(
 
 
 @triton.jit
+def _vector_block(v_ptr, p, stride_vb, step_ptr, stride_vr, done_ptr, stalled_ptr, STEPPED: tl.constexpr):
+    """Base pointer of vector block p and whether to compute with it. STEPPED (fused Lanczos steps): the
+    block is row step[p] + 1 of problem p's basis (row stride stride_vr), and done or stalled problems are
+    skipped; otherwise it is row p of v."""
+    base = v_ptr + p.to(tl.int64) * stride_vb
+    if STEPPED:
+        base += (tl.load(step_ptr + p) + 1) * stride_vr
+        active = (tl.load(done_ptr + p) == 0) & (tl.load(stalled_ptr + p) == 0)
+    else:
+        active = p >= 0
+    return base, active
+
+
+@triton.jit
 def _digits_kernel(
-    s_ptr, len_ptr, idx_ptr, v_ptr, dig_ptr, scale_ptr, tot_ptr,
+    s_ptr, len_ptr, idx_ptr, v_ptr, dig_ptr, scale_ptr, tot_ptr, step_ptr, done_ptr, stalled_ptr,
     N_max, K,
-    stride_vb, stride_vn, stride_vk,
-    BR: tl.constexpr, KP: tl.constexpr,
+    stride_vb, stride_vn, stride_vk, stride_vr,
+    BR: tl.constexpr, KP: tl.constexpr, STEPPED: tl.constexpr,
 ):
     """One program per vector block p = program_id(0) (image b = idx[p]) writes u = s * v in fixed point:
     ``dig[p, j, 8 k + d]`` (int8) with ``u_jk ~= scale[p, k] * sum_d dig * 128^d``, and ``tot[p, k] =
     sum_j u_jk`` (fp64) for the eps term. Pass 1 finds max |u| per vector, pass 2 writes the digits.
-    Rows >= n (padding) and vectors >= K (power-of-two padding) get zero digits: the mat-vec reads them."""
+    Rows >= n (padding) and vectors >= K (power-of-two padding) get zero digits: the mat-vec reads them.
+    STEPPED: see ``_vector_block`` (a skipped problem's digits are not written; the mat-vec skips it too)."""
     p = tl.program_id(0)
     b = tl.load(idx_ptr + p)
     n = tl.load(len_ptr + b).to(tl.int32)
+    v_base, active = _vector_block(v_ptr, p, stride_vb, step_ptr, stride_vr, done_ptr, stalled_ptr, STEPPED)
+    n_rows = tl.where(active, N_max, 0)
     kk = tl.arange(0, KP)
     k_ok = kk[None, :] < K
     amax = tl.zeros((KP,), dtype=tl.float64)
     tot = tl.zeros((KP,), dtype=tl.float64)
-    for r0 in range(0, N_max, BR):
+    for r0 in range(0, n_rows, BR):
         rows = r0 + tl.arange(0, BR)
         ok = rows < n
         s_r = tl.load(s_ptr + b * N_max + rows, mask=ok, other=0.0)
-        u = tl.load(v_ptr + p * stride_vb + rows[:, None] * stride_vn + kk[None, :] * stride_vk,
+        u = tl.load(v_base + rows[:, None] * stride_vn + kk[None, :] * stride_vk,
                     mask=ok[:, None] & k_ok, other=0.0).to(tl.float64) * s_r[:, None]
         amax = tl.maximum(amax, tl.max(tl.abs(u), axis=0))
         tot += tl.sum(u, axis=0)
@@ -125,11 +142,11 @@ def _digits_kernel(
     tl.store(scale_ptr + p * KP + kk, amax / 18014398509481984.0)
     tl.store(tot_ptr + p * KP + kk, tot)
     d_idx = tl.arange(0, 8)
-    for r0 in range(0, N_max, BR):
+    for r0 in range(0, n_rows, BR):
         rows = r0 + tl.arange(0, BR)
         ok = rows < n
         s_r = tl.load(s_ptr + b * N_max + rows, mask=ok, other=0.0)
-        u = tl.load(v_ptr + p * stride_vb + rows[:, None] * stride_vn + kk[None, :] * stride_vk,
+        u = tl.load(v_base + rows[:, None] * stride_vn + kk[None, :] * stride_vk,
                     mask=ok[:, None] & k_ok, other=0.0).to(tl.float64) * s_r[:, None]
         big = (u * inv[None, :]).to(tl.int64)  # truncation: error < 1 unit = 2^-54 max|u|
         digits = tl.zeros((BR, KP, 8), dtype=tl.int64)
@@ -144,16 +161,17 @@ def _digits_kernel(
 
 @triton.jit
 def _bitmask_matvec_i8_kernel(
-    mask_ptr, s_ptr, len_ptr, eps_ptr, idx_ptr, dig_ptr, scale_ptr, tot_ptr, y_ptr,
-    N_max, W, K,
+    mask_ptr, s_ptr, len_ptr, eps_ptr, idx_ptr, dig_ptr, scale_ptr, tot_ptr, y_ptr, step_ptr, done_ptr,
+    stalled_ptr, N_max, W, K,
     stride_yb, stride_yn, stride_yk,
-    BM: tl.constexpr, BN: tl.constexpr, KP: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, KP: tl.constexpr, STEPPED: tl.constexpr,
 ):
     """One program computes BM rows of y = M v for vector block p = program_id(1) (image b = idx[p]).
 
     Per BN columns: bits (BM, BN) int8 from the mask words, digits (BN, 8 KP) int8, one exact int8 dot
     into an int32 accumulator. At the end the digit columns are recombined in fp64 (sum_d acc 128^d,
-    times scale) and the eps term and the row scaling are applied. Row blocks past n skip the loop."""
+    times scale) and the eps term and the row scaling are applied. Row blocks past n skip the loop, and so
+    do problems that STEPPED (``_vector_block``) skips."""
     pid = tl.program_id(0)
     p = tl.program_id(1)
     b = tl.load(idx_ptr + p)
@@ -165,7 +183,8 @@ def _bitmask_matvec_i8_kernel(
     dc = tl.arange(0, KP * 8)
     mrow = mask_ptr + (b * N_max + rows[:, None]).to(tl.int64) * W
     acc = tl.zeros((BM, KP * 8), dtype=tl.int32)
-    n_cols = tl.where(pid * BM < n, n, 0)
+    _, active = _vector_block(dig_ptr, p, 0, step_ptr, 0, done_ptr, stalled_ptr, STEPPED)
+    n_cols = tl.where(active & (pid * BM < n), n, 0)
     for c0 in range(0, n_cols, BN):
         cols = c0 + tl.arange(0, BN)
         # words past W do not exist (the last step may overhang the row); their columns are >= n anyway
@@ -363,13 +382,13 @@ def _launch(mask: torch.Tensor, lens: torch.Tensor, s: torch.Tensor, eps_t: torc
         scale = torch.empty((nb, KP), dtype=torch.float64, device=v.device)
         tot = torch.empty((nb, KP), dtype=torch.float64, device=v.device)
         _digits_kernel[(nb,)](
-            s, lens, idx, v3, dig, scale, tot, N_max, K, v3.stride(0), v3.stride(1), v3.stride(2),
-            BR=cfg["BR"], KP=KP, num_warps=4,
+            s, lens, idx, v3, dig, scale, tot, idx, idx, idx, N_max, K, v3.stride(0), v3.stride(1), v3.stride(2),
+            0, BR=cfg["BR"], KP=KP, STEPPED=False, num_warps=4,
         )
         _bitmask_matvec_i8_kernel[(triton.cdiv(N_max, cfg["BM"]), nb)](
-            mask, s, lens, eps_t, idx, dig, scale, tot, y3, N_max, W, K,
+            mask, s, lens, eps_t, idx, dig, scale, tot, y3, idx, idx, idx, N_max, W, K,
             y3.stride(0), y3.stride(1), y3.stride(2),
-            BM=cfg["BM"], BN=cfg["BN"], KP=KP, num_warps=cfg["num_warps"],
+            BM=cfg["BM"], BN=cfg["BN"], KP=KP, STEPPED=False, num_warps=cfg["num_warps"],
         )
     elif K and nb:
         cfg = block_sizes("matvec")
@@ -492,7 +511,7 @@ class FusedSteps:
         self._step = torch.zeros(b, dtype=torch.int32, device=dev)
         self._idx = state.idx.to(dtype=torch.int32)
         self._flags = (state.live.view(torch.int8), state.done.view(torch.int8), state.stalled.view(torch.int8))
-        self._graph, self._graph_len, self._warm = None, 0, False
+        self._graph, self._graph_len, self._warm, self._dig = None, 0, False, None
         self._check = check_every if self.self_checking and tol is not None else 0
         self._tol = torch.tensor([0.5 * tol, tol**0.5] if tol is not None else [0.0, 0.0], dtype=torch.float64,
                                  device=dev)
@@ -548,16 +567,41 @@ class FusedSteps:
         self.launch_step()
 
     def launch_matvec(self) -> None:
-        """First launch of a step: w = M q for every problem (the benchmark also times it alone)."""
+        """First launch(es) of a step: w = M q for every problem (the benchmark also times it alone). With
+        launch setting matvec ``int8`` the tensor-core variant (two launches) computes it."""
         st, op = self._st, self.op
         b, _, n = st.basis.shape
         _, done, stalled = self._flags
+        if block_sizes("matvec")["int8"]:
+            cfg = block_sizes("matvec_int8")
+            dig, scale, tot = self._digits()
+            _digits_kernel[(b,)](
+                op.s, op._lens, self._idx, st.basis, dig, scale, tot, self._step, done, stalled, n, 1,
+                st.basis.stride(0), 1, 0, st.basis.stride(1), BR=cfg["BR"], KP=2, STEPPED=True, num_warps=4,
+            )
+            _bitmask_matvec_i8_kernel[(triton.cdiv(n, cfg["BM"]), b)](
+                op.mask, op.s, op._lens, op._eps, self._idx, dig, scale, tot, self._w, self._step, done, stalled,
+                n, op.mask.shape[2], 1, n, 1, 1, BM=cfg["BM"], BN=cfg["BN"], KP=2, STEPPED=True,
+                num_warps=cfg["num_warps"],
+            )
+            return
         cfg = block_sizes("lanczos")
         _lanczos_matvec_kernel[(triton.cdiv(n, cfg["BM"]), b)](
             op.mask, op.s, op._lens, op._eps, self._idx, st.basis, self._w, done, stalled, self._step,
             n, op.mask.shape[2], st.basis.stride(0), st.basis.stride(1),
             BM=cfg["BM"], BN=cfg["BN"], num_warps=cfg["num_warps"],
         )
+
+    def _digits(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Fixed-point buffers of the int8 mat-vec (K = 1, so 2 x 8 digit columns), made once per cycle so
+        that a captured graph keeps them."""
+        if self._dig is None:
+            b, _, n = self._st.basis.shape
+            dev = self._st.basis.device
+            self._dig = (torch.empty(b, n, 16, dtype=torch.int8, device=dev),
+                         torch.empty(b, 2, dtype=torch.float64, device=dev),
+                         torch.empty(b, 2, dtype=torch.float64, device=dev))
+        return self._dig
 
     def launch_step(self) -> None:
         """Second launch of a step: reorthogonalization and bookkeeping, one program per problem."""
