@@ -26,9 +26,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .._lanczos import _BREAKDOWN, _PARK
+from .._lanczos import _BREAKDOWN, _PARK, convergence_test
 from ._utils import block_sizes, words_per_row
-from .ritz import PIVMIN, _converged_on_device
+from .ritz import PIVMIN, _converged_on_device, ritz_top2
 
 __all__ = ["bitmask_matvec_fwd", "degrees_from_counts", "BitmaskOperator", "FusedSteps"]
 
@@ -555,9 +555,6 @@ class FusedSteps:
 
     def converged(self, k: int, tol: float) -> torch.Tensor:
         """The convergence test after k steps from ``kernels.ritz.ritz_top2`` (one launch, no eigensolver)."""
-        from .._lanczos import convergence_test
-        from .ritz import ritz_top2
-
         st = self._st
         theta, s_last = ritz_top2(st.alpha, st.beta, self._flags[0], k)
         return convergence_test(theta, s_last, st.beta, st.live, k, tol)[0]
