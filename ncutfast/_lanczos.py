@@ -22,8 +22,9 @@ compacted once half of it has). Problems that have not converged when the Krylov
 restarted from their current Ritz vector, until ``max_iter`` steps are spent.
 
 A backend may replace the op-by-op step between two checks with fused kernels (``Steps``: the Triton
-backend's ``kernels.lanczos.FusedSteps``), which also supply the test at those checks without an
-eigensolver; the end of each cycle always re-tests with ``eigh``.
+backend's ``kernels.lanczos.FusedSteps``), which also supply the Ritz pairs of the checks and of the end of
+a cycle without an eigensolver (``kernels.ritz``; torch's batched ``eigh`` on CUDA loops over the batch
+once T is larger than 32 x 32).
 """
 
 from __future__ import annotations
@@ -122,16 +123,23 @@ def convergence_test(theta: torch.Tensor, s_last: torch.Tensor, beta: torch.Tens
     return conv, klen
 
 
-def _converged(alpha, beta, live, k, tol):
-    """Ritz decomposition after k steps (``_ritz``) and ``convergence_test``: (evals, evecs, conv, klen)."""
+def _eigh_top2(alpha: torch.Tensor, beta: torch.Tensor, live: torch.Tensor, k: int):
+    """From a batched eigh of T (``_ritz``): theta (b, 2), theta1 >= theta2; s_last (b, 2), |last live
+    component| of their eigenvectors; s1 (b, k), the eigenvector of theta1."""
     evals, evecs = _ritz(alpha, beta, live, k)
     slots = torch.arange(k, device=alpha.device)
     last = torch.where(live[:, :k], slots, torch.full_like(slots, -1)).max(1).values.clamp_min(0)
     top = evecs[:, :, -2:].flip(-1) if k >= 2 else evecs[:, :, -1:].expand(-1, -1, 2)
     s_last = top.gather(1, last[:, None, None].expand(-1, 1, 2))[:, 0].abs()
     theta = evals[:, -2:].flip(-1) if k >= 2 else evals[:, -1:].expand(-1, 2)
+    return theta, s_last, evecs[:, :, -1]
+
+
+def _converged(alpha, beta, live, k, tol):
+    """``_eigh_top2`` and ``convergence_test``: (theta, s1, conv, klen)."""
+    theta, s_last, s1 = _eigh_top2(alpha, beta, live, k)
     conv, klen = convergence_test(theta, s_last, beta, live, k, tol)
-    return evals, evecs, conv, klen
+    return theta, s1, conv, klen
 
 
 def lanczos_fiedler(
@@ -214,10 +222,11 @@ class Steps(Protocol):
 
     ``begin(state, tol, check_every)`` starts a cycle; ``run(j0, j1)`` performs steps j0, ..., j1 - 1 of it
     on the device, without host synchronization, with exactly the semantics of ``_torch_step`` for every
-    problem (a problem that is done or stalled leaves its slots dead); ``converged(k, tol)`` is the test at
-    the checks in between. A ``self_checking`` implementation also freezes converged problems itself every
-    ``check_every`` steps (as the checks would, except that it cannot continue after a breakdown), and the
-    driver then runs a first cycle as one chunk (``begin`` without ``tol``: no checks of its own).
+    problem (a problem that is done or stalled leaves its slots dead); ``ritz(k)`` supplies the Ritz data of
+    the checks and of the end of the cycle. A ``self_checking`` implementation also freezes converged
+    problems itself every ``check_every`` steps (as the checks would, except that it cannot continue after a
+    breakdown), and the driver then runs a first cycle as one chunk (``begin`` without ``tol``: no checks
+    of its own).
     """
 
     self_checking: bool
@@ -226,10 +235,10 @@ class Steps(Protocol):
 
     def run(self, j0: int, j1: int) -> None: ...
 
-    def converged(self, k: int, tol: float) -> torch.Tensor:
-        """(b,) bool: ``convergence_test`` after k steps, computed on the device without an eigensolver.
-        Used between steps only; the end of a cycle re-tests with ``_converged``, so an estimate that
-        errs costs steps or a restart, never a wrong answer."""
+    def ritz(self, k: int, vectors: bool = False) -> tuple[torch.Tensor, ...]:
+        """The top two Ritz pairs of T after k steps, without an eigensolver: theta (b, 2), theta1 >= theta2;
+        s_last (b, 2), |last live component| of their unit eigenvectors (``convergence_test``'s inputs);
+        with ``vectors`` also (b, k) the unit eigenvector of theta1."""
         ...
 
 
@@ -310,7 +319,10 @@ def _cycle(op, y0, lengths, v0, idx, m, tol, check_every, salt, steps=None):
                 _torch_step(op, st, j, run, sub)
         else:
             steps.run(j0, k)
-        conv = _converged(st.alpha, st.beta, st.live, k, tol)[2] if steps is None else steps.converged(k, tol)
+        if steps is None:
+            conv = _converged(st.alpha, st.beta, st.live, k, tol)[2]
+        else:
+            conv = convergence_test(*steps.ritz(k), st.beta, st.live, k, tol)[0]
         # A first breakdown is not trusted (the top eigenvalue may be repeated); after one fresh
         # continuation the Ritz values of all blocks together decide. Converged problems freeze.
         st.done |= conv & (~st.stalled | revived)
@@ -335,11 +347,24 @@ def _cycle(op, y0, lengths, v0, idx, m, tol, check_every, salt, steps=None):
     # Slots past the last live one (a self-checking cycle runs to m) only pad T: drop them.
     k = max(1, int((st.live[:, :k].any(0) * torch.arange(1, k + 1, device=device)).max()))
     # The final test does not take ``done`` on trust: problems frozen by a check pass it again (their T has
-    # not changed since), and an estimate of ``steps.converged`` that was wrong shows up here.
-    evals, evecs, conv, klen = _converged(st.alpha, st.beta, st.live, k, tol)
+    # not changed since).
+    theta, s1, conv, klen = _final_ritz(st, k, tol, steps)
     conv = (conv & (~st.stalled | revived)) | exhausted | (klen >= st.cap)
-    y = torch.bmm(evecs[:, :, -1][:, None, :], basis[:, 1 : k + 1])[:, 0]
+    y = torch.bmm(s1[:, None, :], basis[:, 1 : k + 1])[:, 0]
     y = y / y.norm(dim=-1, keepdim=True).clamp_min(1e-300)
-    nan = torch.full_like(evals[:, -1], float("nan"))
-    th2 = torch.where(klen >= 2, evals[:, -2], nan) if k >= 2 else nan
-    return evals[:, -1], th2, y, klen, conv
+    th2 = torch.where(klen >= 2, theta[:, 1], torch.full_like(theta[:, 1], float("nan")))
+    return theta[:, 0], th2, y, klen, conv
+
+
+def _final_ritz(st: CycleState, k: int, tol: float, steps: Steps | None):
+    """(theta (b, 2), top eigenvector s1 (b, k), conv, klen) at the end of a cycle: from ``steps.ritz`` when
+    given (rows whose vector came out non-finite or zero fall back to eigh), else from eigh."""
+    if steps is None:
+        return _converged(st.alpha, st.beta, st.live, k, tol)
+    theta, s_last, s1 = steps.ritz(k, vectors=True)
+    bad = ~torch.isfinite(s1).all(1) | (s1.abs().sum(1) == 0)
+    if bool(bad.any()):
+        rows = torch.nonzero(bad).flatten()
+        theta[rows], s_last[rows], s1[rows] = _eigh_top2(st.alpha[rows], st.beta[rows], st.live[rows], k)
+    conv, klen = convergence_test(theta, s_last, st.beta, st.live, k, tol)
+    return theta, s1, conv, klen

@@ -104,11 +104,13 @@ def _variants() -> list[tuple[str, object, dict, dict, dict]]:
                   "ROUNDS": rz["ROUNDS"], "PARK": -8.0, "PIVMIN": 1e-290}
         out.append((f"lanczos-persistent-check{check}", _lanczos_persistent_kernel, sig, consts,
                     {"num_warps": lz["num_warps"]}))
-    sig = {"alpha_ptr": "*fp64", "beta_ptr": "*fp64", "live_ptr": "*i8", "tri_ptr": "*fp64", "out_ptr": "*fp64",
-           "M": "i32", "k": "i32", "KP": "constexpr", "S": "constexpr", "ROUNDS": "constexpr", "PARK": "constexpr",
-           "PIVMIN": "constexpr"}
-    consts = {"KP": 64, "S": rz["S"], "ROUNDS": rz["ROUNDS"], "PARK": -8.0, "PIVMIN": 1e-290}
-    out.append(("ritz-top2", _ritz_top2_kernel, sig, consts, {"num_warps": rz["num_warps"]}))
+    sig = {"alpha_ptr": "*fp64", "beta_ptr": "*fp64", "live_ptr": "*i8", "tri_ptr": "*fp64", "vec_ptr": "*fp64",
+           "out_ptr": "*fp64", "M": "i32", "k": "i32", "KP": "constexpr", "S": "constexpr", "ROUNDS": "constexpr",
+           "PARK": "constexpr", "PIVMIN": "constexpr", "STORE": "constexpr"}
+    for store in (False, True):  # convergence checks; end of a cycle (with the eigenvector)
+        consts = {"KP": 64, "S": rz["S"], "ROUNDS": rz["ROUNDS"], "PARK": -8.0, "PIVMIN": 1e-290, "STORE": store}
+        out.append((f"ritz-top2{'-vectors' if store else ''}", _ritz_top2_kernel, sig, consts,
+                    {"num_warps": rz["num_warps"]}))
     return out
 
 
@@ -182,7 +184,7 @@ def test_fp64_kernels_do_not_spill(compiled):
     # fp64 tiles cost two registers per element: the GPU block sizes of the mat-vec and the fused Lanczos
     # kernels are chosen to stay in registers (ptxas of sm_90a, at the default launch settings).
     for label in ("matvec-k1", "matvec-k4", "lanczos-matvec", "lanczos-step", "lanczos-persistent-check0",
-                  "lanczos-persistent-check6", "ritz-top2"):
+                  "lanczos-persistent-check6", "ritz-top2", "ritz-top2-vectors"):
         assert compiled[label]["spill_bytes"] == 0, compiled[label]
 
 

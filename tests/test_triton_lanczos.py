@@ -217,7 +217,8 @@ def test_graph_capture_failure_falls_back_to_launches(monkeypatch):
 
 
 def _eigh_top2(alpha, beta, live, k):
-    """Reference for ritz_top2: the dense eigh of ncutfast._lanczos (theta1, theta2 and |last components|)."""
+    """Reference for ritz_top2: the dense eigh of ncutfast._lanczos: theta1 >= theta2, |last components|, and
+    the top eigenvector."""
     from ncutfast import _lanczos
 
     evals, evecs = _lanczos._ritz(alpha, beta, live, k)
@@ -225,13 +226,14 @@ def _eigh_top2(alpha, beta, live, k):
     last = torch.where(live[:, :k], slots, torch.full_like(slots, -1)).max(1).values
     top = evecs[:, :, -2:].flip(-1) if k >= 2 else evecs[:, :, -1:].expand(-1, -1, 2)
     theta = evals[:, -2:].flip(-1) if k >= 2 else evals[:, -1:].expand(-1, 2)
-    return theta, top.gather(1, last[:, None, None].expand(-1, 1, 2))[:, 0].abs()
+    return theta, top.gather(1, last[:, None, None].expand(-1, 1, 2))[:, 0].abs(), evecs[:, :, -1]
 
 
 def test_ritz_top2_matches_eigh():
-    # Random tridiagonals (sizes 1, 2, 3, 7, 17; k = m and k < m), with dead slots and a zero coupling in
-    # some rows: Ritz values to rounding; last components to 1e-6 where T is one block, and never below the
-    # true value where a breakdown split it (the test may then stop late, never early).
+    # Random tridiagonals (k = 1, 2, 3, 7, 16, 17 of 17 slots) with a live prefix, a dead slot inside, a zero
+    # coupling (two blocks) and couplings of 1e-9 (eigenvectors localized anywhere, the last slot included:
+    # a one-directional recurrence fails there): Ritz values, last components and the top eigenvector as
+    # eigh has them.
     from ncutfast.kernels.ritz import ritz_top2
 
     g = torch.Generator().manual_seed(90)
@@ -242,16 +244,16 @@ def test_ritz_top2_matches_eigh():
     live[1, 9:] = False  # stopped early (converged or stalled): a live prefix
     live[2, 4] = False  # stalled at slot 3, revived at slot 5: a dead slot inside
     beta[3, 6] = 0.0  # breakdown: two blocks
-    split = torch.tensor([False, False, True, True, False, False], device=DEVICE)
+    beta[4] = 1e-9  # nearly diagonal
     for k in (1, 2, 3, 7, 16, 17):
-        theta, s_last = ritz_top2(alpha, beta, live, k)
-        want_theta, want_s = _eigh_top2(alpha, beta, live, k)
+        theta, s_last, vec = ritz_top2(alpha, beta, live, k, vectors=True)
+        want_theta, want_s, want_vec = _eigh_top2(alpha, beta, live, k)
         used = 2 if k >= 2 else 1
         torch.testing.assert_close(theta[:, :used], want_theta[:, :used], rtol=0, atol=1e-13)
-        one_block = ~split if k > 4 else torch.ones_like(split)
-        torch.testing.assert_close(s_last[one_block, :used], want_s[one_block, :used], rtol=1e-6, atol=1e-14)
-        low = s_last[:, :used] < want_s[:, :used] * (1 - 1e-6) - 1e-12
-        assert not bool(low.any()), (k, low)
+        torch.testing.assert_close(s_last[:, :used], want_s[:, :used], rtol=1e-9, atol=1e-15)
+        assert vec.shape == (b, k)
+        align = (vec * want_vec).sum(-1).abs()
+        assert bool((align > 1 - 1e-12).all()), (k, align)
     with pytest.raises(ValueError, match="k="):
         ritz_top2(alpha, beta, live, m + 1)
 
@@ -270,15 +272,40 @@ def test_ritz_top2_on_lanczos_states():
     fused.begin(st)
     for k in (4, 8, 16, 24):
         fused.run(k - 4, k)
-        theta, s_last = ritz_top2(st.alpha, st.beta, st.live, k)
-        want_theta, want_s = _eigh_top2(st.alpha, st.beta, st.live, k)
+        theta, s_last, vec = ritz_top2(st.alpha, st.beta, st.live, k, vectors=True)
+        want_theta, want_s, want_vec = _eigh_top2(st.alpha, st.beta, st.live, k)
         torch.testing.assert_close(theta, want_theta, rtol=0, atol=1e-13)
         ok = st.klen >= 2
         torch.testing.assert_close(s_last[ok], want_s[ok], rtol=1e-6, atol=1e-16)
+        assert bool(((vec * want_vec).sum(-1).abs() > 1 - 1e-12).all())
         for tol in (1e-6, 1e-8, 1e-10):
             got = _lanczos.convergence_test(theta, s_last, st.beta, st.live, k, tol)[0]
             assert torch.equal(got, _lanczos._converged(st.alpha, st.beta, st.live, k, tol)[2]), (k, tol)
     assert bool((want_s[:, 0] < 1e-9).any())  # converged pairs were among the cases
+
+
+def test_unusable_ritz_vectors_fall_back_to_eigh(monkeypatch):
+    # A vector that came out non-finite or zero from kernels.ritz (an overflowed recurrence) is recomputed by
+    # eigh for its rows alone: the solve still matches the op-by-op driver's.
+    from ncutfast import _lanczos
+
+    op, y0, lengths = _cycle_problems()
+    want = _lanczos.lanczos_fiedler(op, y0, lengths, tol=1e-10, max_iter=60)
+    fused = FusedSteps(op, "steps")
+    real = fused.ritz
+
+    def broken(k, vectors=False):
+        out = real(k, vectors)
+        if vectors:
+            out[2][3] = float("nan")
+            out[2][4] = 0.0
+        return out
+
+    monkeypatch.setattr(fused, "ritz", broken)
+    got = _lanczos.lanczos_fiedler(op, y0, lengths, tol=1e-10, max_iter=60, steps=fused)
+    assert torch.equal(got.iterations, want.iterations)
+    torch.testing.assert_close(got.theta1, want.theta1, rtol=0, atol=1e-12)
+    assert bool(((got.y * want.y).sum(-1).abs()[3:] > 1 - 1e-9).all())
 
 
 def test_fused_steps_bad_mode_and_state():

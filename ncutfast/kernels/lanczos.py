@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._lanczos import _BREAKDOWN, _PARK, convergence_test
+from .._lanczos import _BREAKDOWN, _PARK
 from ._utils import block_sizes, words_per_row
 from .ritz import PIVMIN, _converged_on_device, ritz_top2
 
@@ -348,7 +348,7 @@ def _lanczos_persistent_kernel(
             iterating = (tl.load(done_ptr + p) == 0) & (tl.load(stalled_ptr + p) == 0)
             if act & iterating & (k % CHECK == 0):
                 conv = _converged_on_device(alpha_ptr, beta_ptr, live_ptr, klen_ptr,
-                                            tri_ptr + p.to(tl.int64) * (2 * KR), tol_ptr, p, M, k, KR, S, ROUNDS,
+                                            tri_ptr + p.to(tl.int64) * (6 * KR), tol_ptr, p, M, k, KR, S, ROUNDS,
                                             PARK, PIVMIN)
                 tl.store(done_ptr + p, conv.to(tl.int8))
             tl.debug_barrier()
@@ -482,7 +482,8 @@ class FusedSteps:
     - "persistent": one launch per chunk of steps, ``_lanczos_persistent_kernel`` (one program per problem);
       given ``tol`` and ``check_every`` it tests convergence itself, so a whole cycle is one launch.
     The step counter lives on the device (one int32 per problem), so every launch of a chunk is identical.
-    The convergence checks between chunks use ``kernels.ritz`` (one launch) instead of a batched ``eigh``.
+    The Ritz pairs (convergence checks, end of a cycle) come from ``kernels.ritz`` (one launch) instead of
+    a batched ``eigh``.
     """
 
     MODES = ("steps", "graph", "persistent")
@@ -515,8 +516,8 @@ class FusedSteps:
         self._check = check_every if self.self_checking and tol is not None else 0
         self._tol = torch.tensor([0.5 * tol, tol**0.5] if tol is not None else [0.0, 0.0], dtype=torch.float64,
                                  device=dev)
-        self._tri = torch.empty(b, 2 * max(2, triton.next_power_of_2(state.alpha.shape[1])), dtype=torch.float64,
-                                device=dev)
+        self._tri = torch.empty(b, 6 * max(2, triton.next_power_of_2(state.alpha.shape[1])), dtype=torch.float64,
+                                device=dev)  # scratch of kernels.ritz
 
     def run(self, j0: int, j1: int) -> None:
         """Steps j0, ..., j1 - 1 of the cycle (the device counter is at j0), no host synchronization."""
@@ -553,11 +554,10 @@ class FusedSteps:
         self._graph, self._graph_len = graph, count
         return True
 
-    def converged(self, k: int, tol: float) -> torch.Tensor:
-        """The convergence test after k steps from ``kernels.ritz.ritz_top2`` (one launch, no eigensolver)."""
+    def ritz(self, k: int, vectors: bool = False):
+        """Top two Ritz pairs after k steps from ``kernels.ritz.ritz_top2`` (one launch, no eigensolver)."""
         st = self._st
-        theta, s_last = ritz_top2(st.alpha, st.beta, self._flags[0], k)
-        return convergence_test(theta, s_last, st.beta, st.live, k, tol)[0]
+        return ritz_top2(st.alpha, st.beta, self._flags[0], k, vectors=vectors)
 
     def _one_step(self) -> None:
         self.launch_matvec()
@@ -629,6 +629,6 @@ class FusedSteps:
             st.cap, done, stalled, self._step, self._tri, self._tol, n, op.mask.shape[2], st.alpha.shape[1],
             st.basis.stride(0), st.basis.stride(1), count,
             BREAKDOWN=_BREAKDOWN, KB=triton.next_power_of_2(rows), BM=cfg["BM"], BN=cfg["BN"], BS=cfg["BS"],
-            CHECK=self._check, KR=self._tri.shape[1] // 2, S=rz["S"], ROUNDS=rz["ROUNDS"], PARK=_PARK,
+            CHECK=self._check, KR=self._tri.shape[1] // 6, S=rz["S"], ROUNDS=rz["ROUNDS"], PARK=_PARK,
             PIVMIN=PIVMIN, num_warps=cfg["num_warps"],
         )
