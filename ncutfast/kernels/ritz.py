@@ -89,6 +89,14 @@ def _twist(tri, piv, k, theta, row: tl.constexpr, KP: tl.constexpr):
 
 
 @triton.jit
+def _twist_step(z, nrm2, at_last, ratio, active, is_last):
+    """One entry of a twisted-factorization recurrence: z <- -ratio z (coupling over pivot), its square
+    added to the norm, and kept if this is the last live slot; nothing where ``active`` is False."""
+    z = tl.where(active, -ratio * z, z)
+    return z, nrm2 + tl.where(active, z * z, 0.0), tl.where(active & is_last, z, at_last)
+
+
+@triton.jit
 def _ritz_core(alpha_ptr, beta_ptr, live_ptr, tri, vec, base, k,
                KP: tl.constexpr, S: tl.constexpr, ROUNDS: tl.constexpr, PARK: tl.constexpr, PIVMIN: tl.constexpr,
                STORE: tl.constexpr):
@@ -150,33 +158,21 @@ def _ritz_core(alpha_ptr, beta_ptr, live_ptr, tri, vec, base, k,
     n2 = z1
     at_last1 = tl.where(last == r1, z1, 0.0)  # fp64 like the loop's values (a bare 1.0 would be fp32)
     at_last2 = tl.where(last == r2, z1, 0.0)
-    for i_ in range(0, k):
+    for i_ in range(0, k):  # upwards: i = k - 1, ..., 0, active below the twist
         i = k - 1 - i_
         c = tl.load(tri + k + i + 1, mask=i + 1 < k, other=0.0)
-        up1 = i < r1
-        up2 = i < r2
-        z1 = tl.where(up1, -(c / tl.load(piv + i)) * z1, z1)
-        z2 = tl.where(up2, -(c / tl.load(piv + k + i)) * z2, z2)
-        n1 += tl.where(up1, z1 * z1, 0.0)
-        n2 += tl.where(up2, z2 * z2, 0.0)
-        at_last1 = tl.where(up1 & (i == last), z1, at_last1)
-        at_last2 = tl.where(up2 & (i == last), z2, at_last2)
+        z1, n1, at_last1 = _twist_step(z1, n1, at_last1, c / tl.load(piv + i), i < r1, i == last)
+        z2, n2, at_last2 = _twist_step(z2, n2, at_last2, c / tl.load(piv + k + i), i < r2, i == last)
         if STORE:
-            tl.store(vec + i, z1, mask=up1)
+            tl.store(vec + i, z1, mask=i < r1)
     z1 = tl.full((), 1.0, tl.float64)
     z2 = z1
-    for i in range(0, k):
+    for i in range(0, k):  # downwards, active above the twist
         c = tl.load(tri + k + i)
-        down1 = i > r1
-        down2 = i > r2
-        z1 = tl.where(down1, -(c / tl.load(piv + 2 * k + i)) * z1, z1)
-        z2 = tl.where(down2, -(c / tl.load(piv + 3 * k + i)) * z2, z2)
-        n1 += tl.where(down1, z1 * z1, 0.0)
-        n2 += tl.where(down2, z2 * z2, 0.0)
-        at_last1 = tl.where(down1 & (i == last), z1, at_last1)
-        at_last2 = tl.where(down2 & (i == last), z2, at_last2)
+        z1, n1, at_last1 = _twist_step(z1, n1, at_last1, c / tl.load(piv + 2 * k + i), i > r1, i == last)
+        z2, n2, at_last2 = _twist_step(z2, n2, at_last2, c / tl.load(piv + 3 * k + i), i > r2, i == last)
         if STORE:
-            tl.store(vec + i, z1, mask=down1)
+            tl.store(vec + i, z1, mask=i > r1)
     finite1 = n1 < float("inf")  # False for inf and NaN
     finite2 = n2 < float("inf")
     if STORE:
