@@ -150,8 +150,9 @@ def _ritz_core(alpha_ptr, beta_ptr, live_ptr, tri, vec, base, k,
     tl.debug_barrier()
     r1 = _twist(tri, piv, k, theta1, 0, KP)
     r2 = _twist(tri, piv, k, theta2, 1, KP)
-    if STORE:
+    if STORE:  # z_r = 1; entries the recurrences do not reach (other blocks, dead slots) stay 0
         tl.store(vec + jj, tl.where(jj == r1, 1.0, 0.0), mask=in_k)
+        tl.debug_barrier()  # before the loops' scalar stores, which other threads may issue
     z1 = tl.full((), 1.0, tl.float64)
     z2 = z1
     n1 = z1
