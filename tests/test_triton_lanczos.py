@@ -229,7 +229,8 @@ def _eigh_top2(alpha, beta, live, k):
     return theta, top.gather(1, last[:, None, None].expand(-1, 1, 2))[:, 0].abs(), evecs[:, :, -1]
 
 
-def test_ritz_top2_matches_eigh():
+@pytest.mark.parametrize("settings", [{}, {"S": 32, "ROUNDS": 11}], ids=["default", "gpu-multisection"])
+def test_ritz_top2_matches_eigh(settings):
     # Random tridiagonals (k = 1, 2, 3, 7, 16, 17 of 17 slots) with a live prefix, a dead slot inside, a zero
     # coupling (two blocks) and couplings of 1e-9 (eigenvectors localized anywhere, the last slot included:
     # a one-directional recurrence fails there): Ritz values, last components and the top eigenvector as
@@ -246,7 +247,8 @@ def test_ritz_top2_matches_eigh():
     beta[3, 6] = 0.0  # breakdown: two blocks
     beta[4] = 1e-9  # nearly diagonal
     for k in (1, 2, 3, 7, 16, 17):
-        theta, s_last, vec = ritz_top2(alpha, beta, live, k, vectors=True)
+        with _utils.override("ritz", **settings):  # the GPU's narrow, many-round multisection too
+            theta, s_last, vec = ritz_top2(alpha, beta, live, k, vectors=True)
         want_theta, want_s, want_vec = _eigh_top2(alpha, beta, live, k)
         used = 2 if k >= 2 else 1
         torch.testing.assert_close(theta[:, :used], want_theta[:, :used], rtol=0, atol=1e-13)
