@@ -317,11 +317,9 @@ def _cycle(op, y0, lengths, v0, idx, m, tol, check_every, salt, steps=None):
         if steps is None:
             for j in range(j0, k):
                 _torch_step(op, st, j, run, sub)
-        else:
-            steps.run(j0, k)
-        if steps is None:
             conv = _converged(st.alpha, st.beta, st.live, k, tol)[2]
         else:
+            steps.run(j0, k)
             conv = convergence_test(*steps.ritz(k), st.beta, st.live, k, tol)[0]
         # A first breakdown is not trusted (the top eigenvalue may be repeated); after one fresh
         # continuation the Ritz values of all blocks together decide. Converged problems freeze.
