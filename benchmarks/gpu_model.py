@@ -194,7 +194,7 @@ class Loop:
     name: str = ""
 
 
-_INSTR = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)\s*([^;]*);")
+_INSTR = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Za-z0-9_.]*)\s*([^;]*);")
 _LABEL = re.compile(r"^(\.L\w+|\$[\w$.]+):")
 _LINE = re.compile(r'//## File "([^"]+)", line (\d+)')
 
