@@ -200,15 +200,19 @@ _LINE = re.compile(r'//## File "([^"]+)", line (\d+)')
 
 
 def parse_sass(text: str) -> tuple[list[Instr], dict[str, int]]:
-    """Instructions and label addresses of the text section of ``nvdisasm -c -gi`` output (one kernel)."""
+    """Instructions and label addresses of the text section of ``nvdisasm -c -gi`` output (one kernel). An
+    instruction's location is the innermost one of its line info (``-gi`` prints the inlining chain, innermost
+    first)."""
     instrs: list[Instr] = []
     labels: dict[str, int] = {}
     pending: list[str] = []
     file, line = "", 0
+    innermost = False  # a location was read since the last instruction: the next ones are its callers
     for raw in text.splitlines():
         m = _LINE.search(raw)
         if m:
-            file, line = m.group(1), int(m.group(2))
+            if not innermost:
+                file, line, innermost = m.group(1), int(m.group(2)), True
             continue
         m = _LABEL.match(raw.strip())
         if m:
@@ -221,6 +225,7 @@ def parse_sass(text: str) -> tuple[list[Instr], dict[str, int]]:
                 labels[lab] = addr
             pending = []
             instrs.append(Instr(addr, (m.group(2) or "").strip(), m.group(3), m.group(4).strip(), file, line))
+            innermost = False
     for lab in pending:  # a label at the very end
         labels[lab] = instrs[-1].addr + 16 if instrs else 0
     return instrs, labels
@@ -819,10 +824,7 @@ def solve_time(w: Workload, precision: str, gpu: str, steps: list[int], solver: 
 # ---------------------------------------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------------------------------------
-ROW_FIELDS = ("workload", "gpu", "launch", "programs", "warps", "regs", "smem_kb", "occupancy", "warp_insts",
-              *CLASSES, "tensor_gflop", "unit", "thread_insts_per_unit", "dram_mb", "requested_mb",
-              "bound_us", "binds", "issue_us", "fma_us", "alu_us", "fp64_us", "xu_us", "lsu_us", "tensor_us",
-              "dram_us", "warp_serial_us")
+
 
 
 def launch_row(workload: str, gpu: str, ln: Launch) -> dict[str, object]:
@@ -838,6 +840,8 @@ def launch_row(workload: str, gpu: str, ln: Launch) -> dict[str, object]:
     row["tensor_gflop"] = round(sum(c.tensor.values()) * ln.programs * k.warps / 1e9, 3)
     row["unit"] = ln.unit[0]
     row["thread_insts_per_unit"] = round(c.total * total_threads / ln.unit[1], 2) if ln.unit[1] else 0
+    for cls in CLASSES:
+        row[f"{cls}_per_unit"] = round(c.by_class.get(cls, 0.0) * total_threads / ln.unit[1], 3) if ln.unit[1] else 0
     row["dram_mb"] = round(ln.dram_bytes / 1e6, 2)
     row["requested_mb"] = round(c.global_bytes * ln.programs * k.warps / 1e6, 2)
     row["bound_us"] = round(b.seconds * 1e6, 2)
@@ -847,13 +851,35 @@ def launch_row(workload: str, gpu: str, ln: Launch) -> dict[str, object]:
     return row
 
 
-def static_row(k: Kernel) -> dict[str, object]:
-    """A CUDA-extension kernel without a launch model: static instruction counts (each instruction once) and
-    its loops with their source lines."""
+# Innermost loops of the CUDA extension worth a per-unit count (loop name = innermost source line of its
+# back-edge): what one iteration of each does, per thread.
+CUDA_HOT_LOOPS = {"graph.h:58": "set bit of a mask word (word_dot)", "solve_cuda.cu:78": "mask word of a row",
+                  "solve_cuda.cu:47": "unrolled iteration of a dot (reorthogonalization)",
+                  "graph_cuda.cu:24": "mask word packed from similarities"}
+
+
+def static_rows(k: Kernel) -> list[dict[str, object]]:
+    """A CUDA-extension kernel without a launch model (its whole Lanczos solve runs in one program per
+    problem, through ~100 loops): one row of static counts (each instruction once), then one row per hot
+    loop (``CUDA_HOT_LOOPS``; the first copy of it in the SASS): its own body per iteration, by class."""
     c = count(k.instrs, k.loops, {lp.name: 1 for lp in k.loops})
-    return {"kernel": k.name, "regs": k.regs, "smem_kb": round(k.smem / 1024, 1), "instructions": round(c.total),
-            **{cls: round(c.by_class.get(cls, 0.0)) for cls in CLASSES},
-            "loops": " ".join(f"{lp.name}({lp.end - lp.start + 16 >> 4})" for lp in k.loops)}
+    m = re.search(r"\d+([a-z][a-z_]*_kernel)(I([df])E)?", k.name)
+    short = (m.group(1) + {"d": "<double>", "f": "<float>", None: ""}[m.group(3)]) if m else k.name
+    rows = [{"kernel": short, "part": f"whole kernel, static ({len(k.loops)} loops)", "regs": k.regs,
+             "smem_kb": round(k.smem / 1024, 1), "instructions": round(c.total),
+             **{cls: round(c.by_class.get(cls, 0.0)) for cls in CLASSES}}]
+    seen = set()
+    for i, lp in enumerate(k.loops):
+        if lp.name not in CUDA_HOT_LOOPS or lp.name in seen:
+            continue
+        seen.add(lp.name)
+        inner = [j for j, o in enumerate(k.loops) if o.parent == i]
+        body = [ins for ins in k.instrs if lp.start <= ins.addr <= lp.end
+                and not any(k.loops[j].start <= ins.addr <= k.loops[j].end for j in inner)]
+        cls = Counter(classify(ins.opcode)[0] for ins in body)
+        rows.append({"kernel": short, "part": f"loop {lp.name}: per {CUDA_HOT_LOOPS[lp.name]}", "regs": "",
+                     "smem_kb": "", "instructions": len(body), **{c_: cls.get(c_, 0) for c_ in CLASSES}})
+    return rows
 
 
 def _table(rows: list[dict[str, object]], cols: list[str]) -> list[str]:
@@ -942,9 +968,9 @@ def main(argv: list[str] | None = None) -> int:
     gpus = ["H100 SXM"] if args.quick else list(RATES)
     rows, solves, md = model(workloads, gpus, alternatives=not args.quick)
     if args.cuda_ext:
-        ext = [static_row(k) for k in compile_cuda_extension(Path(__file__).resolve().parent.parent)]
-        md += ["### CUDA extension (csrc/cuda), static: each instruction once; loops by source line (body size "
-               "in instructions)", "", *_table(ext, list(ext[0]) if ext else ["kernel"]), ""]
+        ext = [r for k in compile_cuda_extension(Path(__file__).resolve().parent.parent) for r in static_rows(k)]
+        md += ["### CUDA extension (csrc/cuda, sm_90a): static counts and the hot loops' bodies (thread "
+               "instructions per iteration)", "", *_table(ext, list(ext[0]) if ext else ["kernel"]), ""]
     args.out.mkdir(parents=True, exist_ok=True)
     _write_csv(args.out / "gpu_model.csv", rows)
     _write_csv(args.out / "gpu_model_solve.csv", solves)
