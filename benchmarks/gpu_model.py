@@ -36,6 +36,7 @@ the whole batch until its slowest problem has converged, and the problems that a
     python benchmarks/gpu_model.py --quick         # N = 3600 only, default path kernels (CI)
     python benchmarks/gpu_model.py --out DIR       # CSV + markdown into DIR (default benchmarks/results)
     python benchmarks/gpu_model.py --measure-iterations   # re-measure ITERATIONS on the CPU (minutes)
+    python benchmarks/gpu_model.py --compare bench_triton.csv  # measured (GPU) beside predicted, per row
 
 The last line printed is ``predicted images/s (H100 SXM, batch 256, N=3600, C=768): fast=.. exact=..
 float32=..``. The mode "exact" does not exist in the library yet: until it does, it is modeled as the
@@ -824,9 +825,6 @@ def solve_time(w: Workload, precision: str, gpu: str, steps: list[int], solver: 
 # ---------------------------------------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------------------------------------
-
-
-
 def launch_row(workload: str, gpu: str, ln: Launch) -> dict[str, object]:
     """One CSV row: counts per warp of one program (by class), totals per unit of work, bounds in us."""
     c, k = ln.counts(), ln.kernel
@@ -951,6 +949,55 @@ def measure_iterations(scenes: int) -> None:
         print(f"    ({n}, {c}): {[int(v) for v in r.iterations]},", flush=True)
 
 
+def _steps_for(n: int, c: int) -> list[int]:
+    """GPU step counts of the planted scenes at (n, c), else at the measured size with the same n."""
+    key = (n, c) if (n, c) in ITERATIONS else next((k for k in ITERATIONS if k[0] == n), None)
+    if key is None:
+        raise KeyError(f"n: no measured Lanczos step counts for N={n} (ITERATIONS has {sorted(ITERATIONS)})")
+    return gpu_steps(ITERATIONS[key])
+
+
+def predicted_for_bench(w: Workload, precision: str, kernel: str, gpu: str) -> tuple[float, str] | None:
+    """(lower-bound seconds, binding resource) of a row of benchmarks/bench_triton.py, or None when the model
+    has no counterpart (other precisions, the eigh baseline, CUDA graph / op-by-op solve modes)."""
+    if precision not in ("fast", "float32"):
+        return None
+    step_at = 16  # bench_triton's _STEP_AT
+    single = {"matvec": lambda: [w.residual_matvec()], "step-matvec": lambda: [w.lanczos_matvec(w.b)],
+              "step-matvec-int8": lambda: w.int8_matvec(w.b), "step-reorth": lambda: [w.lanczos_step(w.b, step_at)],
+              "step": lambda: [w.lanczos_matvec(w.b), w.lanczos_step(w.b, step_at)],
+              "affinity": lambda: [w.normalize(precision), w.affinity(precision)]}
+    if kernel in single:
+        bounds = [ln.bound(gpu) for ln in single[kernel]()]
+        return sum(b.seconds for b in bounds), "+".join(b.binds for b in bounds)
+    solver = {"ncut": "steps", "ncut-steps-int8": "int8", "ncut-persistent": "persistent"}.get(kernel)
+    if solver is None:
+        return None
+    return solve_time(w, precision, gpu, _steps_for(w.n, w.c), solver).seconds, "sum of launches"
+
+
+def compare(bench_csv: Path, channels: int, batch: int) -> list[str]:
+    """Markdown table: each row of a bench_triton.py CSV (measured on a GPU) beside the model's lower bound
+    for the same launch on the datasheet rates of that card (H200 if its name says so, else H100 SXM)."""
+    with bench_csv.open() as fh:
+        rows = list(csv.DictReader(fh))
+    out = []
+    for r in rows:
+        gpu = "H200" if "H200" in r.get("card", "") else "H100 SXM"
+        w = Workload(int(r["N"]), channels, batch)
+        pred = predicted_for_bench(w, r["precision"], r["kernel"], gpu)
+        if pred is None:
+            continue
+        ms = float(r["ms"])
+        out.append({"N": r["N"], "precision": r["precision"], "kernel": r["kernel"], "card": r.get("card", ""),
+                    "measured_ms": r["ms"], "model": gpu, "predicted_ms": f"{pred[0] * 1e3:.3f}",
+                    "measured/predicted": f"{ms / (pred[0] * 1e3):.2f}" if pred[0] > 0 else "",
+                    "binds": pred[1]})
+    if not out:
+        return ["(no benchmark row has a model counterpart)"]
+    return _table(out, list(out[0]))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="N=3600 only, H100 SXM only, default path kernels")
@@ -959,11 +1006,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cuda-ext", action="store_true", help="also disassemble the CUDA extension (nvcc)")
     ap.add_argument("--measure-iterations", type=int, metavar="SCENES", nargs="?", const=24,
                     help="measure ITERATIONS on the CPU instead (default 24 scenes per size)")
+    ap.add_argument("--compare", type=Path, metavar="CSV",
+                    help="instead: put the rows of a benchmarks/bench_triton.py CSV beside the model's bounds")
+    ap.add_argument("--channels", type=int, default=768, help="C of the --compare benchmark (its default)")
+    ap.add_argument("--batch", type=int, default=BATCH, help="batch of the --compare benchmark (its default)")
     args = ap.parse_args(argv)
     if args.measure_iterations:
         measure_iterations(args.measure_iterations)
         return 0
-    os.environ.pop("TRITON_INTERPRET", None)  # compile for the GPU, never interpret
+    if os.environ.pop("TRITON_INTERPRET", None) not in (None, "", "0"):
+        # @triton.jit chose the interpreter if ncutfast.kernels was imported already: compile needs a fresh one
+        print("gpu_model: TRITON_INTERPRET is set; unset it (kernels must be compiled, not interpreted)",
+              file=sys.stderr)
+        return 2
+    if args.compare:
+        if not args.compare.is_file():
+            print(f"gpu_model: --compare: no such file: {args.compare}", file=sys.stderr)
+            return 2
+        lines = compare(args.compare, args.channels, args.batch)
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "gpu_model_compare.md").write_text("\n".join(lines) + "\n")
+        print("\n".join(lines))
+        return 0
     workloads = [(3600, 768)] if args.quick else [(3600, 768), (784, 384)]
     gpus = ["H100 SXM"] if args.quick else list(RATES)
     rows, solves, md = model(workloads, gpus, alternatives=not args.quick)
