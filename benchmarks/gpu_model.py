@@ -72,7 +72,8 @@ from pathlib import Path
 # https://resources.nvidia.com/en-us-tensor-core/gtc22-whitepaper-hopper (boost clock 1.98 GHz: 132 SMs x
 # 128 FP32 lanes x 2 x 1.98 GHz = 66.9 TFLOPS), https://docs.nvidia.com/cuda/cuda-c-programming-guide/
 # #arithmetic-instructions (lanes per clock per SM on cc 9.0: FP32 128, FP64 64, integer add/logic/shift/
-# compare 64, integer multiply-add 64, conversions and popc 16, warp shuffle 32).
+# compare 64, integer multiply-add 64, conversions and popc 16, warp shuffle 32). Loads and stores: 32 lanes
+# per clock (the whitepaper's SM diagram: 8 LD/ST units per sub-partition), shuffles counted with them.
 # ---------------------------------------------------------------------------------------------------------
 RATES: dict[str, dict[str, float]] = {
     "H100 SXM": {"sms": 132, "clock_hz": 1.98e9, "dram_bps": 3.35e12, "tc_fp16": 989.4e12, "tc_tf32": 494.7e12,
@@ -427,7 +428,7 @@ class Kernel:
     warps: int
 
 
-def disassemble(cubin: bytes, function: str | None = None) -> tuple[str, dict[str, dict[str, int]]]:
+def disassemble(cubin: bytes) -> tuple[str, dict[str, dict[str, int]]]:
     """(``nvdisasm -c -gi`` text, {function: {"regs", "smem"}} from ``cuobjdump -res-usage``) of a cubin."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "k.cubin")
@@ -624,7 +625,8 @@ class Workload:
         return Launch(f"normalize-{dst}", k, _cdiv(n, cfg["BR"]) * b, trips, b * n * c * (4 + size),
                       ("feature", b * n * c))
 
-    def affinity(self, precision: str) -> Launch:
+    def affinity(self, precision: str, tf32x3: bool | None = None) -> Launch:
+        """The affinity launch; ``tf32x3`` overrides the launch setting of that name (float32 only)."""
         import triton.language as tl
 
         from ncutfast.kernels.affinity import _affinity_kernel
@@ -632,7 +634,8 @@ class Workload:
         cfg = self.cfg["affinity_fast" if precision == "fast" else "affinity"]
         dtype, size, dot = {"fast": ("fp16", 2, "tf32"), "float32": ("fp32", 4, "ieee"),
                             "exact": ("fp32", 4, "ieee")}[precision]
-        if precision != "fast" and cfg["tf32x3"]:
+        x3 = cfg["tf32x3"] if tf32x3 is None else tf32x3
+        if precision != "fast" and x3:
             dot = "tf32x3"
         n, c, b, bt = self.n, self.c, self.b, cfg["BT"]
         sig = {"f_ptr": (f"*{dtype}", 0), "pairs_ptr": ("*i32", 0), "len_ptr": ("*i32", 0), "tau_ptr": ("*fp64", 0),
@@ -643,7 +646,8 @@ class Workload:
         tiles = _cdiv(n, bt)
         pairs = tiles * (tiles + 1) // 2
         dram = b * (n * c * size + n * self.words * 4 + n * 4)  # features once, mask and counts written
-        return Launch(f"affinity-{precision}", k, pairs * b, {"_affinity_kernel#0": _cdiv(c, cfg["BK"])}, dram,
+        label = f"affinity-{precision}" + ("-tf32x3" if dot == "tf32x3" else "")
+        return Launch(label, k, pairs * b, {"_affinity_kernel#0": _cdiv(c, cfg["BK"])}, dram,
                       ("similarity", pairs * b * bt * bt))
 
     # -- Lanczos ---------------------------------------------------------------------------------------------
@@ -904,7 +908,7 @@ def model(workloads: list[tuple[int, int]], gpus: list[str], alternatives: bool)
                     w.lanczos_matvec(w.b), w.lanczos_step(w.b, len(active) // 2), w.ritz(len(active), False),
                     w.ritz(len(active), True), w.residual_matvec()]
         if alternatives:
-            launches += [*w.int8_matvec(w.b), w.persistent(steps)]
+            launches += [w.affinity("float32", tf32x3=True), *w.int8_matvec(w.b), w.persistent(steps)]
         for gpu in gpus:
             gpu_rows = [launch_row(label, gpu, ln) for ln in launches]
             rows += gpu_rows
