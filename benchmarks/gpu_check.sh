@@ -153,7 +153,7 @@ rm -rf "$HARNESS_TMP"
   echo "## measured vs predicted (benchmarks/gpu_model.py: lower bounds from the SASS and datasheet rates)"
   echo
   if [ -s "$OUT/model/gpu_model_compare.md" ]; then cat "$OUT/model/gpu_model_compare.md"; else echo "(none)"; fi
-  tail -n 1 "$OUT/model/gpu_model.log" 2>/dev/null
+  grep -h '^predicted images/s' "$OUT/model/gpu_model.log" 2>/dev/null
   echo
   echo "## ncutfast.bench --device cuda --quick"
   echo
