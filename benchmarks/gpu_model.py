@@ -61,6 +61,8 @@ from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
+from ncutfast.backends.contract import BREAKDOWN, KRYLOV_DIM, PARK
+
 # ---------------------------------------------------------------------------------------------------------
 # Machine rates. One table; per-SM per-clock lane rates are from the CUDA C++ Programming Guide, section
 # "Arithmetic Instructions" (throughput table, compute capability 9.0) and the Hopper whitepaper (SM
@@ -548,8 +550,7 @@ ITERATIONS = {
     (3600, 768): [9, 12, 7, 7, 7, 9, 6, 8, 14, 9, 7, 5, 12, 7, 5, 7, 6, 14, 14, 12, 7, 5, 7, 5],
     (784, 384): [16, 14, 12, 9, 16, 16, 14, 18, 16, 11, 7, 10, 12, 16, 5, 14, 7, 7, 16, 14, 11, 6, 16, 6],
 }
-CHECK_EVERY_GPU = 6  # ncutfast._lanczos.lanczos_fiedler's check interval on a GPU
-KRYLOV_DIM = 48  # its default basis size of one cycle
+CHECK_EVERY_GPU = 6  # ncutfast.backends.lanczos.lanczos_fiedler's check interval on a GPU
 BATCH = 256
 PRECISIONS = ("fast", "exact", "float32")
 EXACT_NOTE = ('"exact": precision="exact" is not in the library yet; modeled as the float32 path (IEEE fp32 '
@@ -674,13 +675,12 @@ class Workload:
     def lanczos_step(self, active: int, j: int) -> Launch:
         import triton
 
-        from ncutfast._lanczos import _BREAKDOWN
         from ncutfast.kernels.lanczos import _lanczos_step_kernel
 
         cfg, n = self.cfg["lanczos"], self.n
         sig = {"len_ptr": ("*i32", 0), "idx_ptr": ("*i32", 0), **self._state_sig(), "N_max": ("i32", n),
                "M": ("i32", self.m), "stride_bb": ("i32", (self.m + 2) * n), "stride_br": ("i32", n),
-               "BREAKDOWN": ("constexpr", _BREAKDOWN), "KB": ("constexpr", triton.next_power_of_2(self.m + 2)),
+               "BREAKDOWN": ("constexpr", BREAKDOWN), "KB": ("constexpr", triton.next_power_of_2(self.m + 2)),
                "BN": ("constexpr", cfg["BS"])}
         k = compile_triton(_lanczos_step_kernel, sig, {"num_warps": cfg["num_warps"]})
         t = _cdiv(n, cfg["BS"])
@@ -692,7 +692,6 @@ class Workload:
     def ritz(self, k_steps: int, vectors: bool) -> Launch:
         import triton
 
-        from ncutfast._lanczos import _PARK
         from ncutfast.kernels.ritz import PIVMIN, _ritz_top2_kernel
 
         rz = self.cfg["ritz"]
@@ -700,7 +699,7 @@ class Workload:
         sig = {"alpha_ptr": ("*fp64", 0), "beta_ptr": ("*fp64", 0), "live_ptr": ("*i8", 0), "tri_ptr": ("*fp64", 0),
                "vec_ptr": ("*fp64", 0), "out_ptr": ("*fp64", 0), "M": ("i32", self.m), "k": ("i32", k_steps),
                "KP": ("constexpr", kp), "S": ("constexpr", rz["S"]), "ROUNDS": ("constexpr", rz["ROUNDS"]),
-               "PARK": ("constexpr", _PARK), "PIVMIN": ("constexpr", PIVMIN), "STORE": ("constexpr", vectors)}
+               "PARK": ("constexpr", PARK), "PIVMIN": ("constexpr", PIVMIN), "STORE": ("constexpr", vectors)}
         k = compile_triton(_ritz_top2_kernel, sig, {"num_warps": rz["num_warps"]})
         trips = {"_ritz_core#0": rz["ROUNDS"], "_sturm_count#0": k_steps, "_pivots#0": k_steps,
                  "_pivots#1": k_steps, "_ritz_core#1": k_steps, "_ritz_core#2": k_steps}
@@ -753,7 +752,6 @@ class Workload:
         only, which is not counted)."""
         import triton
 
-        from ncutfast._lanczos import _BREAKDOWN, _PARK
         from ncutfast.kernels.lanczos import _lanczos_persistent_kernel
         from ncutfast.kernels.ritz import PIVMIN
 
@@ -763,10 +761,10 @@ class Workload:
                "idx_ptr": ("*i32", 0), **self._state_sig(), "tri_ptr": ("*fp64", 0), "tol_ptr": ("*fp64", 0),
                "N_max": ("i32", n), "W": ("i32", self.words), "M": ("i32", self.m),
                "stride_bb": ("i32", (self.m + 2) * n), "stride_br": ("i32", n), "n_steps": ("i32", self.m),
-               "BREAKDOWN": ("constexpr", _BREAKDOWN), "KB": ("constexpr", triton.next_power_of_2(self.m + 2)),
+               "BREAKDOWN": ("constexpr", BREAKDOWN), "KB": ("constexpr", triton.next_power_of_2(self.m + 2)),
                "BM": ("constexpr", cfg["BM"]), "BN": ("constexpr", cfg["BN"]), "BS": ("constexpr", cfg["BS"]),
                "CHECK": ("constexpr", CHECK_EVERY_GPU), "KR": ("constexpr", kr), "S": ("constexpr", rz["S"]),
-               "ROUNDS": ("constexpr", rz["ROUNDS"]), "PARK": ("constexpr", _PARK), "PIVMIN": ("constexpr", PIVMIN)}
+               "ROUNDS": ("constexpr", rz["ROUNDS"]), "PARK": ("constexpr", PARK), "PIVMIN": ("constexpr", PIVMIN)}
         k = compile_triton(_lanczos_persistent_kernel, sig, {"num_warps": cfg["num_warps"]})
         g = max(steps)
         t = _cdiv(n, cfg["BS"])
