@@ -13,7 +13,9 @@ launch:
 - bytes moved (a DRAM formula per kernel, unique bytes) and bytes requested by the global loads/stores of
   the SASS;
 - a lower-bound time = max(issue-limited, each pipe's throughput-limited, memory-limited), from the rates
-  of ``RATES`` below, on the busiest SM.
+  of ``RATES`` below, on the busiest SM. Not counted: launch overheads, host synchronizations, memory and
+  instruction latencies, L2 traffic (the CSV has the bytes the loads request), masked-off lanes (a
+  predicated instruction costs its issue slot and its lanes either way).
 
 Method for loops (static counts times trip counts): a loop of the SASS is a backward branch; its body is
 the address range [branch target, branch]. Nested loops are ranges inside ranges. Every instruction
@@ -32,16 +34,17 @@ with the Lanczos step counts of CPU runs of the same planted scenes (``ITERATION
 ``--measure-iterations``), rounded up to the GPU's check interval (6 steps): the launches of a step run for
 the whole batch until its slowest problem has converged, and the problems that are done skip their work.
 
-    python benchmarks/gpu_model.py                 # both workloads, every kernel (about 1 min here)
-    python benchmarks/gpu_model.py --quick         # N = 3600 only, default path kernels (CI)
+    python benchmarks/gpu_model.py                 # both workloads, H100 SXM and H200, every kernel
+    python benchmarks/gpu_model.py --quick         # N = 3600 on the H100 SXM, default path kernels (CI)
+    python benchmarks/gpu_model.py --cuda-ext      # also the CUDA extension's kernels (nvcc), statically
     python benchmarks/gpu_model.py --out DIR       # CSV + markdown into DIR (default benchmarks/results)
     python benchmarks/gpu_model.py --measure-iterations   # re-measure ITERATIONS on the CPU (minutes)
     python benchmarks/gpu_model.py --compare bench_triton.csv  # measured (GPU) beside predicted, per row
 
 The last line printed is ``predicted images/s (H100 SXM, batch 256, N=3600, C=768): fast=.. exact=..
 float32=..``. The mode "exact" does not exist in the library yet: until it does, it is modeled as the
-float32 path (IEEE fp32 affinity; its fp64 recheck of entries near tau is not modeled), and its column says
-so.
+float32 path (IEEE fp32 affinity; its fp64 recheck of entries near tau is not modeled), as a note under
+each solve table says.
 """
 
 from __future__ import annotations
