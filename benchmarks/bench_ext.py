@@ -74,21 +74,18 @@ def scene(n: int, c: int, seed: int) -> torch.Tensor:
     return torch.from_numpy(planted_scene(np.random.default_rng(seed), n, c).features)
 
 
-def tokencut_w(k: torch.Tensor) -> np.ndarray:
-    """TokenCut's W: torch float32 cosine similarity, then float64 1 / eps on the host."""
-    f = F.normalize(k, p=2, dim=1)
-    a = (f @ f.T).numpy()
-    return np.where(a > TAU, 1.0, EPS)
-
-
-def tokencut_eigh(w: np.ndarray) -> np.ndarray:
-    d = np.diag(w.sum(axis=1))
-    _, vecs = scipy.linalg.eigh(d - w, d, subset_by_index=[1, 2])
-    return vecs[:, 0]
-
-
 def tokencut_reference(k: torch.Tensor) -> np.ndarray:
-    return tokencut_eigh(tokencut_w(k))
+    """TokenCut's answer by the reference: its graph (``tokencut_affinity``) and scipy's generalized eigh."""
+    from ncutfast import reference
+    from ncutfast.bench.providers import tokencut_affinity
+
+    return reference.fiedler(tokencut_affinity(k, TAU, EPS))[2]
+
+
+def tokencut_w(k: torch.Tensor) -> np.ndarray:
+    from ncutfast.bench.providers import tokencut_affinity
+
+    return tokencut_affinity(k, TAU, EPS)
 
 
 def arpack(k: torch.Tensor) -> np.ndarray:

@@ -87,16 +87,14 @@ def tokencut_graph(feats: torch.Tensor, tau: float, eps: float,
 
 
 def tokencut_affinity(f: torch.Tensor, tau: float, eps: float) -> np.ndarray:
-    """TokenCut's W of one image, built as its code builds it.
+    """TokenCut's W of one image: ``reference.affinity`` with TokenCut's float32 similarity.
 
     Args:
-        f: ``(N, C)`` float32 features on any device.
+        f: ``(N, C)`` float features on any device (copied to the host).
     Returns:
-        float64 NumPy ``(N, N)``: the float32 cosine similarity (computed by torch on ``f``'s device, then
-        copied to the host) mapped to 1 where it is > tau and to eps elsewhere.
+        float64 NumPy ``(N, N)``: 1 where the float32 cosine similarity is > tau, eps elsewhere.
     """
-    f = F.normalize(f, p=2, dim=1)
-    return np.where((f @ f.T).cpu().numpy() > tau, 1.0, eps)
+    return reference.affinity(f.detach().cpu().numpy(), tau, eps, similarity_dtype=np.float32)
 
 
 def _from_top3(vals: np.ndarray, vecs: np.ndarray, s: np.ndarray) -> Solution:
