@@ -1,8 +1,9 @@
 """Time of ``ncutfast.tokencut`` and ``ncutfast.maskcut`` spent outside the eigen-solve (the post-solve
 decisions plus input handling), against the solve time of the same call.
 
-Every backend solve of a call is wrapped by a timer (through the backend chooser, so the script also runs
-on older checkouts whose chooser is ``ncutfast._dispatch``); "outside" is the call's time minus its solves'.
+Every backend solve of a call is wrapped by the benchmarks' timer (``ncutfast.bench.measure``; through the
+backend chooser, so the script also runs on older checkouts whose chooser is ``ncutfast._dispatch`` when
+``ncutfast.bench.measure`` is copied there); "outside" is the call's time minus its solves'.
 Run from a checkout's root::
 
     python benchmarks/bench_decide.py --batch 256 --grid 28 28 --channels 384 --repeats 3
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import numpy as np
 import torch
@@ -38,12 +38,14 @@ def main() -> None:
     args = parser.parse_args()
 
     import ncutfast
+    from ncutfast.bench.measure import timed_call
     from ncutfast.testing import planted_scene
 
     rng = np.random.default_rng(args.seed)
     grid = tuple(args.grid)
     feats = torch.from_numpy(np.stack([planted_scene(rng, grid=grid, channels=args.channels).features
                                        for _ in range(args.batch)]))
+    device = feats.device.type
     chooser = _chooser()
     real = chooser.resolve_backend
     spent = [0.0]
@@ -52,9 +54,8 @@ def main() -> None:
         name, fn = real(backend, device)
 
         def solve(*a, **kw):
-            t0 = time.perf_counter()
-            out = fn(*a, **kw)
-            spent[0] += time.perf_counter() - t0
+            out, seconds = timed_call(lambda: fn(*a, **kw), device)
+            spent[0] += seconds
             return out
 
         return name, solve
@@ -71,9 +72,7 @@ def main() -> None:
         total, solve = [], []
         for _ in range(args.repeats):
             spent[0] = 0.0
-            t0 = time.perf_counter()
-            call()
-            total.append(time.perf_counter() - t0)
+            total.append(timed_call(call, device)[1])
             solve.append(spent[0])
         t, s = statistics.median(total), statistics.median(solve)
         print(f"| {name} | {t:.3f} | {s:.3f} | {t - s:.3f} | {(t - s) / s:.1%} |")

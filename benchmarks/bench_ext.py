@@ -44,7 +44,6 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 
 import numpy as np
@@ -58,14 +57,10 @@ SEED = 20261126
 
 
 def timed(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
-    """(median, min) seconds of ``repeats`` calls after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), min(times)
+    """(median, min) seconds of ``repeats`` calls after one warm-up call (the harness's timer)."""
+    from ncutfast.bench.measure import median_time
+
+    return median_time(fn, repeats)
 
 
 def scene(n: int, c: int, seed: int) -> torch.Tensor:

@@ -40,15 +40,11 @@ Method (``shared/spec/conventions.md``):
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import gc
 import importlib.metadata
 import math
 import os
 import platform
-import threading
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -57,6 +53,7 @@ import numpy as np
 import torch
 
 from .. import reference, testing
+from .measure import peak_memory, timed_call
 from .providers import Provider, Solution, build_providers, tokencut_affinity
 
 __all__ = [
@@ -215,73 +212,6 @@ def _sign_tied(x: np.ndarray) -> bool:
     return bool((x[t] > 0).any() and (x[t] < 0).any())
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def _malloc_trim() -> None:
-    """Return freed heap pages to the OS (glibc), so that re-using them shows up as RSS growth."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-@contextlib.contextmanager
-def _peak_memory(device: str, cupy_pool: bool) -> Iterator[list[float]]:
-    """Yield a one-element list that holds the call's peak memory growth in bytes on exit (NaN if unknown)."""
-    result = [math.nan]
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.synchronize()
-        pool = None
-        if cupy_pool:
-            import cupy
-
-            pool = cupy.get_default_memory_pool()
-            pool.free_all_blocks()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        yield result
-        torch.cuda.synchronize()
-        result[0] = torch.cuda.max_memory_allocated() - base + (pool.total_bytes() if pool else 0)
-        return
-    if not os.path.exists("/proc/self/statm"):
-        yield result
-        return
-    _malloc_trim()
-    base = _rss_bytes()
-    peak = [base]
-    stop = threading.Event()
-
-    def sample() -> None:
-        while not stop.wait(0.001):
-            peak[0] = max(peak[0], _rss_bytes())
-
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
-    try:
-        yield result
-    finally:
-        stop.set()
-        thread.join()
-        result[0] = max(peak[0], _rss_bytes()) - base
-
-
-def _timed(fn: Callable[[], Any], device: str) -> tuple[Any, float]:
-    """Call ``fn`` once; return its output and the elapsed seconds (synchronized on CUDA)."""
-    if device == "cuda":
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        out = fn()
-        end.record()
-        torch.cuda.synchronize()
-        return out, start.elapsed_time(end) / 1e3
-    t0 = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - t0
-
-
 @dataclass
 class _Timing:
     raw: Any
@@ -294,14 +224,14 @@ class _Timing:
 def _time_provider(p: Provider, feats: torch.Tensor, tau: float, eps: float, suite: Suite) -> _Timing:
     """Warm-up (memory measured) then median of the timed repeats, within the row budget."""
     fn = lambda: p.solve(feats, tau, eps)  # noqa: E731
-    with _peak_memory(p.device, p.name.startswith("cupy")) as mem:
-        raw, first = _timed(fn, p.device)
+    with peak_memory(p.device, p.name.startswith("cupy")) as mem:
+        raw, first = timed_call(fn, p.device)
     repeats = suite.repeats
     if repeats and first * repeats > suite.budget_s:
         repeats = max(1, int(suite.budget_s / max(first, 1e-9)))
     times = []
     for _ in range(repeats):
-        raw, t = _timed(fn, p.device)
+        raw, t = timed_call(fn, p.device)
         times.append(t)
     per_call = float(np.median(times)) if times else first
     return _Timing(raw, per_call, repeats, mem[0], first)
