@@ -1,0 +1,271 @@
+"""Refinement of TokenCut's saliency masks: the bilateral solver (spec §3), batched in torch.
+
+``bilateral_solve`` runs TokenCut's bilateral solver (a port of Barron and Poole, "The Fast Bilateral
+Solver", ECCV 2016) on a batch of images of different sizes at once, on the CPU or a GPU, in float64. It
+computes what ``ncutfast.reference.bilateral_solve`` computes, image by image, up to rounding:
+
+1. Grid coordinates (x, y, Y, U, V) of every pixel, truncated toward zero, and their hash
+   sum_d coord_d * 255**d; image i's hashes are shifted by i * K (K exceeds every hash of the batch) so that
+   one ``torch.unique`` over the concatenated pixels gives every image's vertices, sorted and image-major.
+2. The blur's neighbours: vertex hash +- 255**d, looked up in the sorted hashes with ``searchsorted``; a
+   neighbour counts only if it exists in the same image.
+3. Splat (a scatter-add over each pixel's vertex), [1 2 1] blur (a gather of the 10 neighbours), slice (a
+   gather), bistochastization, and one Jacobi-preconditioned conjugate gradient for the whole batch whose
+   dot products are per-image segment sums: every image follows SciPy's ``cg`` exactly (its own step sizes
+   and its own stop at ||r|| < 1e-5 ||b||, at most 25 iterations) and is frozen once it stops.
+
+``bilateral_binary`` is TokenCut's binary output for overlays (hole filling and connected components on the
+CPU, by the reference's code).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+from . import reference
+from ._validate import check_positive_real, check_rgb_image, check_target
+
+__all__ = ["bilateral_solve", "bilateral_binary"]
+
+ArrayLike = torch.Tensor | np.ndarray
+
+
+def _as_tensor(x: ArrayLike, device: torch.device) -> torch.Tensor:
+    return torch.as_tensor(x).to(device)
+
+
+def _radices(sizes: list[tuple[int, int]], sigmas: tuple[float, float, float]) -> tuple[list[int], bool]:
+    """Digit radices of the vertex keys of a batch, and whether they are compact.
+
+    TokenCut's hash is sum_d coord_d * 255**d. While every coordinate is <= 253 (images below 254 grid cells
+    per side, sigmas above about 1), a neighbour hash (+- 255**d) can only hit the vertex one cell away, so
+    any order-preserving key with the same neighbour relation gives the same grid: the compact mixed-radix
+    key with radix n_d = (the batch's largest coordinate in dimension d) + 2, which needs fewer bits and
+    sorts faster. Otherwise the keys are TokenCut's own hashes (radix 255), wrap-arounds included.
+    """
+    sigma_spatial, sigma_luma, sigma_chroma = sigmas
+    height = max(h for h, _ in sizes)
+    width = max(w for _, w in sizes)
+    # Y <= 255 and U, V <= 255.5 up to rounding; 256 leaves room for it.
+    top = [int((width - 1) / sigma_spatial), int((height - 1) / sigma_spatial), int(256.0 / sigma_luma),
+           int(256.0 / sigma_chroma), int(256.0 / sigma_chroma)]
+    if max(top) <= reference.BS_HASH_BASE - 2:
+        return [t + 2 for t in top], True
+    return [reference.BS_HASH_BASE] * reference.BS_DIMS, False
+
+
+def _pixel_keys(image: torch.Tensor, sigmas: tuple[float, float, float], strides: list[int],
+                dtype: torch.dtype) -> torch.Tensor:
+    """The vertex key sum_d coord_d * strides[d] of every pixel of one uint8 ``(H, W, 3)`` image, ``(H * W,)``.
+
+    The coordinates come from the same float64 operations in the same order as ``reference.rgb_to_yuv`` and
+    ``reference.bilateral_coords``, so they are identical to the reference's (not merely close).
+    """
+    h, w, _ = image.shape
+    sigma_spatial, sigma_luma, sigma_chroma = sigmas
+    dev = image.device
+    f = image.to(torch.float64)
+    r, g, b = f[..., 0], f[..., 1], f[..., 2]
+    # .to(int) truncates toward zero, as NumPy's astype(int).
+    cols = (torch.arange(w, device=dev, dtype=torch.float64) / sigma_spatial).to(dtype) * strides[0]
+    rows = (torch.arange(h, device=dev, dtype=torch.float64) / sigma_spatial).to(dtype) * strides[1]
+    key = rows[:, None] + cols[None, :]
+    for d, (c, o, sigma) in enumerate(zip(reference.RGB_TO_YUV, reference.YUV_OFFSET,
+                                          (sigma_luma, sigma_chroma, sigma_chroma), strict=True)):
+        yuv = r * c[0] + g * c[1] + b * c[2] + o
+        key += (yuv / sigma).to(dtype) * strides[2 + d]
+    return key.reshape(-1)
+
+
+class _BatchGrid:
+    """The bilateral grids of a batch, concatenated: vertices of image 0, then image 1, ...
+
+    Attributes:
+        inverse: int64 ``(P,)``, the vertex of every pixel (pixels of all images, concatenated).
+        blur_matrix: ``(V, V)`` sparse CSR float64, the blur's off-centre taps (1 per existing neighbour).
+        image_of_vertex: int64 ``(V,)``.
+        counts: float64 ``(V,)``, pixels per vertex (splat of ones).
+    """
+
+    def __init__(self, images: list[torch.Tensor], sizes: list[tuple[int, int]],
+                 sigmas: tuple[float, float, float]) -> None:
+        device = images[0].device
+        radices, compact = _radices(sizes, sigmas)
+        strides = [int(np.prod(radices[:d], dtype=np.int64)) for d in range(reference.BS_DIMS + 1)]
+        span = strides[-1]  # keys of image i lie in [i * span, (i + 1) * span)
+        if span * len(images) >= 2**62:
+            raise ValueError("sigma_luma / sigma_chroma: too small, the grid's vertex keys overflow int64")
+        dtype = torch.int32 if span * len(images) < 2**31 else torch.int64
+        keys = torch.cat([_pixel_keys(img, sigmas, strides, dtype) + i * span for i, img in enumerate(images)])
+        uniq, inverse, counts = torch.unique(keys, sorted=True, return_inverse=True, return_counts=True)
+        self.inverse = inverse.reshape(-1)
+        self.n_vertices = nv = uniq.shape[0]
+        self.counts = counts.to(torch.float64)
+        self.image_of_vertex = torch.div(uniq, span, rounding_mode="floor").to(torch.int64)
+        local = uniq - self.image_of_vertex.to(dtype) * span
+        # Neighbour table, one row per vertex, columns [below in dim 4, ..., below in dim 0, above in dim 0,
+        # ..., above in dim 4] (nv where the neighbour does not exist). Keys, hence vertex indices, ascend
+        # along a row (key - strides[4] < ... < key - strides[0] < key + strides[0] < ...): CSR order.
+        # Only the neighbours above are searched; those below are their transpose.
+        dims = reference.BS_DIMS
+        table = torch.full((nv, 2 * dims), nv, dtype=torch.int64, device=device)
+        vertex = torch.arange(nv, device=device)
+        for d in range(dims):
+            wanted = uniq + strides[d]
+            loc = torch.searchsorted(uniq, wanted).clamp_(max=nv - 1)
+            ok = (uniq[loc] == wanted) & (local + strides[d] < span)
+            if compact:  # the cell one step up, not a carry into the next digit
+                ok &= torch.div(local, strides[d], rounding_mode="floor") % radices[d] + 1 < radices[d]
+            table[vertex[ok], dims + d] = loc[ok]
+            table[loc[ok], dims - 1 - d] = vertex[ok]
+        present = table < nv
+        index_dtype = torch.int32 if nv * 2 * reference.BS_DIMS < 2**31 else torch.int64  # int32: MKL's SpMV
+        crow = torch.zeros(nv + 1, dtype=index_dtype, device=device)
+        crow[1:] = torch.cumsum(present.sum(dim=1), 0)
+        col = table[present].to(index_dtype)
+        with warnings.catch_warnings():  # torch flags sparse CSR as beta; the matrix-vector product is stable
+            warnings.simplefilter("ignore", UserWarning)
+            self.blur_matrix = torch.sparse_csr_tensor(crow, col, torch.ones(col.shape[0], dtype=torch.float64,
+                                                                             device=device), (nv, nv))
+        self.lengths = torch.bincount(self.image_of_vertex, minlength=len(images))
+
+    def splat(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(self.n_vertices, dtype=x.dtype, device=x.device).index_add_(0, self.inverse, x)
+
+    def slice(self, y: torch.Tensor) -> torch.Tensor:
+        return y[self.inverse]
+
+    def blur(self, x: torch.Tensor) -> torch.Tensor:
+        return 2 * reference.BS_DIMS * x + self.blur_matrix @ x
+
+    def segment_sum(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-image sums of a vertex vector (vertices are image-major): float64 ``(n_images,)``."""
+        return torch.segment_reduce(x, "sum", lengths=self.lengths)
+
+
+def _cg(grid: _BatchGrid, matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, x0: torch.Tensor,
+        precond: torch.Tensor) -> torch.Tensor:
+    """SciPy's ``cg`` (rtol 1e-5, atol 0, at most 25 iterations) on every image's block at once."""
+    per_vertex = grid.image_of_vertex
+    bnorm = grid.segment_sum(b * b).sqrt()
+    atol = reference.BS_CG_TOL * bnorm
+    active = bnorm > 0
+    x = torch.where(active[per_vertex], x0, b)  # SciPy returns b itself when ||b|| = 0
+    r = b - matvec(x)
+    p = torch.zeros_like(b)
+    rho_prev = torch.ones_like(bnorm)
+    for it in range(reference.BS_CG_MAXITER):
+        active = active & ~(grid.segment_sum(r * r).sqrt() < atol)
+        if not bool(active.any()):
+            break
+        z = precond * r
+        rho = grid.segment_sum(r * z)
+        # Stopped images take zero steps: every per-image scalar is masked (never the vertex vectors).
+        p = z if it == 0 else torch.addcmul(z, torch.where(active, rho / rho_prev, 0.0)[per_vertex], p)
+        q = matvec(p)
+        alpha = torch.where(active, rho / grid.segment_sum(p * q), 0.0)[per_vertex]
+        x = torch.addcmul(x, alpha, p)
+        r = torch.addcmul(r, alpha, q, value=-1.0)
+        rho_prev = rho
+    return x
+
+
+def bilateral_solve(
+    images: ArrayLike | Sequence[ArrayLike],
+    targets: ArrayLike | Sequence[ArrayLike],
+    *,
+    confidence: float = reference.BS_CONFIDENCE,
+    sigma_spatial: float = reference.BS_SIGMA_SPATIAL,
+    sigma_luma: float = reference.BS_SIGMA_LUMA,
+    sigma_chroma: float = reference.BS_SIGMA_CHROMA,
+    lam: float = reference.BS_LAM,
+    device: str | torch.device | None = None,
+) -> torch.Tensor | list[torch.Tensor]:
+    """TokenCut's bilateral solver (spec §3) on one image or a batch of images of any sizes.
+
+    Args:
+        images: uint8 ``(H_i, W_i, 3)`` RGB (torch or NumPy), the **original** images; one array or a
+            sequence.
+        targets: real ``(H_i, W_i)`` per image, the TokenCut masks at the original size (0/1); one array or a
+            sequence of the same length as ``images``.
+        confidence: every pixel's weight (TokenCut: 0.999).
+        sigma_spatial, sigma_luma, sigma_chroma: grid cell sizes (pixels, YUV units); TokenCut's README
+            values 16, 16, 8 by default.
+        lam: weight of the smoothness term (256).
+        device: where to compute; default the first image's device (NumPy: the CPU).
+
+    Returns:
+        The soft refined masks, float64 ``(H_i, W_i)`` on ``device``: a tensor for one image, a list for a
+        sequence. They equal ``reference.bilateral_solve`` image by image up to rounding (float64 sums in
+        another order). Deterministic on the CPU; on a GPU the scatter-adds are atomic, so the last bits may
+        vary between runs.
+
+    Raises:
+        TypeError / ValueError: as the reference, naming the argument (and the image's index in a batch).
+    """
+    single = hasattr(images, "shape")
+    if single != hasattr(targets, "shape"):
+        raise TypeError("images, targets: give one array each or a sequence of each")
+    image_list = [images] if single else list(images)
+    target_list = [targets] if single else list(targets)
+    if not image_list:
+        raise ValueError("images: empty batch")
+    if len(image_list) != len(target_list):
+        raise ValueError(f"targets: {len(target_list)} targets for {len(image_list)} images")
+    sigmas = (check_positive_real(sigma_spatial, "sigma_spatial"), check_positive_real(sigma_luma, "sigma_luma"),
+              check_positive_real(sigma_chroma, "sigma_chroma"))
+    confidence = check_positive_real(confidence, "confidence")
+    lam = check_positive_real(lam, "lam", allow_zero=True)
+    if device is None:
+        device = image_list[0].device if isinstance(image_list[0], torch.Tensor) else "cpu"
+    device = torch.device(device)
+    imgs, tgts, sizes = [], [], []
+    for i, (image, target) in enumerate(zip(image_list, target_list, strict=True)):
+        tag = "" if single else f"[{i}]"
+        size = check_rgb_image(image, f"images{tag}")
+        t = _as_tensor(target, device)
+        check_target(t, size, f"targets{tag}", all_finite=bool(torch.isfinite(t.to(torch.float64)).all()))
+        imgs.append(_as_tensor(image, device))
+        tgts.append(t.to(torch.float64).reshape(-1))
+        sizes.append(size)
+    grid = _BatchGrid(imgs, sizes, sigmas)
+
+    # Bistochastization (spec §3): m = splat(1); n = 1; n = sqrt(n * m / blur(n)) ten times; m = n * blur(n).
+    m = grid.counts
+    n = torch.ones_like(m)
+    for _ in range(reference.BS_BISTOCHASTIC_ITERS):
+        n = torch.sqrt(n * m / grid.blur(n))
+    m = n * grid.blur(n)
+
+    t = torch.cat(tgts)
+    c_splat = grid.counts * confidence
+    b = grid.splat(t * confidence)
+    diag = lam * (m - n * (2 * reference.BS_DIMS * n)) + c_splat  # diag(A), rounded as the reference's
+    lam_n = lam * n
+
+    def matvec(y: torch.Tensor) -> torch.Tensor:
+        # A y = lam (Dm - Dn B Dn) y + splat(c) y = diag(A) y - lam n (B_off (n y)), B_off = B - 2 * 5 I.
+        return torch.addcmul(diag * y, lam_n, grid.blur_matrix @ (n * y), value=-1.0)
+
+    precond = 1.0 / torch.clamp(diag, min=reference.BS_A_DIAG_MIN)
+    y = _cg(grid, matvec, b, b / c_splat, precond)
+    out = list(grid.slice(y).split([h * w for h, w in sizes]))
+    out = [o.reshape(s) for o, s in zip(out, sizes, strict=True)]
+    return out[0] if single else out
+
+
+def bilateral_binary(soft: ArrayLike, tokencut_mask: ArrayLike) -> np.ndarray:
+    """TokenCut's binary bilateral-solver output for overlays (``reference.bilateral_binary``), bool ``(H, W)``.
+
+    ``soft``: ``bilateral_solve``'s ``(H, W)`` output (torch or NumPy, any device); ``tokencut_mask``: bool
+    ``(H, W)``, the mask the solver refined. Holes of ``soft > 0.5`` filled, the second-largest label kept,
+    complemented when its IoU with ``tokencut_mask`` is < 0.5.
+    """
+    def host(x: ArrayLike) -> np.ndarray:
+        return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+    return reference.bilateral_binary(host(soft), host(tokencut_mask))
