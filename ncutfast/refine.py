@@ -4,15 +4,17 @@
 Solver", ECCV 2016) on a batch of images of different sizes at once, on the CPU or a GPU, in float64. It
 computes what ``ncutfast.reference.bilateral_solve`` computes, image by image, up to rounding:
 
-1. Grid coordinates (x, y, Y, U, V) of every pixel, truncated toward zero, and their hash
-   sum_d coord_d * 255**d; image i's hashes are shifted by i * K (K exceeds every hash of the batch) so that
-   one ``torch.unique`` over the concatenated pixels gives every image's vertices, sorted and image-major.
+1. Grid coordinates (x, y, Y, U, V) of every pixel, truncated toward zero, and a key that orders and
+   neighbours vertices as TokenCut's hash sum_d coord_d * 255**d does; image i's keys are shifted by
+   i * K (K exceeds every key of the batch) so that one ``torch.unique`` over the concatenated pixels gives
+   every image's vertices, sorted and image-major.
 2. The blur's neighbours: vertex hash +- 255**d, looked up in the sorted hashes with ``searchsorted``; a
    neighbour counts only if it exists in the same image.
 3. Splat (a scatter-add over each pixel's vertex), [1 2 1] blur (a gather of the 10 neighbours), slice (a
    gather), bistochastization, and one Jacobi-preconditioned conjugate gradient for the whole batch whose
    dot products are per-image segment sums: every image follows SciPy's ``cg`` exactly (its own step sizes
-   and its own stop at ||r|| < 1e-5 ||b||, at most 25 iterations) and is frozen once it stops.
+   and its own stop at ||r|| < 1e-5 ||b||, at most 25 iterations) and is frozen once it stops. Vertex
+   vectors are padded to ``(B, max V_i)`` so that per-image sums are row sums.
 
 ``bilateral_binary`` is TokenCut's binary output for overlays (hole filling and connected components on the
 CPU, by the reference's code).
@@ -45,7 +47,9 @@ def _radices(sizes: list[tuple[int, int]], sigmas: tuple[float, float, float]) -
     per side, sigmas above about 1), a neighbour hash (+- 255**d) can only hit the vertex one cell away, so
     any order-preserving key with the same neighbour relation gives the same grid: the compact mixed-radix
     key with radix n_d = (the batch's largest coordinate in dimension d) + 2, which needs fewer bits and
-    sorts faster. Otherwise the keys are TokenCut's own hashes (radix 255), wrap-arounds included.
+    sorts faster. A coordinate never reaches its radix - 1, so key + stride_d never carries into the next
+    digit (nor the next image). Otherwise the keys are TokenCut's own hashes (radix 255), wrap-arounds
+    included.
     """
     sigma_spatial, sigma_luma, sigma_chroma = sigmas
     height = max(h for h, _ in sizes)
@@ -82,59 +86,81 @@ def _pixel_keys(image: torch.Tensor, sigmas: tuple[float, float, float], strides
 
 
 class _BatchGrid:
-    """The bilateral grids of a batch, concatenated: vertices of image 0, then image 1, ...
+    """The bilateral grids of a batch in a padded layout: image i's vertices (ascending key) occupy slots
+    ``[i * vmax, i * vmax + V_i)`` of every vertex vector, so a vector reshaped to ``(B, vmax)`` has one
+    image per row (per-image sums are row sums; per-image scalars broadcast). Padding slots have no pixel
+    and no neighbour.
 
     Attributes:
-        inverse: int64 ``(P,)``, the vertex of every pixel (pixels of all images, concatenated).
-        blur_matrix: ``(V, V)`` sparse CSR float64, the blur's off-centre taps (1 per existing neighbour).
-        image_of_vertex: int64 ``(V,)``.
-        counts: float64 ``(V,)``, pixels per vertex (splat of ones).
+        inverse: int64 ``(P,)``, the slot of every pixel (pixels of all images, concatenated).
+        blur_matrix: ``(B * vmax, B * vmax)`` sparse CSR float64, the blur's off-centre taps (1 per existing
+            neighbour).
+        counts: float64 ``(B * vmax,)``, pixels per vertex (splat of ones; 0 on padding).
     """
 
     def __init__(self, images: list[torch.Tensor], sizes: list[tuple[int, int]],
                  sigmas: tuple[float, float, float]) -> None:
         device = images[0].device
+        self.n_images = n_images = len(images)
         radices, compact = _radices(sizes, sigmas)
         strides = [int(np.prod(radices[:d], dtype=np.int64)) for d in range(reference.BS_DIMS + 1)]
         span = strides[-1]  # keys of image i lie in [i * span, (i + 1) * span)
-        if span * len(images) >= 2**62:
+        if span * n_images >= 2**62:
             raise ValueError("sigma_luma / sigma_chroma: too small, the grid's vertex keys overflow int64")
-        dtype = torch.int32 if span * len(images) < 2**31 else torch.int64
+        dtype = torch.int32 if span * n_images < 2**31 else torch.int64
         keys = torch.cat([_pixel_keys(img, sigmas, strides, dtype) + i * span for i, img in enumerate(images)])
         uniq, inverse, counts = torch.unique(keys, sorted=True, return_inverse=True, return_counts=True)
-        self.inverse = inverse.reshape(-1)
-        self.n_vertices = nv = uniq.shape[0]
-        self.counts = counts.to(torch.float64)
-        self.image_of_vertex = torch.div(uniq, span, rounding_mode="floor").to(torch.int64)
-        local = uniq - self.image_of_vertex.to(dtype) * span
+        nv = uniq.shape[0]
+        image = torch.div(uniq, span, rounding_mode="floor").to(torch.int64)
+        lengths = torch.bincount(image, minlength=n_images)
+        self.vmax = vmax = int(lengths.max())
+        starts = torch.cumsum(lengths, 0) - lengths
+        vertex = torch.arange(nv, device=device)
+        slot = image * vmax + (vertex - starts[image])  # strictly increasing in the vertex index
+        self.size = n_images * vmax
+        self.inverse = slot[inverse.reshape(-1)]
+        self.counts = torch.zeros(self.size, dtype=torch.float64, device=device)
+        self.counts[slot] = counts.to(torch.float64)
+        local = None if compact else uniq - image.to(dtype) * span
         # Neighbour table, one row per vertex, columns [below in dim 4, ..., below in dim 0, above in dim 0,
-        # ..., above in dim 4] (nv where the neighbour does not exist). Keys, hence vertex indices, ascend
-        # along a row (key - strides[4] < ... < key - strides[0] < key + strides[0] < ...): CSR order.
+        # ..., above in dim 4] (nv where the neighbour does not exist). Keys, hence slots, ascend along a
+        # row (key - strides[4] < ... < key - strides[0] < key + strides[0] < ...): CSR order.
         # Only the neighbours above are searched; those below are their transpose.
         dims = reference.BS_DIMS
         table = torch.full((nv, 2 * dims), nv, dtype=torch.int64, device=device)
-        vertex = torch.arange(nv, device=device)
         for d in range(dims):
             wanted = uniq + strides[d]
             loc = torch.searchsorted(uniq, wanted).clamp_(max=nv - 1)
-            ok = (uniq[loc] == wanted) & (local + strides[d] < span)
-            if compact:  # the cell one step up, not a carry into the next digit
-                ok &= torch.div(local, strides[d], rounding_mode="floor") % radices[d] + 1 < radices[d]
-            table[vertex[ok], dims + d] = loc[ok]
-            table[loc[ok], dims - 1 - d] = vertex[ok]
+            ok = uniq[loc] == wanted
+            if not compact:  # TokenCut's hash may carry into the next digit, never into the next image
+                ok &= local + strides[d] < span
+            src, dst = vertex[ok], loc[ok]
+            table[src, dims + d] = dst
+            table[dst, dims - 1 - d] = src
         present = table < nv
-        index_dtype = torch.int32 if nv * 2 * reference.BS_DIMS < 2**31 else torch.int64  # int32: MKL's SpMV
-        crow = torch.zeros(nv + 1, dtype=index_dtype, device=device)
-        crow[1:] = torch.cumsum(present.sum(dim=1), 0)
-        col = table[present].to(index_dtype)
+        per_row = torch.zeros(self.size, dtype=torch.int64, device=device)
+        per_row[slot] = present.sum(dim=1)
+        index_dtype = torch.int32 if self.size * 2 * dims < 2**31 else torch.int64  # int32: MKL's SpMV
+        self._crow = torch.zeros(self.size + 1, dtype=index_dtype, device=device)
+        self._crow[1:] = torch.cumsum(per_row, 0)
+        col = slot[table[present]]
+        self._col = col.to(index_dtype)
+        self._row = torch.repeat_interleave(torch.arange(self.size, device=device), per_row,
+                                            output_size=col.shape[0])
+        self.blur_matrix = self.csr(torch.ones(col.shape[0], dtype=torch.float64, device=device))
+
+    def csr(self, values: torch.Tensor) -> torch.Tensor:
+        """The blur's sparsity pattern with other ``values`` (float64, one per tap in CSR order)."""
         with warnings.catch_warnings():  # torch flags sparse CSR as beta; the matrix-vector product is stable
             warnings.simplefilter("ignore", UserWarning)
-            self.blur_matrix = torch.sparse_csr_tensor(crow, col, torch.ones(col.shape[0], dtype=torch.float64,
-                                                                             device=device), (nv, nv))
-        self.lengths = torch.bincount(self.image_of_vertex, minlength=len(images))
+            return torch.sparse_csr_tensor(self._crow, self._col, values, (self.size, self.size))
+
+    def scaled(self, scale: torch.Tensor, factor: float) -> torch.Tensor:
+        """``factor * diag(scale) B_off diag(scale)`` as CSR (``scale``: float64 ``(B * vmax,)``)."""
+        return self.csr(factor * (scale[self._row] * scale[self._col.to(torch.int64)]))
 
     def splat(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.zeros(self.n_vertices, dtype=x.dtype, device=x.device).index_add_(0, self.inverse, x)
+        return torch.zeros(self.size, dtype=x.dtype, device=x.device).index_add_(0, self.inverse, x)
 
     def slice(self, y: torch.Tensor) -> torch.Tensor:
         return y[self.inverse]
@@ -142,36 +168,44 @@ class _BatchGrid:
     def blur(self, x: torch.Tensor) -> torch.Tensor:
         return 2 * reference.BS_DIMS * x + self.blur_matrix @ x
 
-    def segment_sum(self, x: torch.Tensor) -> torch.Tensor:
-        """Per-image sums of a vertex vector (vertices are image-major): float64 ``(n_images,)``."""
-        return torch.segment_reduce(x, "sum", lengths=self.lengths)
+    def per_image(self, x: torch.Tensor) -> torch.Tensor:
+        """A vertex vector as ``(B, vmax)`` (a view)."""
+        return x.view(self.n_images, self.vmax)
 
 
 def _cg(grid: _BatchGrid, matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, x0: torch.Tensor,
         precond: torch.Tensor) -> torch.Tensor:
-    """SciPy's ``cg`` (rtol 1e-5, atol 0, at most 25 iterations) on every image's block at once."""
-    per_vertex = grid.image_of_vertex
-    bnorm = grid.segment_sum(b * b).sqrt()
+    """SciPy's ``cg`` (rtol 1e-5, atol 0, at most 25 iterations) on every image's block at once.
+
+    Vectors are ``(B, vmax)`` (one image per row); dot products are row sums. Every image follows SciPy's
+    iteration on its own block, stops when ||r|| < 1e-5 ||b|| and then takes zero steps (its scalars are
+    masked, never the vectors).
+    """
+    b, x0, precond = (grid.per_image(v) for v in (b, x0, precond))
+
+    def mv(v: torch.Tensor) -> torch.Tensor:
+        return grid.per_image(matvec(v.reshape(-1)))
+
+    bnorm = (b * b).sum(dim=1).sqrt()
     atol = reference.BS_CG_TOL * bnorm
     active = bnorm > 0
-    x = torch.where(active[per_vertex], x0, b)  # SciPy returns b itself when ||b|| = 0
-    r = b - matvec(x)
+    x = torch.where(active[:, None], x0, b)  # SciPy returns b itself when ||b|| = 0
+    r = b - mv(x)
     p = torch.zeros_like(b)
     rho_prev = torch.ones_like(bnorm)
     for it in range(reference.BS_CG_MAXITER):
-        active = active & ~(grid.segment_sum(r * r).sqrt() < atol)
+        active = active & ~((r * r).sum(dim=1).sqrt() < atol)
         if not bool(active.any()):
             break
         z = precond * r
-        rho = grid.segment_sum(r * z)
-        # Stopped images take zero steps: every per-image scalar is masked (never the vertex vectors).
-        p = z if it == 0 else torch.addcmul(z, torch.where(active, rho / rho_prev, 0.0)[per_vertex], p)
-        q = matvec(p)
-        alpha = torch.where(active, rho / grid.segment_sum(p * q), 0.0)[per_vertex]
+        rho = (r * z).sum(dim=1)
+        p = z if it == 0 else torch.addcmul(z, torch.where(active, rho / rho_prev, 0.0)[:, None], p)
+        q = mv(p)
+        alpha = torch.where(active, rho / (p * q).sum(dim=1), 0.0)[:, None]
         x = torch.addcmul(x, alpha, p)
         r = torch.addcmul(r, alpha, q, value=-1.0)
         rho_prev = rho
-    return x
+    return x.reshape(-1)
 
 
 def bilateral_solve(
@@ -235,7 +269,8 @@ def bilateral_solve(
     grid = _BatchGrid(imgs, sizes, sigmas)
 
     # Bistochastization (spec §3): m = splat(1); n = 1; n = sqrt(n * m / blur(n)) ten times; m = n * blur(n).
-    m = grid.counts
+    has_pixels = grid.counts > 0
+    m = torch.where(has_pixels, grid.counts, 1.0)  # padding slots: isolated vertices (finite, never used)
     n = torch.ones_like(m)
     for _ in range(reference.BS_BISTOCHASTIC_ITERS):
         n = torch.sqrt(n * m / grid.blur(n))
@@ -245,14 +280,13 @@ def bilateral_solve(
     c_splat = grid.counts * confidence
     b = grid.splat(t * confidence)
     diag = lam * (m - n * (2 * reference.BS_DIMS * n)) + c_splat  # diag(A), rounded as the reference's
-    lam_n = lam * n
+    off = grid.scaled(n, -lam)  # -lam Dn B_off Dn, B_off = B - 2 * 5 I: A = diag(A) + off
 
     def matvec(y: torch.Tensor) -> torch.Tensor:
-        # A y = lam (Dm - Dn B Dn) y + splat(c) y = diag(A) y - lam n (B_off (n y)), B_off = B - 2 * 5 I.
-        return torch.addcmul(diag * y, lam_n, grid.blur_matrix @ (n * y), value=-1.0)
+        return torch.addcmul(off @ y, diag, y)
 
     precond = 1.0 / torch.clamp(diag, min=reference.BS_A_DIAG_MIN)
-    y = _cg(grid, matvec, b, b / c_splat, precond)
+    y = _cg(grid, matvec, b, torch.where(has_pixels, b / torch.where(has_pixels, c_splat, 1.0), 0.0), precond)
     out = list(grid.slice(y).split([h * w for h, w in sizes]))
     out = [o.reshape(s) for o, s in zip(out, sizes, strict=True)]
     return out[0] if single else out

@@ -24,15 +24,17 @@ def _reference_grid(image: np.ndarray, sigmas: tuple[float, float, float]) -> tu
 def _assert_same_grid(images: list[np.ndarray], sigmas: tuple[float, float, float]) -> None:
     grid = _BatchGrid([torch.from_numpy(im) for im in images], [im.shape[:2] for im in images], sigmas)
     blur = grid.blur_matrix.to_dense().numpy()
-    pix = vert = 0
-    for im in images:
+    counts = grid.counts.numpy()
+    pix = 0
+    for i, im in enumerate(images):
         inverse, ref_blur = _reference_grid(im, sigmas)
-        nv, npix = ref_blur.shape[0], inverse.shape[0]
-        np.testing.assert_array_equal(grid.inverse[pix:pix + npix].numpy() - vert, inverse)
-        np.testing.assert_array_equal(blur[vert:vert + nv, vert:vert + nv], ref_blur)
-        assert not blur[vert:vert + nv].sum() - ref_blur.sum()  # no tap leaves the image's block
-        pix, vert = pix + npix, vert + nv
-    assert vert == grid.n_vertices
+        nv, npix, first = ref_blur.shape[0], inverse.shape[0], i * grid.vmax
+        np.testing.assert_array_equal(grid.inverse[pix:pix + npix].numpy() - first, inverse)
+        np.testing.assert_array_equal(counts[first:first + nv], np.bincount(inverse))
+        np.testing.assert_array_equal(blur[first:first + nv, first:first + nv], ref_blur)
+        assert not counts[first + nv:first + grid.vmax].any()  # padding slots: no pixel
+        pix += npix
+    assert blur.sum() == sum(_reference_grid(im, sigmas)[1].sum() for im in images)  # no other tap
 
 
 def test_grid_identical_to_reference_on_every_kind_of_colour(rng: np.random.Generator) -> None:
