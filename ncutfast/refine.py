@@ -72,8 +72,7 @@ def _pixel_keys(image: torch.Tensor, sigmas: tuple[float, float, float], strides
     h, w, _ = image.shape
     sigma_spatial, sigma_luma, sigma_chroma = sigmas
     dev = image.device
-    f = image.to(torch.float64)
-    r, g, b = f[..., 0], f[..., 1], f[..., 2]
+    r, g, b = image.permute(2, 0, 1).contiguous().to(torch.float64)  # planar: contiguous channels
     # .to(int) truncates toward zero, as NumPy's astype(int).
     cols = (torch.arange(w, device=dev, dtype=torch.float64) / sigma_spatial).to(dtype) * strides[0]
     rows = (torch.arange(h, device=dev, dtype=torch.float64) / sigma_spatial).to(dtype) * strides[1]
@@ -110,6 +109,7 @@ class _BatchGrid:
         dtype = torch.int32 if span * n_images < 2**31 else torch.int64
         keys = torch.cat([_pixel_keys(img, sigmas, strides, dtype) + i * span for i, img in enumerate(images)])
         uniq, inverse, counts = torch.unique(keys, sorted=True, return_inverse=True, return_counts=True)
+        inverse = inverse.reshape(-1)
         nv = uniq.shape[0]
         image = torch.div(uniq, span, rounding_mode="floor").to(torch.int64)
         lengths = torch.bincount(image, minlength=n_images)
@@ -118,7 +118,7 @@ class _BatchGrid:
         vertex = torch.arange(nv, device=device)
         slot = image * vmax + (vertex - starts[image])  # strictly increasing in the vertex index
         self.size = n_images * vmax
-        self.inverse = slot[inverse.reshape(-1)]
+        self.inverse = slot[inverse]
         self.counts = torch.zeros(self.size, dtype=torch.float64, device=device)
         self.counts[slot] = counts.to(torch.float64)
         local = None if compact else uniq - image.to(dtype) * span
