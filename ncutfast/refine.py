@@ -79,8 +79,10 @@ def _pixel_keys(image: torch.Tensor, sigmas: tuple[float, float, float], strides
     key = rows[:, None] + cols[None, :]
     for d, (c, o, sigma) in enumerate(zip(reference.RGB_TO_YUV, reference.YUV_OFFSET,
                                           (sigma_luma, sigma_chroma, sigma_chroma), strict=True)):
-        yuv = r * c[0] + g * c[1] + b * c[2] + o
-        key += (yuv / sigma).to(dtype) * strides[2 + d]
+        yuv = r * c[0] + g * c[1] + b * c[2]
+        if o:  # Y's offset is 0.0: adding it changes no value
+            yuv += o
+        key.add_((yuv / sigma).to(dtype), alpha=strides[2 + d])
     return key.reshape(-1)
 
 
@@ -186,7 +188,10 @@ def _cg(grid: _BatchGrid, matvec: Callable[[torch.Tensor], torch.Tensor], b: tor
     def mv(v: torch.Tensor) -> torch.Tensor:
         return grid.per_image(matvec(v.reshape(-1)))
 
-    bnorm = (b * b).sum(dim=1).sqrt()
+    def dot(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:  # row-wise dot products
+        return (u * v).sum(dim=1)
+
+    bnorm = dot(b, b).sqrt()
     atol = reference.BS_CG_TOL * bnorm
     active = bnorm > 0
     x = torch.where(active[:, None], x0, b)  # SciPy returns b itself when ||b|| = 0
@@ -194,14 +199,14 @@ def _cg(grid: _BatchGrid, matvec: Callable[[torch.Tensor], torch.Tensor], b: tor
     p = torch.zeros_like(b)
     rho_prev = torch.ones_like(bnorm)
     for it in range(reference.BS_CG_MAXITER):
-        active = active & ~((r * r).sum(dim=1).sqrt() < atol)
+        active = active & ~(dot(r, r).sqrt() < atol)
         if not bool(active.any()):
             break
         z = precond * r
-        rho = (r * z).sum(dim=1)
+        rho = dot(r, z)
         p = z if it == 0 else torch.addcmul(z, torch.where(active, rho / rho_prev, 0.0)[:, None], p)
         q = mv(p)
-        alpha = torch.where(active, rho / (p * q).sum(dim=1), 0.0)[:, None]
+        alpha = torch.where(active, rho / dot(p, q), 0.0)[:, None]
         x = torch.addcmul(x, alpha, p)
         r = torch.addcmul(r, alpha, q, value=-1.0)
         rho_prev = rho
