@@ -267,9 +267,11 @@ def bilateral_solve(
         tag = "" if single else f"[{i}]"
         size = check_rgb_image(image, f"images{tag}")
         t = _as_tensor(target, device)
-        check_target(t, size, f"targets{tag}", all_finite=bool(torch.isfinite(t.to(torch.float64)).all()))
+        t64 = t.to(torch.float64)
+        check_target(t, size, f"targets{tag}",
+                     all_finite=not t.is_floating_point() or bool(torch.isfinite(t64).all()))
         imgs.append(_as_tensor(image, device))
-        tgts.append(t.to(torch.float64).reshape(-1))
+        tgts.append(t64.reshape(-1))
         sizes.append(size)
     grid = _BatchGrid(imgs, sizes, sigmas)
 
