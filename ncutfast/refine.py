@@ -136,7 +136,7 @@ class _BatchGrid:
             ok = uniq[loc] == wanted
             if not compact:  # TokenCut's hash may carry into the next digit, never into the next image
                 ok &= local + strides[d] < span
-            src, dst = vertex[ok], loc[ok]
+            src, dst = torch.masked_select(vertex, ok), torch.masked_select(loc, ok)
             table[src, dims + d] = dst
             table[dst, dims - 1 - d] = src
         present = table < nv
@@ -145,7 +145,7 @@ class _BatchGrid:
         index_dtype = torch.int32 if self.size * 2 * dims < 2**31 else torch.int64  # int32: MKL's SpMV
         self._crow = torch.zeros(self.size + 1, dtype=index_dtype, device=device)
         self._crow[1:] = torch.cumsum(per_row, 0)
-        col = slot[table[present]]
+        col = slot[torch.masked_select(table, present)]  # row-major: CSR order
         self._col = col.to(index_dtype)
         self._row = torch.repeat_interleave(torch.arange(self.size, device=device), per_row,
                                             output_size=col.shape[0])
