@@ -5,11 +5,11 @@ Solver", ECCV 2016) on a batch of images of different sizes at once, on the CPU 
 computes what ``ncutfast.reference.bilateral_solve`` computes, image by image, up to rounding:
 
 1. Grid coordinates (x, y, Y, U, V) of every pixel, truncated toward zero, and a key that orders and
-   neighbours vertices as TokenCut's hash sum_d coord_d * 255**d does; image i's keys are shifted by
-   i * K (K exceeds every key of the batch) so that one ``torch.unique`` over the concatenated pixels gives
-   every image's vertices, sorted and image-major.
-2. The blur's neighbours: vertex hash +- 255**d, looked up in the sorted hashes with ``searchsorted``; a
-   neighbour counts only if it exists in the same image.
+   neighbours vertices as TokenCut's hash sum_d coord_d * 255**d does; ``torch.unique`` per image gives its
+   vertices (sorted keys) and every pixel's vertex.
+2. The blur's neighbours: vertex key + stride_d, looked up in the image's sorted keys with
+   ``searchsorted`` (the neighbours below are the transpose). The images' vertex sets are then
+   concatenated with per-image offsets into one sparse blur matrix for the batch.
 3. Splat (a scatter-add over each pixel's vertex), [1 2 1] blur (a gather of the 10 neighbours), slice (a
    gather), bistochastization, and one Jacobi-preconditioned conjugate gradient for the whole batch whose
    dot products are per-image segment sums: every image follows SciPy's ``cg`` exactly (its own step sizes
@@ -86,6 +86,31 @@ def _pixel_keys(image: torch.Tensor, sigmas: tuple[float, float, float], strides
     return key.reshape(-1)
 
 
+def _neighbours(key: torch.Tensor, strides: list[int], span: int | None) -> torch.Tensor:
+    """The blur's taps of one image's vertices (``key``: their sorted keys), int64 ``(V, 10)``.
+
+    Columns: [below in dim 4, ..., below in dim 0, above in dim 0, ..., above in dim 4], -1 where the
+    neighbour does not exist. Keys, hence vertex indices, ascend along a row (key - strides[4] < ... <
+    key - strides[0] < key + strides[0] < ...). Only the neighbours above are searched (``searchsorted``);
+    those below are their transpose. ``span``: TokenCut's hashes (the non-compact keys) may carry into the
+    next digit but must stay below ``span``; None for compact keys, which never carry.
+    """
+    dims = reference.BS_DIMS
+    nv = key.shape[0]
+    table = torch.full((nv, 2 * dims), -1, dtype=torch.int64, device=key.device)
+    vertex = torch.arange(nv, device=key.device)
+    for d in range(dims):
+        wanted = key + strides[d]
+        loc = torch.searchsorted(key, wanted).clamp_(max=nv - 1)
+        ok = key[loc] == wanted
+        if span is not None:
+            ok &= wanted < span
+        src, dst = torch.masked_select(vertex, ok), torch.masked_select(loc, ok)
+        table[src, dims + d] = dst
+        table[dst, dims - 1 - d] = src
+    return table
+
+
 class _BatchGrid:
     """The bilateral grids of a batch in a padded layout: image i's vertices (ascending key) occupy slots
     ``[i * vmax, i * vmax + V_i)`` of every vertex vector, so a vector reshaped to ``(B, vmax)`` has one
@@ -105,47 +130,31 @@ class _BatchGrid:
         self.n_images = n_images = len(images)
         radices, compact = _radices(sizes, sigmas)
         strides = [int(np.prod(radices[:d], dtype=np.int64)) for d in range(reference.BS_DIMS + 1)]
-        span = strides[-1]  # keys of image i lie in [i * span, (i + 1) * span)
-        if span * n_images >= 2**62:
+        span = strides[-1]  # every key of an image is < span
+        if span >= 2**62:
             raise ValueError("sigma_luma / sigma_chroma: too small, the grid's vertex keys overflow int64")
-        dtype = torch.int32 if span * n_images < 2**31 else torch.int64
-        keys = torch.cat([_pixel_keys(img, sigmas, strides, dtype) + i * span for i, img in enumerate(images)])
-        uniq, inverse, counts = torch.unique(keys, sorted=True, return_inverse=True, return_counts=True)
-        inverse = inverse.reshape(-1)
-        nv = uniq.shape[0]
-        image = torch.div(uniq, span, rounding_mode="floor").to(torch.int64)
-        lengths = torch.bincount(image, minlength=n_images)
-        self.vmax = vmax = int(lengths.max())
-        starts = torch.cumsum(lengths, 0) - lengths
-        vertex = torch.arange(nv, device=device)
-        slot = image * vmax + (vertex - starts[image])  # strictly increasing in the vertex index
+        dtype = torch.int32 if 2 * span < 2**31 else torch.int64  # room for key + strides[4]
+        grids = []  # per image: vertex of every pixel, pixels per vertex, neighbour table
+        for img in images:
+            key, inverse, counts = torch.unique(_pixel_keys(img, sigmas, strides, dtype), sorted=True,
+                                                return_inverse=True, return_counts=True)
+            grids.append((inverse.reshape(-1), counts, _neighbours(key, strides, None if compact else span)))
+        self.vmax = vmax = max(counts.shape[0] for _, counts, _ in grids)
         self.size = n_images * vmax
-        self.inverse = slot[inverse]
-        self.counts = torch.zeros(self.size, dtype=torch.float64, device=device)
-        self.counts[slot] = counts.to(torch.float64)
-        local = None if compact else uniq - image.to(dtype) * span
-        # Neighbour table, one row per vertex, columns [below in dim 4, ..., below in dim 0, above in dim 0,
-        # ..., above in dim 4] (nv where the neighbour does not exist). Keys, hence slots, ascend along a
-        # row (key - strides[4] < ... < key - strides[0] < key + strides[0] < ...): CSR order.
-        # Only the neighbours above are searched; those below are their transpose.
-        dims = reference.BS_DIMS
-        table = torch.full((nv, 2 * dims), nv, dtype=torch.int64, device=device)
-        for d in range(dims):
-            wanted = uniq + strides[d]
-            loc = torch.searchsorted(uniq, wanted).clamp_(max=nv - 1)
-            ok = uniq[loc] == wanted
-            if not compact:  # TokenCut's hash may carry into the next digit, never into the next image
-                ok &= local + strides[d] < span
-            src, dst = torch.masked_select(vertex, ok), torch.masked_select(loc, ok)
-            table[src, dims + d] = dst
-            table[dst, dims - 1 - d] = src
-        present = table < nv
-        per_row = torch.zeros(self.size, dtype=torch.int64, device=device)
-        per_row[slot] = present.sum(dim=1)
-        index_dtype = torch.int32 if self.size * 2 * dims < 2**31 else torch.int64  # int32: MKL's SpMV
+
+        def padded(x: torch.Tensor) -> torch.Tensor:
+            return torch.cat([x, x.new_zeros(vmax - x.shape[0])])
+
+        self.inverse = torch.cat([inverse + i * vmax for i, (inverse, _, _) in enumerate(grids)])
+        self.counts = torch.cat([padded(counts.to(torch.float64)) for _, counts, _ in grids])
+        present = [table >= 0 for _, _, table in grids]
+        per_row = torch.cat([padded(p.sum(dim=1)) for p in present])
+        index_dtype = torch.int32 if self.size * 2 * reference.BS_DIMS < 2**31 else torch.int64  # MKL's SpMV
         self._crow = torch.zeros(self.size + 1, dtype=index_dtype, device=device)
         self._crow[1:] = torch.cumsum(per_row, 0)
-        col = slot[torch.masked_select(table, present)]  # row-major: CSR order
+        # Row-major selection keeps every row's columns ascending: CSR order.
+        col = torch.cat([torch.masked_select(table, p) + i * vmax
+                         for i, ((_, _, table), p) in enumerate(zip(grids, present, strict=True))])
         self._col = col.to(index_dtype)
         self._row = torch.repeat_interleave(torch.arange(self.size, device=device), per_row,
                                             output_size=col.shape[0])
