@@ -10,11 +10,11 @@ computes what ``ncutfast.reference.bilateral_solve`` computes, image by image, u
 2. The blur's neighbours: vertex key + stride_d, looked up in the image's sorted keys with
    ``searchsorted`` (the neighbours below are the transpose). The images' vertex sets are then
    concatenated with per-image offsets into one sparse blur matrix for the batch.
-3. Splat (a scatter-add over each pixel's vertex), [1 2 1] blur (a gather of the 10 neighbours), slice (a
-   gather), bistochastization, and one Jacobi-preconditioned conjugate gradient for the whole batch whose
-   dot products are per-image segment sums: every image follows SciPy's ``cg`` exactly (its own step sizes
-   and its own stop at ||r|| < 1e-5 ||b||, at most 25 iterations) and is frozen once it stops. Vertex
-   vectors are padded to ``(B, max V_i)`` so that per-image sums are row sums.
+3. Splat (a scatter-add over each pixel's vertex), [1 2 1] blur (a sparse CSR product), slice (a gather),
+   bistochastization, and one Jacobi-preconditioned conjugate gradient for the whole batch. Vertex vectors
+   are padded to ``(B, max V_i)``, so per-image dot products are row sums: every image follows SciPy's
+   ``cg`` exactly (its own step sizes and its own stop at ||r|| < 1e-5 ||b||, at most 25 iterations) and
+   is frozen once it stops.
 
 ``bilateral_binary`` is TokenCut's binary output for overlays (hole filling and connected components on the
 CPU, by the reference's code).
@@ -40,16 +40,15 @@ def _as_tensor(x: ArrayLike, device: torch.device) -> torch.Tensor:
     return torch.as_tensor(x).to(device)
 
 
-def _radices(sizes: list[tuple[int, int]], sigmas: tuple[float, float, float]) -> tuple[list[int], bool]:
-    """Digit radices of the vertex keys of a batch, and whether they are compact.
+def _radices(sizes: list[tuple[int, int]], sigmas: tuple[float, float, float]) -> tuple[list[int], int]:
+    """Digit radices of the vertex keys of a batch, and a bound above every key + its largest neighbour step.
 
     TokenCut's hash is sum_d coord_d * 255**d. While every coordinate is <= 253 (images below 254 grid cells
     per side, sigmas above about 1), a neighbour hash (+- 255**d) can only hit the vertex one cell away, so
     any order-preserving key with the same neighbour relation gives the same grid: the compact mixed-radix
     key with radix n_d = (the batch's largest coordinate in dimension d) + 2, which needs fewer bits and
     sorts faster. A coordinate never reaches its radix - 1, so key + stride_d never carries into the next
-    digit (nor the next image). Otherwise the keys are TokenCut's own hashes (radix 255), wrap-arounds
-    included.
+    digit. Otherwise the keys are TokenCut's own hashes (radix 255), wrap-arounds included.
     """
     sigma_spatial, sigma_luma, sigma_chroma = sigmas
     height = max(h for h, _ in sizes)
@@ -57,9 +56,9 @@ def _radices(sizes: list[tuple[int, int]], sigmas: tuple[float, float, float]) -
     # Y <= 255 and U, V <= 255.5 up to rounding; 256 leaves room for it.
     top = [int((width - 1) / sigma_spatial), int((height - 1) / sigma_spatial), int(256.0 / sigma_luma),
            int(256.0 / sigma_chroma), int(256.0 / sigma_chroma)]
-    if max(top) <= reference.BS_HASH_BASE - 2:
-        return [t + 2 for t in top], True
-    return [reference.BS_HASH_BASE] * reference.BS_DIMS, False
+    radices = [t + 2 for t in top] if max(top) <= reference.BS_HASH_BASE - 2 else [reference.BS_HASH_BASE] * reference.BS_DIMS
+    strides = np.cumprod([1, *radices[:-1]]).tolist()
+    return radices, sum(t * s for t, s in zip(top, strides, strict=True)) + strides[-1] + 1
 
 
 def _pixel_keys(image: torch.Tensor, sigmas: tuple[float, float, float], strides: list[int],
@@ -86,14 +85,13 @@ def _pixel_keys(image: torch.Tensor, sigmas: tuple[float, float, float], strides
     return key.reshape(-1)
 
 
-def _neighbours(key: torch.Tensor, strides: list[int], span: int | None) -> torch.Tensor:
+def _neighbours(key: torch.Tensor, strides: list[int]) -> torch.Tensor:
     """The blur's taps of one image's vertices (``key``: their sorted keys), int64 ``(V, 10)``.
 
     Columns: [below in dim 4, ..., below in dim 0, above in dim 0, ..., above in dim 4], -1 where the
     neighbour does not exist. Keys, hence vertex indices, ascend along a row (key - strides[4] < ... <
     key - strides[0] < key + strides[0] < ...). Only the neighbours above are searched (``searchsorted``);
-    those below are their transpose. ``span``: TokenCut's hashes (the non-compact keys) may carry into the
-    next digit but must stay below ``span``; None for compact keys, which never carry.
+    those below are their transpose. As in TokenCut, a neighbour is any vertex of the image with that key.
     """
     dims = reference.BS_DIMS
     nv = key.shape[0]
@@ -103,8 +101,6 @@ def _neighbours(key: torch.Tensor, strides: list[int], span: int | None) -> torc
         wanted = key + strides[d]
         loc = torch.searchsorted(key, wanted).clamp_(max=nv - 1)
         ok = key[loc] == wanted
-        if span is not None:
-            ok &= wanted < span
         src, dst = torch.masked_select(vertex, ok), torch.masked_select(loc, ok)
         table[src, dims + d] = dst
         table[dst, dims - 1 - d] = src
@@ -128,17 +124,17 @@ class _BatchGrid:
                  sigmas: tuple[float, float, float]) -> None:
         device = images[0].device
         self.n_images = n_images = len(images)
-        radices, compact = _radices(sizes, sigmas)
-        strides = [int(np.prod(radices[:d], dtype=np.int64)) for d in range(reference.BS_DIMS + 1)]
-        span = strides[-1]  # every key of an image is < span
-        if span >= 2**62:
-            raise ValueError("sigma_luma / sigma_chroma: too small, the grid's vertex keys overflow int64")
-        dtype = torch.int32 if 2 * span < 2**31 else torch.int64  # room for key + strides[4]
+        radices, bound = _radices(sizes, sigmas)
+        strides = [int(np.prod(radices[:d], dtype=np.int64)) for d in range(reference.BS_DIMS)]
+        if bound >= 2**63:
+            raise ValueError("sigma_spatial / sigma_luma / sigma_chroma: too small, the grid's vertex keys "
+                             "overflow int64")
+        dtype = torch.int32 if bound < 2**31 else torch.int64
         grids = []  # per image: vertex of every pixel, pixels per vertex, neighbour table
         for img in images:
             key, inverse, counts = torch.unique(_pixel_keys(img, sigmas, strides, dtype), sorted=True,
                                                 return_inverse=True, return_counts=True)
-            grids.append((inverse.reshape(-1), counts, _neighbours(key, strides, None if compact else span)))
+            grids.append((inverse.reshape(-1), counts, _neighbours(key, strides)))
         self.vmax = vmax = max(counts.shape[0] for _, counts, _ in grids)
         self.size = n_images * vmax
 
