@@ -56,7 +56,10 @@ def _radices(sizes: list[tuple[int, int]], sigmas: tuple[float, float, float]) -
     # Y <= 255 and U, V <= 255.5 up to rounding; 256 leaves room for it.
     top = [int((width - 1) / sigma_spatial), int((height - 1) / sigma_spatial), int(256.0 / sigma_luma),
            int(256.0 / sigma_chroma), int(256.0 / sigma_chroma)]
-    radices = [t + 2 for t in top] if max(top) <= reference.BS_HASH_BASE - 2 else [reference.BS_HASH_BASE] * reference.BS_DIMS
+    if max(top) <= reference.BS_HASH_BASE - 2:
+        radices = [t + 2 for t in top]
+    else:
+        radices = [reference.BS_HASH_BASE] * reference.BS_DIMS
     strides = np.cumprod([1, *radices[:-1]]).tolist()
     return radices, sum(t * s for t, s in zip(top, strides, strict=True)) + strides[-1] + 1
 
