@@ -149,25 +149,15 @@ class _BatchGrid:
         present = [table >= 0 for _, _, table in grids]
         per_row = torch.cat([padded(p.sum(dim=1)) for p in present])
         index_dtype = torch.int32 if self.size * 2 * reference.BS_DIMS < 2**31 else torch.int64  # MKL's SpMV
-        self._crow = torch.zeros(self.size + 1, dtype=index_dtype, device=device)
-        self._crow[1:] = torch.cumsum(per_row, 0)
+        crow = torch.zeros(self.size + 1, dtype=index_dtype, device=device)
+        crow[1:] = torch.cumsum(per_row, 0)
         # Row-major selection keeps every row's columns ascending: CSR order.
         col = torch.cat([torch.masked_select(table, p) + i * vmax
                          for i, ((_, _, table), p) in enumerate(zip(grids, present, strict=True))])
-        self._col = col.to(index_dtype)
-        self._row = torch.repeat_interleave(torch.arange(self.size, device=device), per_row,
-                                            output_size=col.shape[0])
-        self.blur_matrix = self.csr(torch.ones(col.shape[0], dtype=torch.float64, device=device))
-
-    def csr(self, values: torch.Tensor) -> torch.Tensor:
-        """The blur's sparsity pattern with other ``values`` (float64, one per tap in CSR order)."""
         with warnings.catch_warnings():  # torch flags sparse CSR as beta; the matrix-vector product is stable
             warnings.simplefilter("ignore", UserWarning)
-            return torch.sparse_csr_tensor(self._crow, self._col, values, (self.size, self.size))
-
-    def scaled(self, scale: torch.Tensor, factor: float) -> torch.Tensor:
-        """``factor * diag(scale) B_off diag(scale)`` as CSR (``scale``: float64 ``(B * vmax,)``)."""
-        return self.csr(factor * (scale[self._row] * scale[self._col.to(torch.int64)]))
+            self.blur_matrix = torch.sparse_csr_tensor(crow, col.to(index_dtype), torch.ones(
+                col.shape[0], dtype=torch.float64, device=device), (self.size, self.size))
 
     def splat(self, x: torch.Tensor) -> torch.Tensor:
         return torch.zeros(self.size, dtype=x.dtype, device=x.device).index_add_(0, self.inverse, x)
@@ -293,12 +283,13 @@ def bilateral_solve(
 
     t = torch.cat(tgts)
     c_splat = grid.counts * confidence
-    b = grid.splat(t * confidence)
+    b = grid.splat(t) * confidence  # splat(t c) for a constant c
     diag = lam * (m - n * (2 * reference.BS_DIMS * n)) + c_splat  # diag(A), rounded as the reference's
-    off = grid.scaled(n, -lam)  # -lam Dn B_off Dn, B_off = B - 2 * 5 I: A = diag(A) + off
+    lam_n = lam * n
 
     def matvec(y: torch.Tensor) -> torch.Tensor:
-        return torch.addcmul(off @ y, diag, y)
+        # A y = lam (Dm - Dn B Dn) y + splat(c) y = diag(A) y - lam n (B_off (n y)), B_off = B - 2 * 5 I.
+        return torch.addcmul(diag * y, lam_n, grid.blur_matrix @ (n * y), value=-1.0)
 
     precond = 1.0 / torch.clamp(diag, min=reference.BS_A_DIAG_MIN)
     y = _cg(grid, matvec, b, torch.where(has_pixels, b / torch.where(has_pixels, c_splat, 1.0), 0.0), precond)
