@@ -264,12 +264,12 @@ def bilateral_solve(
     for i, (image, target) in enumerate(zip(image_list, target_list, strict=True)):
         tag = "" if single else f"[{i}]"
         size = check_rgb_image(image, f"images{tag}")
-        t = _as_tensor(target, device)
-        t64 = t.to(torch.float64)
-        check_target(t, size, f"targets{tag}",
-                     all_finite=not t.is_floating_point() or bool(torch.isfinite(t64).all()))
+        check_target(target, size, f"targets{tag}", all_finite=True)  # type, shape, dtype
+        t = _as_tensor(target, device).to(torch.float64)
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"targets{tag}: contains NaN or inf")
         imgs.append(_as_tensor(image, device))
-        tgts.append(t64.reshape(-1))
+        tgts.append(t.reshape(-1))
         sizes.append(size)
     grid = _BatchGrid(imgs, sizes, sigmas)
 

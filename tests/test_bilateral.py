@@ -124,6 +124,8 @@ def test_bad_input_names_the_argument(rng: np.random.Generator) -> None:
         bilateral_solve([image, image], [mask])
     with pytest.raises(TypeError, match="images, targets"):
         bilateral_solve(image, [mask])
+    with pytest.raises(TypeError, match=r"targets\[0\]: expected an array"):
+        bilateral_solve([image], ["mask"])
     with pytest.raises(ValueError, match="sigma_chroma: too small"):
         bilateral_solve(image, mask, sigma_chroma=1e-15)
 
