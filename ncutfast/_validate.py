@@ -100,7 +100,13 @@ def check_image_size(image_size: object, name: str = "image_size") -> tuple[int,
 
 
 def check_lengths(lengths: Sequence[int], batch: int, n_max: int) -> list[int]:
-    """Per-image token counts of a padded batch: ``batch`` ints in [1, n_max]."""
+    """Per-image token counts of a padded batch: ``batch`` ints in [1, n_max] (bools and floats, even
+    integral ones, are refused: a float count is a bug upstream, not a value to truncate)."""
+    if isinstance(lengths, (str, bytes)) or not isinstance(lengths, Sequence):
+        raise TypeError(f"lengths: expected a sequence of ints, got {type(lengths).__name__}")
+    for i, v in enumerate(lengths):
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+            raise TypeError(f"lengths: entry {i} is {v!r} ({type(v).__name__}), expected an integer")
     out = [int(v) for v in lengths]
     if len(out) != batch:
         raise ValueError(f"lengths: has {len(out)} entries but the batch holds {batch} images")

@@ -3,7 +3,8 @@
 The names and meanings follow ``ncutfast.reference`` (the specification, shared/spec/tokencut.md). Inputs are
 torch tensors (any device), NumPy arrays or CuPy arrays; outputs come back in the input's framework and on
 its device. A batch is ``(B, N, C)``, a ragged batch a list of ``(N_i, C)`` arrays or a padded
-``(B, N_max, C)`` array plus ``lengths``.
+``(B, N_max, C)`` array plus ``lengths``. Features that require grad are read detached: the cut (a threshold
+and an eigen-solve) is not differentiable, and no output carries a gradient back to them.
 
 Deterministic ties (documented deviation from the originals, whose rounding decides them):
 
