@@ -59,7 +59,7 @@ void check_eps(double eps) {
 void check_degrees(const int64_t* iterations, int64_t batch) {
   for (int64_t b = 0; b < batch; ++b)
     NCUT_CHECK(iterations[b] >= 0, "s", "problem " << b << " has a degree <= 0 or not finite (W = s where s >= "
-                                                          "tau, with tau < 0 and negative similarities?)");
+                                                          "tau: tau <= 0 with zero or negative similarities?)");
 }
 
 /// A NaN lambda2 for n >= 2 means the tridiagonal QL failed (never seen for Lanczos matrices): say so rather

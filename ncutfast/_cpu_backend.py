@@ -88,11 +88,11 @@ def check_args(feats: object, lengths: object, tau: object, eps: object, binary:
     if bool(bad.any()):
         i = int(bad.nonzero()[0, 0])
         raise ValueError(f"lengths: entry {i} is {int(lengths[i])}, must lie in [1, {feats.shape[1]}]")
-    check_tau(tau)
-    check_eps(eps)
     for name, flag in (("binary", binary), ("table", table)):
         if not isinstance(flag, bool):
             raise TypeError(f"{name}: expected a bool, got {type(flag).__name__}")
+    check_tau(tau, binary=binary)
+    check_eps(eps)
     if not isinstance(precision, str) or precision not in PRECISIONS:
         raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
     if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not math.isfinite(tol) or tol <= 0:

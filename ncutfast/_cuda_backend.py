@@ -52,9 +52,9 @@ def solve(
     """Backend contract of ``ncutfast._dispatch``: padded ``(B, N_max, C)`` CUDA features -> Spectrum.
 
     Bad arguments raise ``TypeError``/``ValueError`` naming the argument (host-side checks: finiteness of
-    the features is the caller's, as ``ncutfast.api`` does). A non-binary graph with a degree <= 0 (tau < 0)
-    raises ``ValueError`` (one synchronization, non-binary graphs only). ``converged`` follows
-    ``_dispatch.converged_flags``.
+    the features is the caller's, as ``ncutfast.api`` does). A non-binary graph with a degree <= 0 (tau = 0
+    and an all-zero row; tau < 0 is refused up front) raises ``ValueError`` (one synchronization,
+    non-binary graphs only). ``converged`` follows ``_dispatch.converged_flags``.
     """
     if isinstance(lengths, torch.Tensor) and lengths.device.type != "cpu":
         lengths = lengths.cpu()
@@ -111,7 +111,7 @@ def solve(
                                     **params(work), **outs(grp))
     if not binary and bool((iters < 0).any()):  # the solver's flag for a degree <= 0 (csrc/ncut/lanczos.h)
         b = int((iters < 0).nonzero()[0, 0])
-        raise ValueError(f"feats: problem {b} has a degree <= 0 (W = similarity where >= tau, with tau < 0 and "
-                         "negative similarities?)")
+        raise ValueError(f"feats: problem {b} has a degree <= 0 in the non-binary graph (an all-zero feature row "
+                         "with tau = 0?)")
     x = torch.nn.functional.pad(x, (0, n_max - n))
     return Spectrum(lam2, lam3, x, resid, converged_flags(resid, lam2, lam3, tol), iters)

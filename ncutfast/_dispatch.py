@@ -9,7 +9,8 @@ max_iter) -> Spectrum``:
 - The backend L2-normalizes rows (norm clamped at 1e-12), forms the similarity in ``precision``
   ("float64", "float32" = fp32 without tf32, "fast" = tensor cores where the device has them),
   builds W (binary: 1 where similarity > tau else eps; non-binary: the similarity with entries < tau set to
-  eps), degrees d = W 1, and returns the 2nd and 3rd smallest generalized eigenpairs of (D - W, D).
+  eps, for tau >= 0 only, and a degree <= 0 raises ``ValueError``), degrees d = W 1, and returns the 2nd
+  and 3rd smallest generalized eigenpairs of (D - W, D).
 
 Backends register themselves in ``_BACKENDS`` under a name; ``NCUTFAST_BACKEND`` forces one for every call
 whose ``backend`` argument is "auto", and a forced or requested backend that is unavailable raises.

@@ -34,13 +34,22 @@ def dtype_name(dtype: object) -> str:
     return name.rsplit(".", 1)[-1]
 
 
-def check_tau(tau: float) -> float:
-    """tau must be a real number in the open interval (-1, 1): cosine similarities live in [-1, 1]."""
+def check_tau(tau: float, *, binary: bool = True) -> float:
+    """tau must be a real number in the open interval (-1, 1): cosine similarities live in [-1, 1].
+
+    A non-binary graph (``binary=False``: W keeps the similarities that are >= tau) also needs tau >= 0.
+    With tau < 0 the similarities in [tau, 0) become negative edge weights: D - W is indefinite, degrees
+    can be <= 0, and the 2nd-smallest generalized eigenpair is no longer a cut (scipy's may even be the
+    trivial constant vector, shifted to index 1 by a negative eigenvalue), so such graphs are refused.
+    """
     if isinstance(tau, bool) or not isinstance(tau, (int, float, np.floating, np.integer)):
         raise TypeError(f"tau: expected a real number, got {type(tau).__name__}")
     tau = float(tau)
     if not np.isfinite(tau) or not -1.0 < tau < 1.0:
         raise ValueError(f"tau: must lie in the open interval (-1, 1), got {tau!r}")
+    if not binary and tau < 0.0:
+        raise ValueError(f"tau: must be >= 0 for a non-binary graph (binary=False), got {tau!r}: similarities in "
+                         "[tau, 0) would be negative edge weights, for which the normalized cut is undefined")
     return tau
 
 

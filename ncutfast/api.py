@@ -178,7 +178,8 @@ def ncut(
         tau: similarity threshold in (-1, 1).
         eps: weight of non-edges, > 0.
         lengths: per-image token counts of a padded batch.
-        binary: False gives TokenCut's ``--no-binary-graph`` ablation (similarities kept as weights).
+        binary: False gives TokenCut's ``--no-binary-graph`` ablation (similarities kept as weights); it
+            needs tau >= 0 (see ``reference.affinity``).
         precision: similarity precision: "float64", "float32" (IEEE fp32, no tf32) or "fast" (tensor
             cores where the device has them; threshold decisions within rounding of tau may flip).
         backend: "auto", "torch", "cpu", "cuda" or "triton" (``NCUTFAST_BACKEND`` overrides "auto").
@@ -188,8 +189,8 @@ def ncut(
     Returns:
         NcutResult (see its docstring for shapes). Deterministic for a given backend and input.
     """
-    tau, eps = check_tau(tau), check_eps(eps)
     _check_solver_args(binary, precision, tol, max_iter)
+    tau, eps = check_tau(tau, binary=binary), check_eps(eps)
     batch = as_batch(features, lengths)
     cut = _solve(batch.feats, batch.lengths, tau=tau, eps=eps, binary=binary, precision=precision,
                  backend=backend, tol=tol, max_iter=max_iter)
@@ -262,8 +263,8 @@ def tokencut(
         image_size: original (H, W) (or one per image) to clip boxes to; default (h * patch, w * patch).
         Other arguments as for ``ncut``.
     """
-    tau, eps = check_tau(tau), check_eps(eps)
     _check_solver_args(binary, precision, tol, max_iter)
+    tau, eps = check_tau(tau, binary=binary), check_eps(eps)
     patch = check_patch(patch)
     batch = as_batch(features, lengths)
     grids = _grids(grid, batch)

@@ -99,11 +99,12 @@ def affinity(
         tau: similarity threshold; an edge needs similarity **strictly** greater than tau.
         eps: weight of non-edges.
         binary: True gives W = 1 / eps (TokenCut's default). False is TokenCut's ``--no-binary-graph``
-            ablation: W keeps the similarity and entries **below** tau become eps.
+            ablation: W keeps the similarity and entries **below** tau become eps; it needs tau >= 0 (no
+            negative weights) and raises ``ValueError`` for a degree of 0 (an all-zero row with tau = 0).
         similarity_dtype: dtype of the normalization and the similarity product. TokenCut itself computes
             it in float32 (torch) and then converts to float64; the reference default is float64.
     """
-    tau = check_tau(tau)
+    tau = check_tau(tau, binary=binary)
     eps = check_eps(eps)
     f = normalize_rows(_as_features(feats), similarity_dtype)
     s = f @ f.T  # §2 step 2: cosine affinity
@@ -112,6 +113,12 @@ def affinity(
         return np.where(s > tau, 1.0, eps).astype(np.float64)
     w = s.astype(np.float64)
     w[s < tau] = eps  # the ablation's rule: entries below tau (not <=) become eps
+    # tau >= 0 keeps every weight >= 0; only a token whose similarities are all exactly 0 (an all-zero row,
+    # tau = 0) has degree 0, which leaves D singular.
+    isolated = np.flatnonzero(w.sum(axis=1) <= 0)
+    if isolated.size:
+        raise ValueError(f"feats: token {isolated[0]} has degree 0 in the non-binary graph (an all-zero feature "
+                         "row with tau = 0?); the normalized cut needs every degree > 0")
     return w
 
 

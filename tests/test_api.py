@@ -316,3 +316,54 @@ def test_integer_lengths_of_any_integer_type(rng) -> None:
     want = ncutfast.ncut([good[0], good[1, :5], good[2, :3]]).lambda2
     for lengths in ([10, 5, 3], (np.int32(10), np.int64(5), 3), np.array([10, 5, 3]), torch.tensor([10, 5, 3])):
         assert np.array_equal(ncutfast.ncut(good, lengths=lengths).lambda2, want)
+
+
+CPU_BACKENDS = ["torch", "cpu", "triton"]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_non_binary_graph_refuses_negative_tau_everywhere(rng, backend) -> None:
+    """binary=False with tau < 0 makes negative weights (an indefinite D - W: NaN degrees or a different
+    eigenpair than scipy's): refused by the reference, every backend and the drop-in, naming tau."""
+    if backend not in ncutfast.available_backends():
+        pytest.skip(f"backend {backend} not available")
+    feats = rng.standard_normal((23, 8))
+    for tau in (-0.3, -0.05, -1e-9):
+        with pytest.raises(ValueError, match="^tau: must be >= 0 for a non-binary graph"):
+            ncutfast.ncut(feats, tau=tau, binary=False, backend=backend)
+        with pytest.raises(ValueError, match="^tau: must be >= 0 for a non-binary graph"):
+            ncutfast.tokencut(feats, (1, 23), patch=8, tau=tau, binary=False, backend=backend)
+    with pytest.raises(ValueError, match="^tau: must be >= 0 for a non-binary graph"):
+        reference.ncut(feats, tau=-0.3, binary=False)
+    with pytest.raises(ValueError, match="^tau: must be >= 0 for a non-binary graph"):
+        reference.tokencut(feats, (1, 23), patch=8, tau=-0.3, binary=False)
+    # tau = 0 non-binary graphs match the reference, and binary graphs keep accepting tau < 0 (not run on
+    # Triton: its interpreted Lanczos is slow, and the binary path is not what this test is about).
+    for tau, binary in ((0.0, False),) if backend == "triton" else ((0.0, False), (-0.3, True)):
+        out = ncutfast.ncut(feats, tau=tau, binary=binary, backend=backend, precision="float64")
+        ref = reference.ncut(feats, tau=tau, binary=binary)
+        assert float(out.lambda2) == pytest.approx(ref.lambda2, rel=1e-7)
+        assert float(out.lambda3) == pytest.approx(ref.lambda3, rel=1e-7)
+
+
+def test_non_binary_compat_refuses_negative_tau(rng) -> None:
+    from ncutfast.compat import tokencut as ct
+
+    tokens = torch.from_numpy(rng.standard_normal((1, 13, 6)).astype(np.float32))
+    with pytest.raises(ValueError, match="^tau: must be >= 0 for a non-binary graph"):
+        ct.ncut(tokens, [3, 4], [8, 8], (3, 24, 32), tau=-0.2, no_binary_graph=True)
+    ct.ncut(tokens, [3, 4], [8, 8], (3, 24, 32), tau=-0.2)  # binary: fine
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("n", [5, 97])  # dense and Lanczos paths
+def test_non_binary_zero_degree_raises_everywhere(rng, backend, n) -> None:
+    """tau = 0 and an all-zero row: every weight of that token is 0 (degree 0, no D^-1/2)."""
+    if backend not in ncutfast.available_backends():
+        pytest.skip(f"backend {backend} not available")
+    feats = rng.standard_normal((n, 6))
+    feats[n // 2] = 0.0
+    with pytest.raises(ValueError, match=r"degree (<= )?0"):
+        reference.ncut(feats, tau=0.0, binary=False)
+    with pytest.raises(ValueError, match=r"degree (<= )?0"):
+        ncutfast.ncut(feats, tau=0.0, binary=False, backend=backend)

@@ -132,5 +132,8 @@ def test_cuda_backend_rejects_bad_arguments(cuda: torch.device) -> None:
         solve(f, torch.tensor([4]), **(kw | {"eps": 0.0}))
     angles = torch.tensor([0.0, 100.0, 110.0, 120.0]).deg2rad()  # row 0: 1 + cos 100 + cos 110 + cos 120 < 0
     feats = torch.stack([angles.cos(), angles.sin()], dim=-1)[None].to(cuda)
-    with pytest.raises(ValueError, match="degree <= 0"):
+    with pytest.raises(ValueError, match="^tau: must be >= 0 for a non-binary graph"):
         solve(feats, torch.tensor([4]), **(kw | {"tau": -0.95, "binary": False}))
+    feats[0, 2] = 0.0
+    with pytest.raises(ValueError, match="degree <= 0"):
+        solve(feats, torch.tensor([4]), **(kw | {"tau": 0.0, "binary": False}))

@@ -371,14 +371,18 @@ def test_backend_any_strides_and_dtypes(batch: tuple[np.ndarray, list[int]], lay
     assert bool((got.residual[torch.tensor(lengths) >= 2] <= 1e-6).all())
 
 
-def test_backend_non_binary_negative_degree_raises() -> None:
-    """Non-binary graphs keep similarities >= tau as weights: with tau < 0, anti-aligned tokens give
-    negative weights, and a degree <= 0 has no D^-1/2 (the reference's eigh fails there too)."""
+def test_backend_non_binary_negative_tau_and_zero_degree_raise() -> None:
+    """Non-binary graphs keep similarities >= tau as weights: tau < 0 would make anti-aligned tokens'
+    weights negative (here a degree < 0) and is refused, as by the reference; with tau = 0 an all-zero row
+    has degree 0 and no D^-1/2."""
     angles = torch.tensor([0.0, 100.0, 110.0, 120.0]).deg2rad()  # row 0: 1 + cos 100 + cos 110 + cos 120 < 0
     feats = torch.stack([angles.cos(), angles.sin()], dim=-1)[None]
-    with pytest.raises(ValueError, match="degree <= 0"):
+    with pytest.raises(ValueError, match="^tau: must be >= 0 for a non-binary graph"):
         _solve(feats, torch.tensor([4]), tau=-0.95, binary=False)
     _check_finite(_solve(feats, torch.tensor([4]), tau=-0.95, binary=True), [4])
+    feats[0, 2] = 0.0
+    with pytest.raises(ValueError, match="degree <= 0"):
+        _solve(feats, torch.tensor([4]), tau=0.0, binary=False)
 
 
 @FUZZ

@@ -56,7 +56,7 @@ def ncut_batch(
 
     Returns the list of ``ncut``'s 6-tuples. ``scales``, ``tau``, ``eps`` are shared by all images.
     """
-    tau, eps = check_tau(tau), check_eps(eps)
+    tau, eps = check_tau(tau, binary=not no_binary_graph), check_eps(eps)
     if not len(feats) == len(dims) == len(init_image_size):
         raise ValueError(f"feats, dims, init_image_size: lengths differ ({len(feats)}, {len(dims)}, "
                          f"{len(init_image_size)})")
