@@ -10,7 +10,8 @@ no normalized copy of the features exists either. Then the deflated Lanczos solv
 about 49 ms of products, 0.8 ms of packing and 2.5 ms of solve, and 1.6 MB of bits, one 2.8 MB block, then
 the solver's 2.5 MB of vectors and tables beyond the features (``benchmarks/bench_ext.py`` measures both).
 Features whose row norms are extreme (outside [2^-40, 2^40], where float32 dot products could over- or
-underflow) are normalized first, as are non-binary graphs, which are solved from the full similarity matrix.
+underflow, or 0 for a nonzero row) are normalized first (``normalized_features``, safe for any finite
+magnitude), as are non-binary graphs, which are solved from the full similarity matrix.
 Results are deterministic (and do not depend on the thread count unless a team solves a problem).
 """
 
@@ -101,19 +102,23 @@ def check_args(feats: object, lengths: object, tau: object, eps: object, binary:
     check_positive_int(team, "team", minimum=0)
 
 
-def _inverse_norms(k: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor | None:
+def _inverse_norms(k: torch.Tensor, lengths: torch.Tensor, feats: torch.Tensor) -> torch.Tensor | None:
     """``1 / max(||k_i||, 1e-12)`` ``(B, n)`` in k's dtype (1 on padding), or None where a norm is outside
-    ``NORM_RANGE`` (the caller normalizes first). Raises for NaN or infinite features."""
+    ``NORM_RANGE`` (the caller normalizes first). ``k`` is ``feats`` converted to the similarity's dtype.
+    Raises for NaN or infinite features."""
     norms = torch.linalg.vector_norm(k, dim=-1)
     valid = torch.arange(k.shape[1])[None, :] < lengths[:, None]
     vn = norms[valid]
     if not bool(torch.isfinite(vn).all()):
-        rows = k[valid][~torch.isfinite(vn)]
+        rows = feats[valid][~torch.isfinite(vn)]
         if not bool(torch.isfinite(rows).all()):
             raise ValueError("feats: contains NaN or inf")
-        return None  # finite features whose norm overflows
+        return None  # finite features whose norm (or float32 conversion) overflows
     if bool(((vn > 0) & (vn < NORM_RANGE[0])).any()) or bool((vn > NORM_RANGE[1]).any()):
         return None
+    zero = vn == 0
+    if bool(zero.any()) and bool(k[valid][zero].any()):
+        return None  # a nonzero row whose squares underflow: its raw dot products would too
     one = torch.ones((), dtype=k.dtype)
     return torch.where(valid, 1.0 / norms.clamp_min(1e-12), one).contiguous()
 
@@ -149,7 +154,7 @@ def solve(
     n = int(lengths.max())  # columns beyond every length are padding: drop them
     dtype = torch.float64 if precision == "float64" else torch.float32
     k = feats[:, :n].to(dtype)  # a view when the dtype already matches
-    inv = _inverse_norms(k, lengths)
+    inv = _inverse_norms(k, lengths, feats[:, :n])
     lam2, lam3, resid = (torch.empty(bsz, dtype=torch.float64) for _ in range(3))
     x = torch.empty(bsz, n, dtype=torch.float64)
     iters = torch.empty(bsz, dtype=torch.int64)
@@ -164,12 +169,12 @@ def solve(
                   team=int(team))
     if not binary:
         for sl in batch_slices(0, bsz, n * n * itemsize, MEMORY_BUDGET):
-            s = _similarity(k[sl], lengths[sl], precision)
+            s = _similarity(feats[sl, :n], lengths[sl], precision)
             C.solve_dense_cpu(s.data_ptr(), sim_dtype, s.shape[0], n, lengths[sl].data_ptr(), float(tau),
                               float(eps), **common, **outs(sl))
     else:
         if inv is None:  # extreme norms: normalize first, then the products are cosines already
-            k = normalized_features(k, lengths, precision)
+            k = normalized_features(feats[:, :n], lengths, precision)
         words = C.words_per_row(n)
         block = min(ROW_BLOCK, n)
         # Groups of problems share one solver call (at least one problem per thread keeps all busy); their

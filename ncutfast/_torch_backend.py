@@ -17,6 +17,7 @@ import torch
 
 from ._dispatch import Spectrum, converged_flags
 from ._lanczos import lanczos_fiedler
+from .reference import NORM_EPS
 
 __all__ = ["solve", "normalized_features", "graph", "matmul_precision", "DENSE_MAX", "MEMORY_BUDGET"]
 
@@ -40,13 +41,40 @@ def matmul_precision(device: torch.device, precision: str) -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32 = old
 
 
+#: Range of the row scaling's exponent e per working dtype: 2^e and 2^-e are normal numbers of it, and
+#: 1e-12 2^-e is finite in float32 (rows below 2^-126 are scaled less; they fall under the clamp anyway).
+_EXPONENTS = {torch.float32: (-125, 125), torch.float64: (-125, 1021)}
+
+
+def _pow2(k: torch.Tensor) -> torch.Tensor:
+    """2.0 ** k as float64 for integers k in [-1022, 1023], built from its bits (exact on every device)."""
+    return ((k.to(torch.int64) + 1023) << 52).view(torch.float64)
+
+
 def normalized_features(feats: torch.Tensor, lengths: torch.Tensor, precision: str) -> torch.Tensor:
-    """Rows divided by max(||row||, 1e-12), padding rows zeroed; float64 or float32 ``(B, N, C)``."""
+    """Rows divided by max(||row||, 1e-12) as the reference does, padding rows zeroed; float64 or float32
+    ``(B, N, C)``.
+
+    Each row is first multiplied by the power of two 2^-e that brings its largest |entry| into [0.5, 1):
+    exact, so rows of normal numbers give the plain formula's bits, while huge finite rows (float32 beyond
+    about 1e19, float64 beyond 1e154, float64 beyond float32's range at float32 precision) no longer
+    overflow when squared or converted. The clamp applies to the unscaled norm (||g|| 2^e), so a row whose
+    norm is below 1e-12 still becomes row / 1e-12 (1e-12 rounded to the output dtype, as torch's clamp).
+    """
     dtype = torch.float64 if precision == "float64" else torch.float32
-    f = feats.to(dtype)
+    work = torch.float64 if feats.dtype == torch.float64 else dtype  # holds the input exactly
+    f = feats.to(work)
     valid = torch.arange(f.shape[1], device=f.device)[None, :] < lengths.to(f.device)[:, None]
-    f = torch.where(valid[:, :, None], f, torch.zeros((), dtype=dtype, device=f.device))
-    return f / f.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    f = torch.where(valid[:, :, None], f, torch.zeros((), dtype=work, device=f.device))
+    amax = torch.linalg.vector_norm(f, ord=float("inf"), dim=-1, keepdim=True)
+    e = torch.frexp(amax).exponent.clamp(*_EXPONENTS[work])
+    g = (f * _pow2(-e).to(work)).to(dtype)
+    del f
+    norm = g.norm(dim=-1, keepdim=True)
+    clamp = torch.tensor(NORM_EPS, dtype=dtype).item()
+    tiny = norm.to(torch.float64) * _pow2(e) < clamp  # the unscaled norm (inf if it overflows) below 1e-12
+    # Tiny rows: g / (1e-12 2^-e) = row / 1e-12, the same power of two scaling both operands.
+    return g / torch.where(tiny, (clamp * _pow2(-e)).to(dtype), norm)
 
 
 def graph(

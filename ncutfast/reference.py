@@ -77,11 +77,22 @@ def _as_features(feats: np.ndarray, name: str = "feats") -> np.ndarray:
 def normalize_rows(feats: np.ndarray, dtype: type = np.float64) -> np.ndarray:
     """Spec §2 step 1: f_i = k_i / max(||k_i||_2, 1e-12), computed in ``dtype``.
 
-    Zero rows (MaskCut's painted tokens) stay zero.
+    Zero rows (MaskCut's painted tokens) stay zero. Finite rows too large to square (float32 beyond about
+    1e19, float64 beyond 1e154) or to convert to ``dtype`` follow the same formula: each row is first
+    scaled by the power of two 2^-e that brings its largest |entry| into [0.5, 1), which is exact (rows of
+    normal numbers give the unscaled formula's bits), and the clamp compares the unscaled norm
+    ``2^e ||row 2^-e||`` with 1e-12, so rows below it still become row / 1e-12.
     """
-    f = np.asarray(feats, dtype=dtype)
-    norms = np.sqrt((f * f).sum(axis=1, keepdims=True))
-    return f / np.maximum(norms, dtype(NORM_EPS))
+    a = np.asarray(feats)
+    f = a.astype(np.result_type(a.dtype, dtype))  # holds the input exactly
+    e = np.frexp(np.abs(f).max(axis=1, keepdims=True))[1]
+    g = np.ldexp(f, -e).astype(dtype)
+    norms = np.sqrt((g * g).sum(axis=1, keepdims=True))
+    with np.errstate(over="ignore"):  # an unscaled norm beyond float64 is inf: not tiny
+        tiny = (np.ldexp(norms.astype(np.float64), e) < dtype(NORM_EPS))[:, 0]
+    out = g / np.where(norms > 0, norms, 1)
+    out[tiny] = f[tiny].astype(dtype) / dtype(NORM_EPS)
+    return out
 
 
 def affinity(
