@@ -99,7 +99,7 @@ def check_args(feats: object, lengths: object, tau: object, eps: object, binary:
     if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not math.isfinite(tol) or tol <= 0:
         raise ValueError(f"tol: must be a finite number > 0, got {tol!r}")
     check_positive_int(max_iter, "max_iter")
-    check_positive_int(team, "team", minimum=0)
+    check_positive_int(team, "team", minimum=0, maximum=None if _ext.C is None else _ext.C.MAX_TEAM)
 
 
 def _inverse_norms(k: torch.Tensor, lengths: torch.Tensor, feats: torch.Tensor) -> torch.Tensor | None:

@@ -78,11 +78,13 @@ def check_feature_matrix(x: object, name: str, *, ndims: Sequence[int] = (2,), a
         raise ValueError(f"{name}: contains NaN or inf")
 
 
-def check_positive_int(v: object, name: str, *, minimum: int = 1) -> int:
+def check_positive_int(v: object, name: str, *, minimum: int = 1, maximum: int | None = None) -> int:
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
         raise TypeError(f"{name}: expected an int, got {type(v).__name__}")
     if int(v) < minimum:
         raise ValueError(f"{name}: must be >= {minimum}, got {int(v)}")
+    if maximum is not None and int(v) > maximum:
+        raise ValueError(f"{name}: must be in [{minimum}, {maximum}], got {int(v)}")
     return int(v)
 
 

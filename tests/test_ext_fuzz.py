@@ -158,7 +158,9 @@ def test_solvers_bad_arguments(data: st.DataObject, dense: bool) -> None:
     bad = dict(batch=BAD_SIZES, n_max=BAD_SIZES, eps=st.one_of(NON_FINITE, st.floats(max_value=0.0)),
                tol=st.one_of(NON_FINITE, st.floats(max_value=0.0)), max_iter=st.integers(-(1 << 31), 0),
                krylov_dim=st.one_of(st.integers(-(1 << 31), 0), st.integers(MAX_KRYLOV + 1, 1 << 30)),
-               check_every=st.integers(-(1 << 31), 0), team=st.integers(-(1 << 31), -1), lengths=st.just(0),
+               check_every=st.integers(-(1 << 31), 0),
+               team=st.one_of(st.integers(-(1 << 31), -1), st.integers(_ext.C.MAX_TEAM + 1, (1 << 31) - 1)),
+               lengths=st.just(0),
                lambda2=st.just(0), lambda3=st.just(0), x=st.just(0), residual=st.just(0), iterations=st.just(0))
     if dense:
         good |= dict(s=buf.s32.data_ptr(), dtype="float32", tau=0.2)
@@ -272,7 +274,7 @@ BAD_BACKEND_ARGS = dict(
     precision=st.sampled_from(["float16", "", "FLOAT32", None, 3]),
     tol=st.one_of(NON_FINITE, st.floats(max_value=0.0), st.just(True), st.just("1e-8")),
     max_iter=st.one_of(st.integers(max_value=0), st.just(2.5), st.just(True), st.just("60")),
-    team=st.one_of(st.integers(max_value=-1), st.just(1.5)),
+    team=st.one_of(st.integers(max_value=-1), st.integers(min_value=1025), st.just(1.5)),
     table=st.sampled_from([1, None, "True"]),
 )
 
