@@ -46,8 +46,10 @@ _PRECISIONS = {
 def _pow2(k, WIDE: tl.constexpr):
     """2.0 ** k in WIDE (fp32 or fp64) for integers k in its normal exponent range, built from its bits."""
     if WIDE == tl.float64:
-        return ((k.to(tl.int64) + 1023) << 52).to(tl.float64, bitcast=True)
-    return ((k.to(tl.int32) + 127) << 23).to(tl.float32, bitcast=True)
+        p = ((k.to(tl.int64) + 1023) << 52).to(tl.float64, bitcast=True)
+    else:
+        p = ((k.to(tl.int32) + 127) << 23).to(tl.float32, bitcast=True)
+    return p
 
 
 @triton.jit
