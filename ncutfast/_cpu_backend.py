@@ -116,8 +116,8 @@ def _inverse_norms(k: torch.Tensor, lengths: torch.Tensor, feats: torch.Tensor) 
         return None  # finite features whose norm (or float32 conversion) overflows
     if bool(((vn > 0) & (vn < NORM_RANGE[0])).any()) or bool((vn > NORM_RANGE[1]).any()):
         return None
-    zero = vn == 0
-    if bool(zero.any()) and bool(k[valid][zero].any()):
+    zero = (norms == 0) & valid  # MaskCut's painted rows; only these rows are read again
+    if bool(zero.any()) and bool(k[zero].any()):
         return None  # a nonzero row whose squares underflow: its raw dot products would too
     one = torch.ones((), dtype=k.dtype)
     return torch.where(valid, 1.0 / norms.clamp_min(1e-12), one).contiguous()
