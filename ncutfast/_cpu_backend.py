@@ -11,6 +11,10 @@ about 49 ms of products, 0.8 ms of packing and 2.5 ms of solve, and 1.6 MB of bi
 the solver's 2.5 MB of vectors and tables beyond the features (``benchmarks/bench_ext.py`` measures both).
 Features whose row norms are extreme (outside [2^-40, 2^40], where float32 dot products could over- or
 underflow) are normalized first, as are non-binary graphs, which are solved from the full similarity matrix.
+Precision "exact" (``ncutfast.exact``): the extension normalizes the rows in float64 exactly as the reference
+does, the blocks are float32 products of those rows rounded to float32, and the packing decides each entry
+from its block value unless it lies within the proven bound of tau, where it recomputes the float64 dot
+product (``csrc/ncut/exact.h``); the recheck counts come back per image.
 Results are deterministic (and do not depend on the thread count unless a team solves a problem).
 """
 
@@ -20,13 +24,13 @@ import math
 
 import torch
 
-from . import _ext
+from . import _ext, exact
 from ._dispatch import PRECISIONS, Spectrum, converged_flags
 from ._torch_backend import normalized_features
 from ._validate import FLOAT_DTYPE_NAMES, check_eps, check_positive_int, check_tau, dtype_name
 
-__all__ = ["solve", "check_args", "batch_slices", "KRYLOV_DIM", "CHECK_EVERY", "MEMORY_BUDGET", "ROW_BLOCK",
-           "GRAPH_BUDGET", "NORM_RANGE"]
+__all__ = ["solve", "exact_graph_bits", "check_args", "batch_slices", "KRYLOV_DIM", "CHECK_EVERY", "MEMORY_BUDGET",
+           "ROW_BLOCK", "GRAPH_BUDGET", "NORM_RANGE"]
 
 #: Basis vectors per Lanczos cycle (the cycle restarts from its Ritz vector when it ends unconverged).
 KRYLOV_DIM = 48
@@ -118,6 +122,45 @@ def _inverse_norms(k: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor | Non
     return torch.where(valid, 1.0 / norms.clamp_min(1e-12), one).contiguous()
 
 
+def exact_graph_bits(feats: torch.Tensor, lengths: torch.Tensor,
+                     tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed exact graph (precision "exact", ``ncutfast.exact``) of finite CPU features.
+
+    Args:
+        feats: ``(B, n, C)`` any float dtype, finite within the lengths (callers check); n = max(lengths).
+        lengths: int64 ``(B,)`` CPU.
+        tau: the threshold (strict >).
+
+    Returns:
+        ``(bits, rechecked)``: int64 ``(B, n, words_per_row(n))`` holding the uint64 bit rows of
+        ``[f_i . f_j > tau]`` (f the float64-normalized rows), and int64 ``(B,)`` counts of the entries
+        (i <= j) recomputed in float64.
+    """
+    C = _ext.C
+    bsz, n, c = feats.shape
+    lengths = lengths.to(torch.int64).contiguous()
+    k64 = feats.to(torch.float64).contiguous()
+    f, g = torch.empty_like(k64), torch.empty(k64.shape, dtype=torch.float32)
+    C.normalize_rows_cpu(k64.data_ptr(), bsz, n, c, lengths.data_ptr(), f.data_ptr(), g.data_ptr())
+    del k64
+    bounds = dict(bound=exact.screen_bound(c), dot_bound=exact.dot_bound(c), dot2_bound=exact.dot2_bound(c, tau))
+    bits = torch.empty(bsz, n, C.words_per_row(n), dtype=torch.int64)
+    rechecked = torch.zeros(bsz, dtype=torch.int64)
+    block = min(ROW_BLOCK, n)
+    slices = batch_slices(0, bsz, block * n * 4, MEMORY_BUDGET)
+    buf = torch.empty(max(sl.stop - sl.start for sl in slices) * block * n, dtype=torch.float32)
+    for sl in slices:
+        b = sl.stop - sl.start
+        for r0 in range(0, n, block):
+            r1 = min(r0 + block, n)
+            s = buf[: b * (r1 - r0) * (n - r0)].view(b, r1 - r0, n - r0)
+            torch.bmm(g[sl, r0:r1], g[sl, r0:].transpose(1, 2), out=s)
+            C.pack_graph_block_exact_cpu(s.data_ptr(), f[sl].data_ptr(), c, b, n, r0, r1 - r0, lengths[sl].data_ptr(),
+                                         float(tau), **bounds, bits=bits[sl.start].data_ptr(),
+                                         rechecked=rechecked[sl].data_ptr())
+    return bits, rechecked
+
+
 def solve(
     feats: torch.Tensor,
     lengths: torch.Tensor,
@@ -147,14 +190,23 @@ def solve(
     bsz, n_max = feats.shape[0], feats.shape[1]
     lengths = lengths.to(torch.int64).cpu().contiguous()
     n = int(lengths.max())  # columns beyond every length are padding: drop them
-    dtype = torch.float64 if precision == "float64" else torch.float32
-    k = feats[:, :n].to(dtype)  # a view when the dtype already matches
-    inv = _inverse_norms(k, lengths)
+    exact_graph = precision == "exact" and binary
+    dtype = torch.float64 if precision == "float64" or (precision == "exact" and not binary) else torch.float32
+    rechecked = None
+    if exact_graph:  # the input's own values reach the float64 normalization; the blocks are float32
+        k, inv = feats[:, :n], None
+        valid = torch.arange(n)[None, :] < lengths[:, None]
+        if not bool(torch.isfinite(k[valid]).all()):
+            raise ValueError("feats: contains NaN or inf")
+        rechecked = torch.zeros(bsz, dtype=torch.int64)
+    else:
+        k = feats[:, :n].to(dtype)  # a view when the dtype already matches
+        inv = _inverse_norms(k, lengths)  # also rejects NaN and inf before any product
     lam2, lam3, resid = (torch.empty(bsz, dtype=torch.float64) for _ in range(3))
     x = torch.empty(bsz, n, dtype=torch.float64)
     iters = torch.empty(bsz, dtype=torch.int64)
-    sim_dtype = "float64" if precision == "float64" else "float32"
-    itemsize = 8 if precision == "float64" else 4
+    sim_dtype = "float64" if dtype == torch.float64 else "float32"
+    itemsize = 8 if dtype == torch.float64 else 4
 
     def outs(sl: slice) -> dict[str, int]:
         return dict(lambda2=lam2[sl].data_ptr(), lambda3=lam3[sl].data_ptr(), x=x[sl].data_ptr(),
@@ -164,32 +216,41 @@ def solve(
                   team=int(team))
     if not binary:
         for sl in batch_slices(0, bsz, n * n * itemsize, MEMORY_BUDGET):
-            s = _similarity(k[sl], lengths[sl], precision)
+            s = _similarity(k[sl], lengths[sl], "float64" if dtype == torch.float64 else "float32")
             C.solve_dense_cpu(s.data_ptr(), sim_dtype, s.shape[0], n, lengths[sl].data_ptr(), float(tau),
                               float(eps), **common, **outs(sl))
     else:
-        if inv is None:  # extreme norms: normalize first, then the products are cosines already
+        if inv is None and not exact_graph:  # extreme norms: normalize first, then the products are cosines
             k = normalized_features(k, lengths, precision)
         words = C.words_per_row(n)
         block = min(ROW_BLOCK, n)
+        # exact: float64 rows and their float32 copy per group (12 bytes per feature)
+        per_problem = n * words * 8 + (n * k.shape[2] * 12 if exact_graph else 0)
         # Groups of problems share one solver call (at least one problem per thread keeps all busy); their
         # graphs are packed from the upper part of S, a block of rows at a time, through one reused buffer.
         # Words are uint64 held in int64 (only the address reaches the kernels).
-        for grp in batch_slices(0, bsz, n * words * 8, GRAPH_BUDGET, at_least=C.cpu_threads()):
-            bits = torch.empty(grp.stop - grp.start, n, words, dtype=torch.int64)
-            slices = batch_slices(grp.start, grp.stop, block * n * itemsize, MEMORY_BUDGET)
-            buf = torch.empty(max(sl.stop - sl.start for sl in slices) * block * n, dtype=dtype)
-            for sl in slices:
-                b = sl.stop - sl.start
-                inv_ptr = 0 if inv is None else inv[sl].data_ptr()
-                for r0 in range(0, n, block):
-                    r1 = min(r0 + block, n)
-                    s = buf[: b * (r1 - r0) * (n - r0)].view(b, r1 - r0, n - r0)
-                    torch.bmm(k[sl, r0:r1], k[sl, r0:].transpose(1, 2), out=s)
-                    C.pack_graph_block_cpu(s.data_ptr(), sim_dtype, b, n, r0, r1 - r0, lengths[sl].data_ptr(),
-                                           float(tau), bits[sl.start - grp.start].data_ptr(), inv_norms=inv_ptr)
-            del buf, s
+        for grp in batch_slices(0, bsz, per_problem, GRAPH_BUDGET, at_least=C.cpu_threads()):
+            if exact_graph:
+                bits, rechecked[grp] = exact_graph_bits(k[grp], lengths[grp], tau)
+            else:
+                bits = torch.empty(grp.stop - grp.start, n, words, dtype=torch.int64)
+                slices = batch_slices(grp.start, grp.stop, block * n * itemsize, MEMORY_BUDGET)
+                buf = torch.empty(max(sl.stop - sl.start for sl in slices) * block * n, dtype=dtype)
+                for sl in slices:
+                    b = sl.stop - sl.start
+                    inv_ptr = 0 if inv is None else inv[sl].data_ptr()
+                    for r0 in range(0, n, block):
+                        r1 = min(r0 + block, n)
+                        s = buf[: b * (r1 - r0) * (n - r0)].view(b, r1 - r0, n - r0)
+                        torch.bmm(k[sl, r0:r1], k[sl, r0:].transpose(1, 2), out=s)
+                        C.pack_graph_block_cpu(s.data_ptr(), sim_dtype, b, n, r0, r1 - r0, lengths[sl].data_ptr(),
+                                               float(tau), bits[sl.start - grp.start].data_ptr(), inv_norms=inv_ptr)
+                del buf, s
             C.solve_binary_cpu(bits.data_ptr(), bits.shape[0], n, lengths[grp].data_ptr(), float(eps),
                                table=table, **common, **outs(grp))
     x = torch.nn.functional.pad(x, (0, n_max - n))
-    return Spectrum(lam2, lam3, x, resid, converged_flags(resid, lam2, lam3, tol), iters)
+    frac = None
+    if rechecked is not None:
+        ln = lengths.to(torch.float64)
+        frac = rechecked.to(torch.float64) / (ln * (ln + 1) / 2)
+    return Spectrum(lam2, lam3, x, resid, converged_flags(resid, lam2, lam3, tol), iters, frac)

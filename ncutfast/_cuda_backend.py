@@ -54,11 +54,16 @@ def solve(
     Bad arguments raise ``TypeError``/``ValueError`` naming the argument (host-side checks: finiteness of
     the features is the caller's, as ``ncutfast.api`` does). A non-binary graph with a degree <= 0 (tau < 0)
     raises ``ValueError`` (one synchronization, non-binary graphs only). ``converged`` follows
-    ``_dispatch.converged_flags``.
+    ``_dispatch.converged_flags``. Precision "exact" runs the torch backend's exact graph (``ncutfast.exact``).
     """
     if isinstance(lengths, torch.Tensor) and lengths.device.type != "cpu":
         lengths = lengths.cpu()
     check_args(feats, lengths, tau, eps, binary, precision, tol, max_iter, device_type="cuda")
+    if precision == "exact":
+        from ._torch_backend import solve as torch_solve
+
+        return torch_solve(feats, lengths, tau=tau, eps=eps, binary=binary, precision=precision, tol=tol,
+                           max_iter=max_iter)
     C = _ext.C
     if not _ext.HAS_CUDA_EXT:
         raise RuntimeError("backend: ncutfast._C was built without CUDA kernels")

@@ -7,7 +7,8 @@ max_iter) -> Spectrum``:
   ``lengths[b]`` are padding and must be ignored (they may hold anything finite).
 - ``lengths``: int64 CPU tensor ``(B,)`` with ``1 <= lengths[b] <= N_max``.
 - The backend L2-normalizes rows (norm clamped at 1e-12), forms the similarity in ``precision``
-  ("float64", "float32" = fp32 without tf32, "fast" = tensor cores where the device has them),
+  ("float64", "float32" = fp32 without tf32, "fast" = tensor cores where the device has them, "exact" = the
+  float64 graph certified from a low-precision product: ``ncutfast.exact``),
   builds W (binary: 1 where similarity > tau else eps; non-binary: the similarity with entries < tau set to
   eps), degrees d = W 1, and returns the 2nd and 3rd smallest generalized eigenpairs of (D - W, D).
 
@@ -41,6 +42,8 @@ class Spectrum:
             / gap bounds the eigenvector's angle error). A degenerate spectrum (lambda3 == lambda2) never
             converges: its eigenvector is not determined. N = 1 and N = 2 count as converged (gap = 1).
         iterations: ``(B,)`` int64, Lanczos steps taken (0 for dense solves).
+        recheck_fraction: ``(B,)`` float64 for precision "exact" (binary graphs): the fraction of the
+            entries (pairs i <= j) that the screening product left to the float64 recheck; None otherwise.
     """
 
     lambda2: torch.Tensor
@@ -49,6 +52,7 @@ class Spectrum:
     residual: torch.Tensor
     converged: torch.Tensor
     iterations: torch.Tensor
+    recheck_fraction: torch.Tensor | None = None
 
 
 def converged_flags(residual: torch.Tensor, lambda2: torch.Tensor, lambda3: torch.Tensor, tol: float) -> torch.Tensor:
@@ -63,7 +67,7 @@ def converged_flags(residual: torch.Tensor, lambda2: torch.Tensor, lambda3: torc
 SolveFn = Callable[..., Spectrum]
 
 BACKEND_NAMES = ("torch", "cpu", "cuda", "triton")
-PRECISIONS = ("float64", "float32", "fast")
+PRECISIONS = ("float64", "float32", "fast", "exact")
 
 
 def _load(name: str) -> SolveFn | None:

@@ -17,6 +17,7 @@ import torch
 
 from ._dispatch import Spectrum, converged_flags
 from ._lanczos import lanczos_fiedler
+from .exact import exact_mask, normalized_rows
 
 __all__ = ["solve", "normalized_features", "graph", "matmul_precision", "DENSE_MAX", "MEMORY_BUDGET"]
 
@@ -41,7 +42,12 @@ def matmul_precision(device: torch.device, precision: str) -> Iterator[None]:
 
 
 def normalized_features(feats: torch.Tensor, lengths: torch.Tensor, precision: str) -> torch.Tensor:
-    """Rows divided by max(||row||, 1e-12), padding rows zeroed; float64 or float32 ``(B, N, C)``."""
+    """Rows divided by max(||row||, 1e-12), padding rows zeroed; float64 or float32 ``(B, N, C)``.
+
+    Precision "exact" takes ``reference.normalize_rows``'s float64 rows themselves (through the host).
+    """
+    if precision == "exact":
+        return normalized_rows(feats, lengths)
     dtype = torch.float64 if precision == "float64" else torch.float32
     f = feats.to(dtype)
     valid = torch.arange(f.shape[1], device=f.device)[None, :] < lengths.to(f.device)[:, None]
@@ -51,26 +57,32 @@ def normalized_features(feats: torch.Tensor, lengths: torch.Tensor, precision: s
 
 def graph(
     f: torch.Tensor, lengths: torch.Tensor, *, tau: float, eps: float, binary: bool, precision: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dense float64 W ``(B, N, N)`` (zero on padding) and degrees d ``(B, N)`` (1 on padding)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Dense float64 W ``(B, N, N)`` (zero on padding), degrees d ``(B, N)`` (1 on padding) and, for a
+    binary graph in precision "exact", the recheck fraction ``(B,)`` (``ncutfast.exact.exact_mask``)."""
     n = f.shape[1]
-    with matmul_precision(f.device, precision):
-        s = torch.bmm(f, f.transpose(1, 2))
+    frac = None
+    if binary and precision == "exact":
+        edges, frac = exact_mask(f, lengths, tau)
+    else:
+        with matmul_precision(f.device, precision):
+            s = torch.bmm(f, f.transpose(1, 2))
+        edges = s > tau if binary else None
     ln = lengths.to(f.device)
     valid = torch.arange(n, device=f.device)[None, :] < ln[:, None]
     ragged = bool((lengths < n).any())
     pair = valid[:, :, None] & valid[:, None, :] if ragged else None
     # fill + masked_fill writes exact 1 / eps values and is ~2x faster than torch.where on a CPU.
     if binary:
-        w = torch.full_like(s, eps, dtype=torch.float64).masked_fill_(s > tau, 1.0)
+        w = torch.full(edges.shape, eps, dtype=torch.float64, device=f.device).masked_fill_(edges, 1.0)
     else:
         w = s.to(torch.float64).masked_fill_(s < tau, eps)
-    del s
+    del edges
     if ragged:
         w = w.masked_fill_(~pair, 0.0)
     d = w.sum(-1)
     d = torch.where(valid, d, torch.ones((), dtype=torch.float64, device=f.device))
-    return w, d
+    return w, d, frac
 
 
 def _dense(m: torch.Tensor, y0: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -97,11 +109,11 @@ def _solve_group(feats, lengths, *, tau, eps, binary, precision, tol, max_iter, 
     """Solve one padded group (all dense or all Lanczos), chunked over the batch to bound memory."""
     n = feats.shape[1]
     device = feats.device
-    out = {k: [] for k in ("theta1", "theta2", "y", "dm12", "iters", "resid")}
-    for sl in _chunks(lengths, n, 8 if precision == "float64" else 4):
+    out = {k: [] for k in ("theta1", "theta2", "y", "dm12", "iters", "resid", "frac")}
+    for sl in _chunks(lengths, n, 8 if precision in ("float64", "exact") else 4):
         ln = lengths[sl]
         f = normalized_features(feats[sl], ln, precision)
-        w, d = graph(f, ln, tau=tau, eps=eps, binary=binary, precision=precision)
+        w, d, frac = graph(f, ln, tau=tau, eps=eps, binary=binary, precision=precision)
         del f
         valid = torch.arange(n, device=device)[None, :] < ln.to(device)[:, None]
         sd = torch.where(valid, d.sqrt(), torch.zeros((), dtype=torch.float64, device=device))
@@ -131,7 +143,9 @@ def _solve_group(feats, lengths, *, tau, eps, binary, precision, tol, max_iter, 
             th1, th2, y, iters = res.theta1, res.theta2, res.y, res.iterations
         # True residual of the returned pair (one extra mat-vec): ||M y - theta1 y||.
         resid = (op(y, all_idx) - th1[:, None] * y).norm(dim=-1)
-        for key, val in zip(out, (th1, th2, y, dm12, iters, resid), strict=True):
+        if frac is None:
+            frac = torch.full_like(th1, float("nan"))
+        for key, val in zip(out, (th1, th2, y, dm12, iters, resid, frac), strict=True):
             out[key].append(val)
         del w
     return {k: torch.cat(v) for k, v in out.items()}
@@ -157,6 +171,7 @@ def solve(
     x = torch.zeros(bsz, n_max, dtype=torch.float64, device=device)
     resid = torch.zeros(bsz, dtype=torch.float64, device=device)
     iters = torch.zeros(bsz, dtype=torch.int64, device=device)
+    frac = torch.zeros(bsz, dtype=torch.float64, device=device)  # N = 1: the diagonal needs no recheck
     # N = 1 has no second eigenpair: lambda = NaN, x = [0] (reference.fiedler's definition).
     for dense, sel in ((True, (lengths >= 2) & (lengths <= DENSE_MAX)), (False, lengths > DENSE_MAX)):
         idx = torch.nonzero(sel).flatten()
@@ -173,4 +188,6 @@ def solve(
         x[di, :nm] = g["dm12"] * g["y"]
         resid[di] = g["resid"]
         iters[di] = g["iters"]
-    return Spectrum(lam2, lam3, x, resid, converged_flags(resid, lam2, lam3, tol), iters)
+        frac[di] = g["frac"]
+    return Spectrum(lam2, lam3, x, resid, converged_flags(resid, lam2, lam3, tol), iters,
+                    frac if binary and precision == "exact" else None)

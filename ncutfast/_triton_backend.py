@@ -49,9 +49,10 @@ def solve(
     """Backend contract of ``ncutfast._dispatch``: padded ``(B, N_max, C)`` features -> Spectrum.
 
     ``precision`` selects the similarity kernel ("float64", "float32" = IEEE fp32 without tf32, "fast" =
-    fp16 tensor cores); the degrees and the eigen-solve are float64 in every mode.
+    fp16 tensor cores); the degrees and the eigen-solve are float64 in every mode. Precision "exact" runs the
+    torch backend's exact graph (``ncutfast.exact``): there is no exact Triton kernel yet.
     """
-    if not binary:
+    if not binary or precision == "exact":
         from ._torch_backend import solve as torch_solve
 
         return torch_solve(feats, lengths, tau=tau, eps=eps, binary=binary, precision=precision, tol=tol,

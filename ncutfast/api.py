@@ -70,6 +70,7 @@ class _Cut:
     converged: torch.Tensor
     iterations: torch.Tensor
     backend: str
+    recheck_fraction: torch.Tensor  # (B,) float64, NaN unless precision == "exact" on a binary graph
 
 
 def _solve(feats, lengths, *, tau, eps, binary, precision, backend, tol, max_iter) -> _Cut:
@@ -93,7 +94,11 @@ def _solve(feats, lengths, *, tau, eps, binary, precision, backend, tol, max_ite
     flip = ~part.gather(1, seed[:, None])[:, 0]  # only when all entries tie (e.g. N = 1): complement
     part = torch.where(flip[:, None], ~part & valid, part)
     xo = torch.where(flip[:, None], -xs, xs)
-    return _Cut(sp.lambda2, sp.lambda3, xo, x, part, seed, sp.residual, sp.converged, sp.iterations, name)
+    frac = sp.recheck_fraction
+    if frac is None:
+        frac = torch.full_like(sp.lambda2, float("nan"))
+    return _Cut(sp.lambda2, sp.lambda3, xo, x, part, seed, sp.residual, sp.converged, sp.iterations, name,
+                frac.to(dev))
 
 
 @dataclass
@@ -115,6 +120,8 @@ class NcutResult:
         converged: bool ``(B,)``, residual <= tol * min(1, lambda3 - lambda2).
         iterations: int64 ``(B,)``, Lanczos steps (0 for dense solves).
         backend: the backend that solved it.
+        recheck_fraction: float64 ``(B,)``, precision "exact" only (NaN otherwise): the fraction of the graph's
+            entries (pairs i <= j) that the screening product left to the float64 recheck (``ncutfast.exact``).
     """
 
     lambda2: Array
@@ -126,6 +133,7 @@ class NcutResult:
     converged: Array
     iterations: Array
     backend: str
+    recheck_fraction: Array
 
 
 def _out(t: torch.Tensor, batch: Batch, per_token: bool) -> Any:
@@ -151,6 +159,7 @@ def _ncut_result(cut: _Cut, batch: Batch) -> NcutResult:
         converged=_out(cut.converged, batch, False),
         iterations=_out(cut.iterations, batch, False),
         backend=cut.backend,
+        recheck_fraction=_out(cut.recheck_fraction, batch, False),
     )
 
 
@@ -178,8 +187,10 @@ def ncut(
         eps: weight of non-edges, > 0.
         lengths: per-image token counts of a padded batch.
         binary: False gives TokenCut's ``--no-binary-graph`` ablation (similarities kept as weights).
-        precision: similarity precision: "float64", "float32" (IEEE fp32, no tf32) or "fast" (tensor
-            cores where the device has them; threshold decisions within rounding of tau may flip).
+        precision: similarity precision: "float64", "float32" (IEEE fp32, no tf32: TokenCut's arithmetic),
+            "fast" (tensor cores where the device has them; threshold decisions within rounding of tau may
+            flip) or "exact" (the float64 reference's graph, certified from a float32 screening product with
+            a proven error bound and float64 rechecks near tau: ``ncutfast.exact`` states the guarantee).
         backend: "auto", "torch", "cpu", "cuda" or "triton" (``NCUTFAST_BACKEND`` overrides "auto").
         tol: convergence tolerance: residual <= tol * min(1, lambda3 - lambda2).
         max_iter: Lanczos steps per problem, all restarts included.
@@ -301,6 +312,7 @@ class MaskCutResult:
         lambda2, lambda3: float64 ``(B, n_masks)``, each step's eigenvalues (Ncut value and gap).
         eigenvectors: float64 ``(B, n_masks, N_max)`` (lists of ``(n_masks, N_i)`` for list input), the
             vector each step's rule saw (canonical orientation, or the solver's sign for "cutler").
+        recheck_fraction: float64 ``(B, n_masks)``, each step's ``NcutResult.recheck_fraction``.
     """
 
     masks: Array | list[Array]
@@ -308,6 +320,7 @@ class MaskCutResult:
     lambda2: Array
     lambda3: Array
     eigenvectors: Array | list[Array]
+    recheck_fraction: Array
 
 
 def _tie_argmax(v: np.ndarray) -> int:
@@ -361,6 +374,7 @@ def maskcut(
     seeds = np.zeros((b, n_masks), dtype=np.int64)
     lam2 = np.zeros((b, n_masks))
     lam3 = np.zeros((b, n_masks))
+    frac = np.zeros((b, n_masks))
     vecs = np.zeros((b, n_masks, n_max))
     for t in range(n_masks):
         if t >= 1:
@@ -372,6 +386,7 @@ def maskcut(
         raw = cut.raw_x.cpu().numpy()
         lam2[:, t] = cut.lambda2.cpu().numpy()
         lam3[:, t] = cut.lambda3.cpu().numpy()
+        frac[:, t] = cut.recheck_fraction.cpu().numpy()
         for i, (g, n) in enumerate(zip(grids, lens, strict=True)):
             part, seed, used = reference.maskcut_decision(raw[i, :n], g, sign_rule=sign_rule, argmax=_tie_argmax,
                                                           mean_rtol=TIE_RTOL)  # spec §4 steps 2-3
@@ -390,6 +405,7 @@ def maskcut(
         seeds=_out(torch.from_numpy(seeds), batch, False),
         lambda2=_out(torch.from_numpy(lam2), batch, False),
         lambda3=_out(torch.from_numpy(lam3), batch, False),
+        recheck_fraction=_out(torch.from_numpy(frac), batch, False),
         eigenvectors=(_stack_or_list(vec_list, batch) if batch.layout in ("single", "list")
                       else _out(torch.from_numpy(vecs), batch, False)),
     )

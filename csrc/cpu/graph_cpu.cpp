@@ -7,6 +7,7 @@
 #include <emmintrin.h>
 #endif
 
+#include "../ncut/exact.h"
 #include "../ncut/graph.h"
 
 namespace ncutfast {
@@ -109,31 +110,11 @@ int64_t pack_graph_impl(const T* s, int64_t batch, int64_t n_max, const int64_t*
   return nan;
 }
 
-template <typename T>
-int64_t pack_block_impl(const T* s, int64_t batch, int64_t n_max, int64_t row0, int64_t rows, const T* inv,
-                        const int64_t* lengths, double tau, uint64_t* bits) {
+/// Phase 2 of packing a block of rows [row0, row0 + rows) whose bits at columns >= row0 are written.
+void mirror_block(uint64_t* bits, int64_t batch, int64_t n_max, int64_t row0, int64_t rows) {
   const int64_t words = words_per_row(n_max);
-  const int64_t cols = n_max - row0;
   const int64_t w0 = row0 / 64, w1 = (row0 + rows + 63) / 64;
-  int64_t nan = 0;
-  // Phase 1: each row of the block, columns from row0 on, straight from its contiguous row of s (the part
-  // left of the diagonal is overwritten in phase 2).
-#pragma omp parallel for collapse(2) schedule(static) reduction(+ : nan)
-  for (int64_t b = 0; b < batch; ++b) {
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t n = lengths[b], i = row0 + r;
-      const T* row = s + (b * rows + r) * cols;  // row[j - row0] = S_ij
-      const T* scale = inv ? inv + b * n_max : nullptr;
-      const T thr = round_down<T>(inv ? tau / static_cast<double>(scale[i < n ? i : 0]) : tau);
-      uint64_t* out = bits + (b * n_max + i) * words;
-      for (int64_t w = w0; w < words; ++w) {
-        const int64_t count = i < n ? (n - 64 * w < 64 ? n - 64 * w : 64) : 0;
-        out[w] = count > 0 ? decide<T>(row + (64 * w - row0), scale ? scale + 64 * w : nullptr, count, thr, &nan)
-                           : 0;
-      }
-    }
-  }
-  // Phase 2, by 64 x 64 tiles of bits: the diagonal tiles keep their upper triangle and mirror it; tile
+  // By 64 x 64 tiles of bits: the diagonal tiles keep their upper triangle and mirror it; tile
   // (w, t), t > w, of the block's rows is transposed into tile (t, w) (rows below, block's columns). Tiles
   // read and written are disjoint, so the jobs run in parallel.
 #pragma omp parallel for collapse(3) schedule(static)
@@ -161,7 +142,75 @@ int64_t pack_block_impl(const T* s, int64_t batch, int64_t n_max, int64_t row0, 
       }
     }
   }
+}
+
+template <typename T>
+int64_t pack_block_impl(const T* s, int64_t batch, int64_t n_max, int64_t row0, int64_t rows, const T* inv,
+                        const int64_t* lengths, double tau, uint64_t* bits) {
+  const int64_t words = words_per_row(n_max);
+  const int64_t cols = n_max - row0;
+  const int64_t w0 = row0 / 64;
+  int64_t nan = 0;
+  // Phase 1: each row of the block, columns from row0 on, straight from its contiguous row of s (the part
+  // left of the diagonal is overwritten in phase 2).
+#pragma omp parallel for collapse(2) schedule(static) reduction(+ : nan)
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t n = lengths[b], i = row0 + r;
+      const T* row = s + (b * rows + r) * cols;  // row[j - row0] = S_ij
+      const T* scale = inv ? inv + b * n_max : nullptr;
+      const T thr = round_down<T>(inv ? tau / static_cast<double>(scale[i < n ? i : 0]) : tau);
+      uint64_t* out = bits + (b * n_max + i) * words;
+      for (int64_t w = w0; w < words; ++w) {
+        const int64_t count = i < n ? (n - 64 * w < 64 ? n - 64 * w : 64) : 0;
+        out[w] = count > 0 ? decide<T>(row + (64 * w - row0), scale ? scale + 64 * w : nullptr, count, thr, &nan)
+                           : 0;
+      }
+    }
+  }
+  mirror_block(bits, batch, n_max, row0, rows);
   return nan;
+}
+
+
+/// Decisions of up to 64 columns of one row of the exact graph: the float32 screening value s decides where
+/// it is outside [lo, hi] (which contain [tau - bound, tau + bound]); the others are recomputed from the
+/// float64 rows (fi, and fj for the first column), `*rechecked` counting them. Columns in `skip` (left of
+/// the diagonal: mirrored later) are never rechecked.
+uint64_t decide_exact(const float* s, int64_t count, uint64_t skip, float lo, float hi, const double* fi,
+                      const double* fj, int64_t c, double tau, double dot_bound, double dot2_bound,
+                      int64_t* rechecked) {
+  uint64_t above = 0, unsure = 0;
+  int64_t k = 0;
+#if defined(__SSE2__)
+  const __m128 vlo = _mm_set1_ps(lo), vhi = _mm_set1_ps(hi);
+  for (; k + 4 <= count; k += 4) {
+    const __m128 v = _mm_loadu_ps(s + k);
+    const int gt = _mm_movemask_ps(_mm_cmpgt_ps(v, vhi));
+    const int lt = _mm_movemask_ps(_mm_cmplt_ps(v, vlo));
+    above |= static_cast<uint64_t>(gt) << k;
+    unsure |= static_cast<uint64_t>(~(gt | lt) & 0xF) << k;
+  }
+#endif
+  for (; k < count; ++k) {
+    above |= static_cast<uint64_t>(s[k] > hi) << k;
+    unsure |= static_cast<uint64_t>(!(s[k] > hi) && !(s[k] < lo)) << k;  // NaN is unsure too
+  }
+  unsure &= ~skip;
+  *rechecked += __builtin_popcountll(unsure);
+  while (unsure) {
+    const int j = __builtin_ctzll(unsure);
+    above |= static_cast<uint64_t>(exact_edge(fi, fj + j * c, c, tau, dot_bound, dot2_bound)) << j;
+    unsure &= unsure - 1;
+  }
+  return above;
+}
+
+/// Smallest float >= x (x a finite double).
+float round_up_float(double x) {
+  float r = static_cast<float>(x);
+  if (static_cast<double>(r) < x) r = std::nextafter(r, std::numeric_limits<float>::infinity());
+  return r;
 }
 
 }  // namespace
@@ -183,6 +232,71 @@ int64_t pack_graph_cpu(const void* s, DType dtype, int64_t batch, int64_t n_max,
     nan = pack_graph_impl(static_cast<const scalar_t*>(s), batch, n_max, lengths, tau, bits);
   });
   return nan;
+}
+
+int64_t normalize_rows_cpu(const double* k, int64_t batch, int64_t n_max, int64_t c, const int64_t* lengths,
+                           double* f, float* g) {
+  int64_t bad = 0;
+#pragma omp parallel for collapse(2) schedule(static) reduction(+ : bad)
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t i = 0; i < n_max; ++i) {
+      const double* row = k + (b * n_max + i) * c;
+      double* fr = f + (b * n_max + i) * c;
+      float* gr = g + (b * n_max + i) * c;
+      if (i >= lengths[b]) {
+        for (int64_t q = 0; q < c; ++q) fr[q] = gr[q] = 0;
+        continue;
+      }
+      for (int64_t q = 0; q < c; ++q) {
+        bad += !std::isfinite(row[q]);
+        fr[q] = row[q] * row[q];  // reference.normalize_rows: (f * f).sum(axis=1), then sqrt
+      }
+      const double norm = std::sqrt(numpy_pairwise_sum(fr, c));
+      const double d = norm > 1e-12 ? norm : 1e-12;  // np.maximum(norms, 1e-12); callers reject NaN rows
+      for (int64_t q = 0; q < c; ++q) {
+        fr[q] = row[q] / d;
+        gr[q] = static_cast<float>(fr[q]);
+      }
+    }
+  }
+  return bad;
+}
+
+void pack_graph_block_exact_cpu(const float* s, const double* f, int64_t c, int64_t batch, int64_t n_max,
+                                int64_t row0, int64_t rows, const int64_t* lengths, double tau, double bound,
+                                double dot_bound, double dot2_bound, uint64_t* bits, int64_t* rechecked) {
+  const int64_t words = words_per_row(n_max);
+  const int64_t cols = n_max - row0;
+  const int64_t w0 = row0 / 64;
+  // Screening thresholds in float32 that keep the interval: s > hi implies s - tau > bound, s < lo implies
+  // tau - s > bound (the float64 sums round, hence the outward float rounding and the 2^-40 margin).
+  const double margin = bound * (1.0 + std::ldexp(1.0, -40));
+  const float hi = round_up_float(tau + margin);
+  const float lo = -round_up_float(-(tau - margin));
+#pragma omp parallel for collapse(2) schedule(dynamic, 4)
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t n = lengths[b], i = row0 + r;
+      const float* row = s + (b * rows + r) * cols;  // row[j - row0] ~ f_i . f_j
+      const double* fb = f + b * n_max * c;
+      uint64_t* out = bits + (b * n_max + i) * words;
+      int64_t count_row = 0;
+      // Words left of the diagonal's are mirrored from the block's upper part in phase 2; so are the bits
+      // left of the diagonal in its word.
+      for (int64_t w = w0; w < words; ++w) {
+        const int64_t count = i < n && w >= i / 64 ? (n - 64 * w < 64 ? n - 64 * w : 64) : 0;
+        const uint64_t skip = w == i / 64 ? (1ull << (i % 64)) - 1 : 0;
+        out[w] = count > 0 ? decide_exact(row + (64 * w - row0), count, skip, lo, hi, fb + i * c, fb + 64 * w * c,
+                                          c, tau, dot_bound, dot2_bound, &count_row)
+                           : 0;
+      }
+      if (count_row) {
+#pragma omp atomic
+        rechecked[b] += count_row;
+      }
+    }
+  }
+  mirror_block(bits, batch, n_max, row0, rows);
 }
 
 int64_t find_stray_bits(const uint64_t* bits, int64_t batch, int64_t n_max, const int64_t* lengths) {

@@ -27,6 +27,23 @@ int64_t pack_graph_cpu(const void* s, DType dtype, int64_t batch, int64_t n_max,
 int64_t pack_graph_block_cpu(const void* s, DType dtype, int64_t batch, int64_t n_max, int64_t row0, int64_t rows,
                              const void* inv_norms, const int64_t* lengths, double tau, uint64_t* bits);
 
+/// Precision "exact", step 1: f = k / max(||k||, 1e-12) per row exactly as reference.normalize_rows computes
+/// it in float64 (NumPy's pairwise sum of squares), and g = f rounded to float32 (the screening product's
+/// input). k, f: (batch, n_max, c) float64; g: (batch, n_max, c) float32; rows at or beyond lengths[b] are
+/// zeroed. Returns the number of NaN or infinite entries of k within the lengths (callers raise).
+int64_t normalize_rows_cpu(const double* k, int64_t batch, int64_t n_max, int64_t c, const int64_t* lengths,
+                           double* f, float* g);
+
+/// Precision "exact", step 2: pack_graph_block_cpu for the exact graph B_ij = [f_i . f_j > tau].
+///   s: (batch, rows, n_max - row0) float32 screening similarities g_i . g_j (upper part, as
+///     pack_graph_block_cpu), within `bound` of f_i . f_j;
+///   f: (batch, n_max, c) float64 rows from normalize_rows_cpu;
+///   entries with |s_ij - tau| <= bound are decided by ncut/exact.h's exact_edge (dot_bound, dot2_bound);
+///   rechecked: (batch,) int64, incremented by the number of entries (i <= j) so decided.
+void pack_graph_block_exact_cpu(const float* s, const double* f, int64_t c, int64_t batch, int64_t n_max,
+                                int64_t row0, int64_t rows, const int64_t* lengths, double tau, double bound,
+                                double dot_bound, double dot2_bound, uint64_t* bits, int64_t* rechecked);
+
 /// First problem whose packed rows break the layout (a set bit at or beyond its length), or -1.
 int64_t find_stray_bits(const uint64_t* bits, int64_t batch, int64_t n_max, const int64_t* lengths);
 

@@ -1,0 +1,233 @@
+"""Precision "exact" (ncutfast.exact): the float64 reference graph, certified, on the CPU extension and torch.
+
+Graphs are compared entry by entry with ``reference.affinity`` (zero flips); the bounds are checked against
+inputs built to make the screening product's error as large as possible.
+"""
+
+from __future__ import annotations
+
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+
+import ncutfast
+from ncutfast import _ext, exact, reference
+from ncutfast.testing import TOLERANCES, d_alignment, planted_scene
+
+needs_ext = pytest.mark.skipif(not _ext.HAS_CPU_EXT, reason=f"ncutfast._C not built ({_ext.IMPORT_ERROR})")
+
+
+def _unpack(bits: torch.Tensor, n: int) -> np.ndarray:
+    """(B, N, words) int64 words -> (B, N, n) bool, bit j % 64 of word j // 64."""
+    raw = bits.numpy().view(np.uint64)
+    expanded = (raw[..., None] >> np.arange(64, dtype=np.uint64)) & np.uint64(1)
+    return expanded.reshape(*raw.shape[:2], -1)[..., :n].astype(bool)
+
+
+def _graphs(feats: list[np.ndarray], tau: float, backend: str) -> tuple[list[np.ndarray], np.ndarray]:
+    """Exact graphs of a ragged batch (padded with nonzero junk) and their recheck fractions."""
+    lengths = [f.shape[0] for f in feats]
+    n, c = max(lengths), feats[0].shape[1]
+    pad = np.full((len(feats), n, c), 7.0, dtype=feats[0].dtype)  # padding must be ignored
+    for b, f in enumerate(feats):
+        pad[b, : f.shape[0]] = f
+    t, ln = torch.from_numpy(pad), torch.tensor(lengths)
+    if backend == "cpu":
+        from ncutfast._cpu_backend import exact_graph_bits
+
+        bits, rechecked = exact_graph_bits(t, ln, tau)
+        dense = _unpack(bits, n)
+        frac = rechecked.numpy() / (ln.numpy() * (ln.numpy() + 1) / 2)
+    else:
+        mask, fr = exact.exact_mask(exact.normalized_rows(t, ln), ln, tau)
+        dense, frac = mask.numpy(), fr.numpy()
+    for b, m in enumerate(lengths):  # nothing set on padding
+        assert not dense[b, m:].any() and not dense[b, :, m:].any()
+    return [dense[b, :m, :m] for b, m in enumerate(lengths)], frac
+
+
+def _near_tau(rng: np.random.Generator, n: int, c: int, tau: float, spread: float) -> np.ndarray:
+    """Rows whose cosines with row 0 lie within +-spread of tau (C >= 2): every pair (0, j) needs a recheck."""
+    e = rng.standard_normal((n, c))
+    e[:, 0] = 0.0
+    e /= np.linalg.norm(e, axis=1, keepdims=True)
+    cos = tau + rng.uniform(-spread, spread, size=n)
+    rows = cos[:, None] * np.eye(c)[0] + np.sqrt(1.0 - cos[:, None] ** 2) * e
+    rows[0] = np.eye(c)[0]
+    return rows * rng.uniform(0.5, 2.0, size=(n, 1))
+
+
+BACKENDS = [pytest.param("cpu", marks=needs_ext), "torch"]
+
+
+@needs_ext
+@pytest.mark.parametrize("shape", [(1, 1), (2, 3), (97, 64), (13, 129), (5, 1000), (3, 1024)])
+def test_extension_normalizes_like_the_reference(rng: np.random.Generator, shape: tuple[int, int]) -> None:
+    """normalize_rows_cpu reproduces reference.normalize_rows bit for bit (NumPy's pairwise sum)."""
+    n, c = shape
+    k = rng.standard_normal((2, n, c)) * rng.uniform(0.01, 100.0)
+    k[1, 0] = 0.0  # a painted (zero) token stays zero
+    t = torch.from_numpy(k)
+    f, g = torch.empty_like(t), torch.empty(t.shape, dtype=torch.float32)
+    ln = torch.tensor([n, n])
+    _ext.C.normalize_rows_cpu(t.data_ptr(), 2, n, c, ln.data_ptr(), f.data_ptr(), g.data_ptr())
+    for b in range(2):
+        np.testing.assert_array_equal(f[b].numpy(), reference.normalize_rows(k[b]))
+    np.testing.assert_array_equal(g.numpy(), f.numpy().astype(np.float32))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("c", [1, 3, 64, 384, 768, 1024])
+def test_zero_flips_gaussian_and_planted_ragged(rng: np.random.Generator, backend: str, c: int) -> None:
+    """Ragged batches of Gaussian features (dense near tau at small C) and planted scenes: the reference's
+    graph exactly, and a recheck fraction that counts what was rechecked."""
+    sizes = [97, 1, 2, 61] if c < 768 else [97, 2]
+    feats = [rng.standard_normal((m, c)).astype(np.float32) for m in sizes[:-1]]
+    feats.append(planted_scene(rng, sizes[-1], c).features if sizes[-1] > 2 else rng.standard_normal((2, c)))
+    feats = [f.astype(np.float32) for f in feats]
+    tau = 0.2 if c > 3 else 0.6
+    graphs, frac = _graphs(feats, tau, backend)
+    for f, g in zip(feats, graphs, strict=True):
+        np.testing.assert_array_equal(g, reference.affinity(f, tau) == 1.0)
+    assert np.all((frac >= 0) & (frac <= 1))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("c", [2, 64, 768])
+def test_entries_within_the_bound_are_rechecked_exactly(rng: np.random.Generator, backend: str, c: int) -> None:
+    """Cosines planted within the screening bound of tau (but far beyond float64 rounding): the screen cannot
+    decide them, the recheck must, and it must match the reference."""
+    tau = 0.2
+    spread = 0.5 * exact.screen_bound(c)
+    f = _near_tau(rng, 131, c, tau, spread)
+    (g,), frac = _graphs([f], tau, backend)
+    want = reference.affinity(f, tau) == 1.0
+    np.testing.assert_array_equal(g, want)
+    assert want[0, 1:].any() and not want[0, 1:].all()  # both sides of tau are present
+    if backend == "cpu":  # the float32 screen leaves at least row 0's planted pairs to the recheck
+        assert frac[0] * 131 * 132 / 2 >= 130
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("c", [2, 3, 64, 384])
+def test_exact_ties_honour_the_strict_threshold(rng: np.random.Generator, backend: str, c: int) -> None:
+    """Pythagorean rows (3, 4) / 5 against (1, 0): the float64 similarity is fl(0.6) == tau exactly, so no
+    edge; (4, 3) / 5 gives fl(0.8) > tau, an edge. Zero rows (MaskCut's painted tokens) give 0."""
+    tau = 0.6
+    pool = np.zeros((5, c))
+    pool[0, 0] = 5.0
+    pool[1, :2] = (3.0, 4.0)
+    pool[2, :2] = (4.0, 3.0)
+    pool[3, 1] = 2.0
+    f = pool[rng.integers(0, 5, size=89)] * rng.choice([1.0, 0.5, 4.0], size=(89, 1))
+    sim = reference.normalize_rows(f) @ reference.normalize_rows(f).T
+    assert (sim == tau).sum() > 0  # exact ties are present
+    (g,), frac = _graphs([f], tau, backend)
+    np.testing.assert_array_equal(g, reference.affinity(f, tau) == 1.0)
+    assert frac[0] > 0  # ties are always rechecked
+
+
+def _exact_dot(a: np.ndarray, b: np.ndarray) -> Fraction:
+    return sum((Fraction(float(x)) * Fraction(float(y)) for x, y in zip(a, b, strict=True)), Fraction(0))
+
+
+@pytest.mark.parametrize("c", [1, 3, 64, 768, 1024])
+def test_screening_error_stays_inside_the_proven_bound(rng: np.random.Generator, c: int) -> None:
+    """Adversarial screening inputs: rows of norm just below 1 (the bound's premise) with all products
+    positive (the float32 sum's errors add up) and every entry just under half an ulp above a float32 (each
+    rounding error as large as it gets, all of one sign). Both torch's BLAS and a naive left-to-right
+    float32 sum stay within screen_error_bound."""
+    ulp = np.spacing(np.float32(0.999 / np.sqrt(c)))
+    base = np.float32(0.999 / np.sqrt(c)) + ulp * rng.integers(-3, 4, size=(4, c)).astype(np.float32)
+    f = base.astype(np.float64) + 0.499 * float(ulp)  # rounds down to base
+    assert np.linalg.norm(f, axis=1).max() <= exact.norm_bound(c)
+    g = f.astype(np.float32)
+    np.testing.assert_array_equal(g, base)
+    blas = (torch.from_numpy(g) @ torch.from_numpy(g).T).numpy()
+    bound = exact.screen_error_bound(c)
+    worst = 0.0
+    for i in range(4):
+        for j in range(i, 4):
+            naive = np.float32(0.0)
+            for q in range(c):
+                naive = np.float32(naive + g[i, q] * g[j, q])
+            true = _exact_dot(f[i], f[j])
+            for s in (blas[i, j], naive):
+                worst = max(worst, abs(float(Fraction(float(s)) - true)))
+    assert 0.0 < worst <= bound
+
+
+def test_recheck_decides_dot2_ties_and_near_ties() -> None:
+    """exact.recheck's second stage: a float64 dot that rounds onto tau although the exact one is above."""
+    tau = 0.5
+    a = torch.tensor([[0.5, 2.0**-60, 0.0], [0.5, -(2.0**-60), 0.0], [0.5, 0.0, 0.0]], dtype=torch.float64)
+    b = torch.tensor([[1.0, 1.0, 0.0]] * 3, dtype=torch.float64)
+    assert float((a[0] * b[0]).sum()) == tau  # float64 cannot tell
+    np.testing.assert_array_equal(exact.recheck(a, b, tau).numpy(), [True, False, False])
+
+
+@needs_ext
+def test_extension_recheck_resolves_below_float64_rounding() -> None:
+    """The same near-ties through the extension's exact_edge (C = 3, tau = 0.5)."""
+    f = np.array([[1.0, 1.0, 0.0], [0.5, 2.0**-60, 0.0], [0.5, -(2.0**-60), 0.0], [0.5, 0.0, 0.0]])
+    # rows are normalized, so feed pre-normalized directions whose cosines are exactly these dots
+    (g,), _ = _graphs([f], 0.5, "cpu")
+    fn = reference.normalize_rows(f)
+    want = np.array([_exact_dot(fn[0], fn[j]) > Fraction(0.5) for j in range(4)])
+    np.testing.assert_array_equal(g[0], want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_api_exact_matches_float64_and_reports_fraction(rng: np.random.Generator, backend: str) -> None:
+    """ncut / tokencut / maskcut accept precision="exact"; the cut equals float64's (same graph)."""
+    feats = [planted_scene(rng, m, 64).features for m in (97, 45)] + [rng.standard_normal((1, 64))]
+    feats = [f.astype(np.float32) for f in feats]
+    ex = ncutfast.ncut(feats, precision="exact", backend=backend)
+    ref = ncutfast.ncut(feats, precision="float64", backend=backend)
+    for b, f in enumerate(feats):
+        assert 0.0 <= float(ex.recheck_fraction[b]) <= 1.0
+        if f.shape[0] >= 3:
+            w = reference.affinity(f)
+            lam2, _, x_ref = reference.fiedler(w)
+            assert abs(float(ex.lambda2[b]) - lam2) <= 1e-8
+            d = reference.degrees(w)
+            assert d_alignment(np.asarray(ex.eigenvector[b]), x_ref, d) >= TOLERANCES["exact"]["alignment"]
+    assert np.isnan(np.asarray(ref.recheck_fraction)).all()
+    tc = ncutfast.tokencut(feats[0], (1, 97), patch=8, precision="exact", backend=backend)
+    assert 0.0 <= float(tc.ncut.recheck_fraction) <= 1.0
+    mc = ncutfast.maskcut(feats[0], (1, 97), n_masks=2, precision="exact", backend=backend)
+    assert np.asarray(mc.recheck_fraction).shape == (2,)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_exact_rejects_nan_and_inf(backend: str) -> None:
+    f = np.ones((5, 4), dtype=np.float32)
+    for bad in (np.nan, np.inf):
+        f[3, 2] = bad
+        with pytest.raises(ValueError, match="features: contains NaN or inf"):
+            ncutfast.ncut(f, precision="exact", backend=backend)
+
+
+@needs_ext
+def test_cpu_backend_rejects_nan_before_any_product() -> None:
+    """The backend itself checks (within the lengths only: padding may hold anything finite)."""
+    from ncutfast._cpu_backend import solve
+
+    f = torch.ones(2, 5, 4)
+    f[1, 4, 0] = float("inf")
+    kw = dict(tau=0.2, eps=1e-5, binary=True, precision="exact", tol=1e-8, max_iter=50)
+    with pytest.raises(ValueError, match="feats: contains NaN or inf"):
+        solve(f, torch.tensor([5, 5]), **kw)
+    f[1, 4, 0] = 1e30  # finite padding is ignored
+    assert solve(f, torch.tensor([5, 4]), **kw).recheck_fraction.shape == (2,)
+
+
+@needs_ext
+def test_large_planted_scene_zero_flips(rng: np.random.Generator) -> None:
+    """N = 3600 (the benchmark's size) and N = 784 at C = 768, one batch: zero flips."""
+    feats = [planted_scene(rng, 3600, 32).features, planted_scene(rng, 784, 768).features]
+    for f in feats:
+        (g,), _ = _graphs([f], 0.2, "cpu")
+        np.testing.assert_array_equal(g, reference.affinity(f, 0.2) == 1.0)
