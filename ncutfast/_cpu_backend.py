@@ -11,10 +11,10 @@ about 49 ms of products, 0.8 ms of packing and 2.5 ms of solve, and 1.6 MB of bi
 the solver's 2.5 MB of vectors and tables beyond the features (``benchmarks/bench_ext.py`` measures both).
 Features whose row norms are extreme (outside [2^-40, 2^40], where float32 dot products could over- or
 underflow) are normalized first, as are non-binary graphs, which are solved from the full similarity matrix.
-Precision "exact" (``ncutfast.exact``): the extension normalizes the rows in float64 exactly as the reference
-does, the blocks are float32 products of those rows rounded to float32, and the packing decides each entry
-from its block value unless it lies within the proven bound of tau, where it recomputes the float64 dot
-product (``csrc/ncut/exact.h``); the recheck counts come back per image.
+Precision "exact" (``ncutfast.exact``): the extension computes the reference's float64 row norms bit for bit,
+the blocks are the same float32 products as above, and the packing decides each entry from its scaled block
+value unless it lies within the proven bound of tau, where it recomputes the float64 dot product of the
+reference's normalized rows (``csrc/ncut/exact.h``); the recheck counts come back per image.
 Results are deterministic (and do not depend on the thread count unless a team solves a problem).
 """
 
@@ -24,7 +24,7 @@ import math
 
 import torch
 
-from . import _ext, exact
+from . import _ext, exact, reference
 from ._dispatch import PRECISIONS, Spectrum, converged_flags
 from ._torch_backend import normalized_features
 from ._validate import FLOAT_DTYPE_NAMES, check_eps, check_positive_int, check_tau, dtype_name
@@ -126,8 +126,13 @@ def exact_graph_bits(feats: torch.Tensor, lengths: torch.Tensor,
                      tau: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Packed exact graph (precision "exact", ``ncutfast.exact``) of finite CPU features.
 
+    The screening blocks are float32 products of the float32-rounded features scaled by the reference's
+    inverse row norms, like the "float32" path (so no normalized copy exists), unless a nonzero row norm
+    lies outside ``NORM_RANGE``; then they are products of the float64-normalized rows rounded to float32.
+
     Args:
-        feats: ``(B, n, C)`` any float dtype, finite within the lengths (callers check); n = max(lengths).
+        feats: ``(B, n, C)`` any float dtype, finite within the lengths (the extension checks again);
+            n = max(lengths).
         lengths: int64 ``(B,)`` CPU.
         tau: the threshold (strict >).
 
@@ -139,10 +144,15 @@ def exact_graph_bits(feats: torch.Tensor, lengths: torch.Tensor,
     C = _ext.C
     bsz, n, c = feats.shape
     lengths = lengths.to(torch.int64).contiguous()
-    k64 = feats.to(torch.float64).contiguous()
-    f, g = torch.empty_like(k64), torch.empty(k64.shape, dtype=torch.float32)
-    C.normalize_rows_cpu(k64.data_ptr(), bsz, n, c, lengths.data_ptr(), f.data_ptr(), g.data_ptr())
-    del k64
+    k = feats.to(torch.float64 if feats.dtype == torch.float64 else torch.float32).contiguous()
+    kname = "float64" if k.dtype == torch.float64 else "float32"
+    raw = torch.empty(bsz, n, dtype=torch.float64)
+    C.exact_row_norms_cpu(k.data_ptr(), kname, bsz, n, c, lengths.data_ptr(), raw.data_ptr())
+    norms = raw.clamp_min(reference.NORM_EPS)  # np.maximum(norms, 1e-12): exact, as in the reference
+    if bool(((raw > 0) & ((raw < NORM_RANGE[0]) | (raw > NORM_RANGE[1]))).any()):
+        g, scale = (k / norms[:, :, None]).to(torch.float32), None  # fl32 of the reference's rows
+    else:
+        g, scale = k.to(torch.float32), (1.0 / norms).to(torch.float32)
     bounds = dict(bound=exact.screen_bound(c), dot_bound=exact.dot_bound(c), dot2_bound=exact.dot2_bound(c, tau))
     bits = torch.empty(bsz, n, C.words_per_row(n), dtype=torch.int64)
     rechecked = torch.zeros(bsz, dtype=torch.int64)
@@ -155,11 +165,11 @@ def exact_graph_bits(feats: torch.Tensor, lengths: torch.Tensor,
             r1 = min(r0 + block, n)
             s = buf[: b * (r1 - r0) * (n - r0)].view(b, r1 - r0, n - r0)
             torch.bmm(g[sl, r0:r1], g[sl, r0:].transpose(1, 2), out=s)
-            C.pack_graph_block_exact_cpu(s.data_ptr(), f[sl].data_ptr(), c, b, n, r0, r1 - r0, lengths[sl].data_ptr(),
-                                         float(tau), **bounds, bits=bits[sl.start].data_ptr(),
-                                         rechecked=rechecked[sl].data_ptr())
+            C.pack_graph_block_exact_cpu(s.data_ptr(), k[sl].data_ptr(), kname, c, norms[sl].data_ptr(), b, n, r0,
+                                         r1 - r0, lengths[sl].data_ptr(), float(tau), **bounds,
+                                         bits=bits[sl.start].data_ptr(), rechecked=rechecked[sl].data_ptr(),
+                                         scale=0 if scale is None else scale[sl].data_ptr())
     return bits, rechecked
-
 
 def solve(
     feats: torch.Tensor,
@@ -224,8 +234,8 @@ def solve(
             k = normalized_features(k, lengths, precision)
         words = C.words_per_row(n)
         block = min(ROW_BLOCK, n)
-        # exact: float64 rows and their float32 copy per group (12 bytes per feature)
-        per_problem = n * words * 8 + (n * k.shape[2] * 12 if exact_graph else 0)
+        # exact: a float32 copy of the features per group when they are not float32
+        per_problem = n * words * 8 + (n * k.shape[2] * 4 if exact_graph else 0)
         # Groups of problems share one solver call (at least one problem per thread keeps all busy); their
         # graphs are packed from the upper part of S, a block of rows at a time, through one reused buffer.
         # Words are uint64 held in int64 (only the address reaches the kernels).

@@ -24,13 +24,19 @@ The bounds (u_p = 2^-p is the unit roundoff of a p-bit significand; gamma_n(u) =
 1. Normalized rows. With sigma = fl(sum k_q^2) = ||k||^2 (1 + theta), |theta| <= gamma_C(u_53), the
    computed norm and the C divisions give ``||f|| <= (1 + u)/((1 - u) sqrt(1 - gamma_C)) <= nu`` with
    ``nu = 1 + (C + 4) u_53`` (``norm_bound``). Clamped rows (norm < 1e-12) are shorter still.
-2. Screening product (``screen_bound``). g = fl32(f) elementwise: ``|g_q - f_q| <= u |f_q| + eta`` with
-   u = 2^-24 and eta = 2^-126 (covers subnormals and flush-to-zero). The product is any-order float32
-   summation of C exact-or-rounded products: ``|fl(g_i . g_j) - g_i . g_j| <= gamma_C(u) sum|g_iq g_jq|
-   + C eta``. With Cauchy-Schwarz, ``sum |f_iq f_jq| <= nu^2`` and ``|g| <= (1 + u)|f| + eta``:
+2. Screening product (``screen_bound``). Write d_i for the reference's denominators max(||k_i||, 1e-12)
+   (f_i = fl64(k_i / d_i)) and u = 2^-24, u' = u + 2 u_53. The screen is either
+   (a) v_ij = fl32(fl32(k^_i . k^_j) * sc_j) with k^ = fl32(k), sc_j = fl32(fl64(1 / d_j)), compared with
+       thresholds (tau +- B) d_i rounded outward (the CPU path when every nonzero norm lies in
+       [2^-40, 2^40]: the float32 path's product, no normalized copy), or
+   (b) v_ij = fl32(g_i . g_j) with g = fl32(f), compared with tau +- B.
+   In both, a = k^ / d (or g) satisfies |a_q - f_q| <= u' |f_q| elementwise, up to subnormal inputs (a
+   flushed or gradual-underflow entry errs by at most 2^-126 in units where 1 / d <= 2^40). Any float32
+   summation order of the C products obeys |fl32(x . y) - x . y| <= gamma_C(u) sum|x_q y_q| (plus
+   2^-126 per product for flushed or underflowed products). With Cauchy-Schwarz (sum|f_iq f_jq| <= nu^2)
+   and |a| <= (1 + u')|f|, and (a)'s final product and scale costing a relative 2u + u_53 < 4u of v:
 
-       |s_low - s*| <= sum|g_i g_j - f_i f_j| + gamma_C(u) sum|g_i g_j|
-                    <= [u (2 + u) + gamma_C(u) (1 + u)^2] nu^2 + 8 C eta        (= screen_error_bound)
+       |v_ij / d_i - s*| <= [u' (2 + u') + gamma_C(u) (1 + u')^2 + 4 u] nu^2 + C 2^-44   (screen_error_bound)
 
    The order, the blocking and FMA use of the BLAS only ever lower the error, and every term counts its
    worst case over all C terms at once (no sqrt(C) statistics). For C = 768 that is 4.6e-5. The kernels use
@@ -58,7 +64,6 @@ __all__ = ["SCREEN_MARGIN", "norm_bound", "screen_error_bound", "screen_bound", 
 
 _U64 = 2.0**-53
 _U32 = 2.0**-24
-_ETA32 = 2.0**-126  # float32 subnormal/flush-to-zero absolute error per rounding
 _ETA64 = 2.0**-1074  # float64 absolute error per underflowing product
 #: Factor between the proven screening bound and the one the kernels use.
 SCREEN_MARGIN = 2.0
@@ -76,10 +81,10 @@ def norm_bound(c: int) -> float:
 
 
 def screen_error_bound(c: int) -> float:
-    """Proven bound on |fl32(g_i . g_j) - f_i . f_j| with g = fl32(f), any float32 summation (step 2)."""
+    """Proven bound on the float32 screen's error |v_ij / d_i - f_i . f_j|, any float32 summation (step 2)."""
     u = _U32
-    nu2 = norm_bound(c) ** 2
-    return (u * (2.0 + u) + _gamma(c, u) * (1.0 + u) ** 2) * nu2 + 8.0 * c * _ETA32
+    up = u + 2.0 * _U64
+    return (up * (2.0 + up) + _gamma(c, u) * (1.0 + up) ** 2 + 4.0 * u) * norm_bound(c) ** 2 + c * 2.0**-44
 
 
 def screen_bound(c: int) -> float:

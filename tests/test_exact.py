@@ -63,19 +63,22 @@ BACKENDS = [pytest.param("cpu", marks=needs_ext), "torch"]
 
 
 @needs_ext
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("shape", [(1, 1), (2, 3), (97, 64), (13, 129), (5, 1000), (3, 1024)])
-def test_extension_normalizes_like_the_reference(rng: np.random.Generator, shape: tuple[int, int]) -> None:
-    """normalize_rows_cpu reproduces reference.normalize_rows bit for bit (NumPy's pairwise sum)."""
+def test_extension_norms_are_the_reference_denominators(rng: np.random.Generator, dtype: type,
+                                                        shape: tuple[int, int]) -> None:
+    """exact_row_norms_cpu reproduces the norms of reference.normalize_rows bit for bit (NumPy's pairwise
+    sum), so k / max(norm, 1e-12) is the reference's float64 row exactly."""
     n, c = shape
-    k = rng.standard_normal((2, n, c)) * rng.uniform(0.01, 100.0)
+    k = (rng.standard_normal((2, n, c)) * rng.uniform(0.01, 100.0)).astype(dtype)
     k[1, 0] = 0.0  # a painted (zero) token stays zero
-    t = torch.from_numpy(k)
-    f, g = torch.empty_like(t), torch.empty(t.shape, dtype=torch.float32)
-    ln = torch.tensor([n, n])
-    _ext.C.normalize_rows_cpu(t.data_ptr(), 2, n, c, ln.data_ptr(), f.data_ptr(), g.data_ptr())
+    norms = torch.empty(2, n, dtype=torch.float64)
+    t, ln = torch.from_numpy(k), torch.tensor([n, n])
+    _ext.C.exact_row_norms_cpu(t.data_ptr(), np.dtype(dtype).name, 2, n, c, ln.data_ptr(), norms.data_ptr())
     for b in range(2):
-        np.testing.assert_array_equal(f[b].numpy(), reference.normalize_rows(k[b]))
-    np.testing.assert_array_equal(g.numpy(), f.numpy().astype(np.float32))
+        k64 = k[b].astype(np.float64)
+        f = k64 / np.maximum(norms[b].numpy(), reference.NORM_EPS)[:, None]
+        np.testing.assert_array_equal(f, reference.normalize_rows(k[b]))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -87,6 +90,8 @@ def test_zero_flips_gaussian_and_planted_ragged(rng: np.random.Generator, backen
     feats = [rng.standard_normal((m, c)).astype(np.float32) for m in sizes[:-1]]
     feats.append(planted_scene(rng, sizes[-1], c).features if sizes[-1] > 2 else rng.standard_normal((2, c)))
     feats = [f.astype(np.float32) for f in feats]
+    if c in (3, 768):  # rows below the 1e-12 norm clamp: the CPU screens the normalized rows instead
+        feats[0][:5] *= 1e-14
     tau = 0.2 if c > 3 else 0.6
     graphs, frac = _graphs(feats, tau, backend)
     for f, g in zip(feats, graphs, strict=True):
@@ -95,13 +100,16 @@ def test_zero_flips_gaussian_and_planted_ragged(rng: np.random.Generator, backen
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("scale", [1.0, 1e25])
 @pytest.mark.parametrize("c", [2, 64, 768])
-def test_entries_within_the_bound_are_rechecked_exactly(rng: np.random.Generator, backend: str, c: int) -> None:
+def test_entries_within_the_bound_are_rechecked_exactly(rng: np.random.Generator, backend: str, c: int,
+                                                        scale: float) -> None:
     """Cosines planted within the screening bound of tau (but far beyond float64 rounding): the screen cannot
-    decide them, the recheck must, and it must match the reference."""
+    decide them, the recheck must, and it must match the reference. Extreme norms (float64 input) take the
+    CPU path that screens the normalized rows."""
     tau = 0.2
     spread = 0.5 * exact.screen_bound(c)
-    f = _near_tau(rng, 131, c, tau, spread)
+    f = _near_tau(rng, 131, c, tau, spread) * scale
     (g,), frac = _graphs([f], tau, backend)
     want = reference.affinity(f, tau) == 1.0
     np.testing.assert_array_equal(g, want)
@@ -145,7 +153,14 @@ def test_screening_error_stays_inside_the_proven_bound(rng: np.random.Generator,
     assert np.linalg.norm(f, axis=1).max() <= exact.norm_bound(c)
     g = f.astype(np.float32)
     np.testing.assert_array_equal(g, base)
-    blas = (torch.from_numpy(g) @ torch.from_numpy(g).T).numpy()
+    blas = (torch.from_numpy(g) @ torch.from_numpy(g).T).numpy()  # screen (b): g = fl32(f)
+    # screen (a): raw float32 products of k = 3.7 f scaled by the reference's norms (d = ||k||)
+    k = 3.7 * f
+    d = np.sqrt((k * k).sum(axis=1))
+    kf = k.astype(np.float32)
+    sc = (1.0 / d).astype(np.float32)
+    raw = (torch.from_numpy(kf) @ torch.from_numpy(kf).T).numpy() * sc[None, :]
+    fk = reference.normalize_rows(k)
     bound = exact.screen_error_bound(c)
     worst = 0.0
     for i in range(4):
@@ -154,8 +169,10 @@ def test_screening_error_stays_inside_the_proven_bound(rng: np.random.Generator,
             for q in range(c):
                 naive = np.float32(naive + g[i, q] * g[j, q])
             true = _exact_dot(f[i], f[j])
-            for s in (blas[i, j], naive):
-                worst = max(worst, abs(float(Fraction(float(s)) - true)))
+            for v in (blas[i, j], naive):
+                worst = max(worst, abs(float(Fraction(float(v)) - true)))
+            screened = Fraction(float(raw[i, j])) / Fraction(float(d[i]))
+            worst = max(worst, abs(float(screened - _exact_dot(fk[i], fk[j]))))
     assert 0.0 < worst <= bound
 
 
