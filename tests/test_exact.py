@@ -248,3 +248,24 @@ def test_large_planted_scene_zero_flips(rng: np.random.Generator) -> None:
     for f in feats:
         (g,), _ = _graphs([f], 0.2, "cpu")
         np.testing.assert_array_equal(g, reference.affinity(f, 0.2) == 1.0)
+
+
+def test_compat_drop_ins_take_precision_keyword(rng: np.random.Generator) -> None:
+    """TokenCut's and CutLER's drop-ins: precision is keyword only, validated, and "exact" cuts like float64."""
+    from ncutfast.compat.maskcut import maskcut_forward
+    from ncutfast.compat.tokencut import ncut as tokencut_ncut
+
+    scene = planted_scene(rng, 96, 64)
+    feats = torch.from_numpy(np.concatenate([scene.features[:1], scene.features]))[None]
+    args = (feats, scene.grid, (8, 8), (3, 8 * scene.grid[0], 8 * scene.grid[1]), 0.2)
+    ex, f64 = tokencut_ncut(*args, precision="exact"), tokencut_ncut(*args, precision="float64")
+    np.testing.assert_array_equal(ex[2], f64[2])
+    with pytest.raises(ValueError, match="precision"):
+        tokencut_ncut(*args, precision="double")
+    keys = torch.from_numpy(scene.features.T.copy())
+    mc = maskcut_forward(keys, scene.grid, (8, 8), (16, 24), 0.15, 2, precision="exact")
+    mf = maskcut_forward(keys, scene.grid, (8, 8), (16, 24), 0.15, 2, precision="float64")
+    for a, b in zip(mc[1], mf[1], strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(TypeError):
+        maskcut_forward(keys, scene.grid, (8, 8), (16, 24), 0.15, 2, False, "exact")  # keyword only
