@@ -8,7 +8,7 @@ All rows run side by side in one process on the same features (a planted-object 
 
 - ``reference``: TokenCut's path (torch float32 similarity, dense float64 W, ``scipy.linalg.eigh``), as
   ``ncutfast.bench.providers.tokencut_affinity`` builds it; fewer repeats (it is slow).
-- ``cpu float32`` / ``cpu exact`` / ``cpu float64``: ``ncutfast._cpu_backend.solve`` end to end.
+- ``cpu float32`` / ``cpu exact`` / ``cpu float64``: ``ncutfast.backends.ext.solve`` end to end.
 - ``exact graph``: ``exact_graph_bits`` alone (normalization, float32 screen, packing and rechecks).
 
 Printed per row: median and min seconds, the ratio of the float32 row's median to the row's (> 1: faster
@@ -32,7 +32,8 @@ import scipy.linalg
 import torch
 
 from ncutfast import reference
-from ncutfast._cpu_backend import exact_graph_bits, solve
+from ncutfast.backends import SolveParams
+from ncutfast.backends.ext import exact_graph_bits, solve
 from ncutfast.bench.providers import tokencut_affinity
 from ncutfast.testing import planted_scene
 
@@ -69,8 +70,8 @@ def main() -> None:
           f"load average before: {os.getloadavg()[0]:.2f}")
 
     def cpu(precision: str) -> Callable[[], object]:
-        return lambda: solve(feats, lengths, tau=TAU, eps=EPS, binary=True, precision=precision, tol=TOL,
-                             max_iter=MAX_ITER)
+        params = SolveParams(TAU, EPS, precision=precision, tol=TOL, max_iter=MAX_ITER)
+        return lambda: solve(feats, lengths, params)
 
     rows = {
         "cpu float32": timed(cpu("float32"), args.repeats),

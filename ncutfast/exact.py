@@ -55,6 +55,7 @@ image (``NcutResult.recheck_fraction``).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from . import reference
@@ -103,17 +104,38 @@ def dot2_bound(c: int, tau: float) -> float:
     return 2.0 * (g * g * (norm_bound(c) ** 2 + abs(tau)) + (c + 1) * _ETA64)
 
 
-def normalized_rows(feats: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """float64 ``(B, N, C)`` rows normalized by ``reference.normalize_rows`` itself (padding rows zeroed).
+def _pairwise_sum(sq: torch.Tensor) -> torch.Tensor:
+    """Sum over the last axis in NumPy's pairwise order (``numpy/_core/src/umath/loops_utils.h.src``,
+    blocks of 128, 8 partial sums), so float64 rounding is NumPy's bit for bit, on any device."""
+    n = sq.shape[-1]
+    if n < 8:
+        res = torch.zeros(sq.shape[:-1], dtype=sq.dtype, device=sq.device)
+        for i in range(n):
+            res = res + sq[..., i]
+        return res
+    if n <= 128:
+        r = sq[..., :8]
+        for i in range(8, n - n % 8, 8):
+            r = r + sq[..., i : i + 8]
+        res = ((r[..., 0] + r[..., 1]) + (r[..., 2] + r[..., 3])) + ((r[..., 4] + r[..., 5]) + (r[..., 6] + r[..., 7]))
+        for i in range(n - n % 8, n):
+            res = res + sq[..., i]
+        return res
+    n2 = n // 2
+    n2 -= n2 % 8
+    return _pairwise_sum(sq[..., :n2]) + _pairwise_sum(sq[..., n2:])
 
-    Runs NumPy on the host (the torch backend's exact mode; the CPU extension has a faster bit-identical
-    copy). ``feats`` must be finite within the lengths.
-    """
-    host = feats.detach().to("cpu", torch.float64)
-    out = torch.zeros_like(host)
-    for b, n in enumerate(lengths.tolist()):
-        out[b, :n] = torch.from_numpy(reference.normalize_rows(host[b, :n].contiguous().numpy()))
-    return out.to(feats.device)
+
+def normalized_rows(feats: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """``reference.normalize_rows`` of each image, bit for bit, on the features' device: float64
+    ``(B, N, C)``, padding rows zeroed. ``feats`` must be finite within the lengths."""
+    k = feats.to(torch.float64)
+    valid = torch.arange(k.shape[1], device=k.device)[None, :] < lengths.to(k.device)[:, None]
+    k = torch.where(valid[:, :, None], k, torch.zeros((), dtype=k.dtype, device=k.device))
+    # NumPy's sqrt on the host: torch's CPU sqrt of float64 is not always correctly rounded (1 ulp seen)
+    sq = _pairwise_sum(k * k).cpu().numpy()
+    norms = torch.from_numpy(np.sqrt(sq)).to(k.device).clamp_min(reference.NORM_EPS)
+    return k / norms[..., None]
 
 
 def _two_prod(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

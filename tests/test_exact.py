@@ -35,7 +35,7 @@ def _graphs(feats: list[np.ndarray], tau: float, backend: str) -> tuple[list[np.
         pad[b, : f.shape[0]] = f
     t, ln = torch.from_numpy(pad), torch.tensor(lengths)
     if backend == "cpu":
-        from ncutfast._cpu_backend import exact_graph_bits
+        from ncutfast.backends.ext import exact_graph_bits
 
         bits, rechecked = exact_graph_bits(t, ln, tau)
         dense = _unpack(bits, n)
@@ -79,6 +79,16 @@ def test_extension_norms_are_the_reference_denominators(rng: np.random.Generator
         k64 = k[b].astype(np.float64)
         f = k64 / np.maximum(norms[b].numpy(), reference.NORM_EPS)[:, None]
         np.testing.assert_array_equal(f, reference.normalize_rows(k[b]))
+
+
+@pytest.mark.parametrize("c", [1, 3, 7, 9, 64, 129, 768, 1000])
+def test_torch_rows_are_the_references(rng: np.random.Generator, c: int) -> None:
+    """exact.normalized_rows (any device) equals reference.normalize_rows bit for bit, padding zeroed."""
+    k = rng.standard_normal((2, 11, c)) * rng.uniform(0.01, 100.0)
+    f = exact.normalized_rows(torch.from_numpy(k), torch.tensor([11, 6])).numpy()
+    np.testing.assert_array_equal(f[0], reference.normalize_rows(k[0]))
+    np.testing.assert_array_equal(f[1, :6], reference.normalize_rows(k[1, :6]))
+    assert not f[1, 6:].any()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -230,15 +240,16 @@ def test_exact_rejects_nan_and_inf(backend: str) -> None:
 @needs_ext
 def test_cpu_backend_rejects_nan_before_any_product() -> None:
     """The backend itself checks (within the lengths only: padding may hold anything finite)."""
-    from ncutfast._cpu_backend import solve
+    from ncutfast.backends import SolveParams
+    from ncutfast.backends.ext import solve
 
     f = torch.ones(2, 5, 4)
     f[1, 4, 0] = float("inf")
-    kw = dict(tau=0.2, eps=1e-5, binary=True, precision="exact", tol=1e-8, max_iter=50)
+    params = SolveParams(0.2, 1e-5, precision="exact", max_iter=50)
     with pytest.raises(ValueError, match="feats: contains NaN or inf"):
-        solve(f, torch.tensor([5, 5]), **kw)
+        solve(f, torch.tensor([5, 5]), params)
     f[1, 4, 0] = 1e30  # finite padding is ignored
-    assert solve(f, torch.tensor([5, 4]), **kw).recheck_fraction.shape == (2,)
+    assert solve(f, torch.tensor([5, 4]), params).recheck_fraction.shape == (2,)
 
 
 @needs_ext
