@@ -41,6 +41,15 @@ The bounds (u_p = 2^-p is the unit roundoff of a p-bit significand; gamma_n(u) =
    The order, the blocking and FMA use of the BLAS only ever lower the error, and every term counts its
    worst case over all C terms at once (no sqrt(C) statistics). For C = 768 that is 4.6e-5. The kernels use
    twice it (``SCREEN_MARGIN``), so the screen is never the place where the proof is tight.
+2'. GPU screen (``tensor_core_bound``, the Triton kernel): h = fl16(f) (through float32, as torch converts:
+   |h_q - f_q| <= u |f_q| + eta with u = 2^-11 + 2^-23 and eta = 2^-25 for fp16 subnormals), one
+   tensor-core product with fp32 accumulation. Tensor cores add products with truncation and fewer
+   alignment bits than IEEE fp32, so the accumulation is charged gamma_C(2^-21) (8 times float32's
+   unit roundoff) over sum|h_i h_j| <= ((1 + u) nu + eta sqrt(C))^2; the inputs cost
+   u (2 + u) nu^2 + eta (2 + u) sqrt(C) nu + C eta^2 (Cauchy-Schwarz on the absolute part). For C = 768
+   that is 1.4e-3: splitting f into hi + lo fp16 parts (three products) would shrink only the input term
+   while the accumulation term (3.7e-4) stays, so one product is the cheaper screen; the float64 recheck
+   of the few percent it leaves is cheap on a GPU.
 3. Recheck, stage 1 (``dot_bound``): a float64 dot in any order is within ``gamma_C(u_53) nu^2`` of s*; the
    subtraction of tau rounds once more (relative u_53), and products below 2^-1022 lose at most 2^-1074
    each. An entry is decided when ``|fl(dot) - tau|`` exceeds twice that.
@@ -60,7 +69,8 @@ import torch
 
 from . import reference
 
-__all__ = ["SCREEN_MARGIN", "norm_bound", "screen_error_bound", "screen_bound", "dot_bound", "dot2_bound",
+__all__ = ["SCREEN_MARGIN", "norm_bound", "screen_error_bound", "screen_bound", "tensor_core_error_bound",
+           "tensor_core_bound", "dot_bound", "dot2_bound",
            "normalized_rows", "recheck", "exact_mask"]
 
 _U64 = 2.0**-53
@@ -91,6 +101,20 @@ def screen_error_bound(c: int) -> float:
 def screen_bound(c: int) -> float:
     """The screening bound the kernels use: ``SCREEN_MARGIN * screen_error_bound(c)``."""
     return SCREEN_MARGIN * screen_error_bound(c)
+
+
+def tensor_core_error_bound(c: int) -> float:
+    """Proven bound on the GPU screen's error |fl_tc(h_i . h_j) - f_i . f_j|, h = fl16(f) (step 2')."""
+    u = 2.0**-11 + 2.0**-23  # fp16 rounding, after torch's double -> float -> half conversion
+    eta, acc = 2.0**-25, 2.0**-21  # fp16 subnormal half-spacing; tensor-core accumulation unit (8 u_24)
+    nu, root = norm_bound(c), c**0.5
+    inputs = u * (2.0 + u) * nu**2 + eta * (2.0 + u) * root * nu + c * eta**2
+    return inputs + _gamma(c, acc) * ((1.0 + u) * nu + eta * root) ** 2
+
+
+def tensor_core_bound(c: int) -> float:
+    """The GPU screening bound the Triton kernel uses: ``SCREEN_MARGIN * tensor_core_error_bound(c)``."""
+    return SCREEN_MARGIN * tensor_core_error_bound(c)
 
 
 def dot_bound(c: int) -> float:

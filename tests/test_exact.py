@@ -280,3 +280,68 @@ def test_compat_drop_ins_take_precision_keyword(rng: np.random.Generator) -> Non
         np.testing.assert_array_equal(a, b)
     with pytest.raises(TypeError):
         maskcut_forward(keys, scene.grid, (8, 8), (16, 24), 0.15, 2, False, "exact")  # keyword only
+
+
+def _triton_graphs(feats: list[np.ndarray], tau: float) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """affinity_exact_fwd on a ragged batch (interpreter on CPU): graphs, counts and recheck counts."""
+    from ncutfast.kernels.affinity import affinity_exact_fwd
+
+    lengths = [f.shape[0] for f in feats]
+    n, c = max(lengths), feats[0].shape[1]
+    pad = np.full((len(feats), n, c), 5.0, dtype=np.float64)
+    for b, f in enumerate(feats):
+        pad[b, : f.shape[0]] = f
+    mask, counts, rechecked = affinity_exact_fwd(torch.from_numpy(pad), torch.tensor(lengths), tau=tau)
+    raw = mask.cpu().numpy().view(np.uint32)
+    bits = ((raw[..., None] >> np.arange(32, dtype=np.uint32)) & np.uint32(1)).reshape(*raw.shape[:2], -1)
+    assert not bits[:, :, n:].any()
+    for b, m in enumerate(lengths):
+        assert not bits[b, m:].any() and not bits[b, :, m:].any()
+    return [bits[b, :m, :m].astype(bool) for b, m in enumerate(lengths)], counts.cpu().numpy(), rechecked.numpy()
+
+
+def test_triton_exact_kernel_matches_the_float64_graph(rng: np.random.Generator) -> None:
+    """The fp16 tensor-core screen plus float64 recheck (interpreter): zero flips on a ragged batch of
+    Gaussian features, a planted scene, rows planted within the screen's bound of tau, one token, and
+    counts equal to the rows' popcounts."""
+    c = 64
+    tau = 0.2
+    feats = [rng.standard_normal((97, c)), planted_scene(rng, 70, c).features.astype(np.float64),
+             _near_tau(rng, 53, c, tau, 0.5 * exact.tensor_core_bound(c)), rng.standard_normal((1, c))]
+    graphs, counts, rechecked = _triton_graphs(feats, tau)
+    for b, (f, g) in enumerate(zip(feats, graphs, strict=True)):
+        want = reference.affinity(f, tau) == 1.0
+        np.testing.assert_array_equal(g, want)
+        np.testing.assert_array_equal(counts[b, : f.shape[0]], want.sum(1))
+    assert rechecked[2] >= 52  # row 0's planted pairs cannot be screened
+
+
+@pytest.mark.parametrize("c", [2, 3])
+def test_triton_exact_kernel_ties_and_relaunch(rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch,
+                                               c: int) -> None:
+    """Exact ties at tau (strict >) through the GPU path; a candidate list smaller than the candidates
+    forces the second launch, which must give the same graph."""
+    from ncutfast.kernels import affinity
+
+    pool = np.zeros((4, c))
+    pool[0, 0], pool[1, :2], pool[2, :2], pool[3, -1] = 5.0, (3.0, 4.0), (4.0, 3.0), 2.0
+    f = pool[rng.integers(0, 4, size=67)] * rng.choice([1.0, 0.5, 4.0], size=(67, 1))
+    monkeypatch.setattr(affinity, "_MIN_CANDIDATES", 8)
+    (g,), _, rechecked = _triton_graphs([f], 0.6)
+    np.testing.assert_array_equal(g, reference.affinity(f, 0.6) == 1.0)
+    assert rechecked[0] > 67 * 67 // 256  # more than the first list holds
+
+
+def test_triton_backend_solves_the_exact_graph(rng: np.random.Generator) -> None:
+    """ncut(backend="triton", precision="exact") (interpreter): the reference's eigenpair, and the recheck
+    fraction the kernel counted."""
+    from ncutfast.kernels._utils import override
+
+    f = _near_tau(rng, 41, 16, 0.2, 0.5 * exact.tensor_core_bound(16)).astype(np.float32)
+    with override("lanczos", solve="torch"):  # the interpreter's fused steps are slow; the graph is the point
+        res = ncutfast.ncut([f, f[:1]], precision="exact", backend="triton")
+    w = reference.affinity(f)
+    lam2, _, x_ref = reference.fiedler(w)
+    assert abs(float(res.lambda2[0]) - lam2) <= 1e-8
+    assert d_alignment(np.asarray(res.eigenvector[0]), x_ref, reference.degrees(w)) >= TOLERANCES["exact"]["alignment"]
+    assert float(res.recheck_fraction[0]) * 41 * 42 / 2 >= 40 and float(res.recheck_fraction[1]) == 0.0
