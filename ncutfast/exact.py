@@ -6,7 +6,8 @@ with a rigorous error bound decides them, and only the few within the bound are 
 What is guaranteed
 ------------------
 Let ``f`` be the rows normalized in float64 exactly as ``reference.normalize_rows`` computes them (the CPU
-extension reproduces NumPy's pairwise sum of squares bit for bit) and ``s*_ij = f_i . f_j`` the **exact**
+extension and ``normalized_rows`` reproduce NumPy's pairwise sum of squares and its correctly rounded sqrt
+bit for bit, on every backend) and ``s*_ij = f_i . f_j`` the **exact**
 real dot product of those float64 rows. The exact mode's graph is ``B_ij = [s*_ij > tau]`` (strict), with
 one convention: an entry with ``|s*_ij - tau| <= dot2_bound`` (below 1e-25 for C <= 4096; in practice only
 exact ties ``s*_ij == tau``) counts as a tie, i.e. no edge.

@@ -417,7 +417,8 @@ def build_providers(device: str) -> tuple[list[Provider], list[str]]:
             providers.append(NcutfastProvider(device, name))
         else:
             skipped.append(f"ncutfast-{name}: skipped, backend not available in this process")
-    providers += [NcutfastProvider(device, n, "exact") for n in ("cpu", "torch") if n in on_device and n in backends]
+    providers += [NcutfastProvider(device, n, "exact") for n in ("triton", "cuda", "cpu", "torch")
+                  if n in on_device and n in backends]
     if device == "cuda":
         providers += [NcutfastProvider(device, n, "fast") for n in ("triton", "cuda") if n in backends]
     providers.append(TorchEigh(device))
