@@ -191,6 +191,16 @@ def corner_count(partition: np.ndarray, grid: tuple[int, int]) -> int:
     return int(p[0, 0]) + int(p[0, -1]) + int(p[-1, 0]) + int(p[-1, -1])
 
 
+def relative_gap(lambda2: float, lambda3: float) -> float:
+    """The relative eigengap ``(lambda3 - lambda2) / lambda3`` clipped to [0, 1]: 1 when the 2nd eigenvector
+    is far from the 3rd (a stable cut), 0 for a degenerate spectrum. Where it is undefined (a NaN or
+    infinite eigenvalue, e.g. lambda3 for N < 3, or lambda3 <= 0) it is 0 as well: no measured gap counts as
+    no gap, so a threshold on it never accepts such a cut and a confidence score stays a number."""
+    if not (np.isfinite(lambda2) and np.isfinite(lambda3)) or lambda3 <= 0:
+        return 0.0
+    return float(min(1.0, max(0.0, (lambda3 - lambda2) / lambda3)))
+
+
 def token_iou(a: np.ndarray, b: np.ndarray) -> float:
     """IoU of two token masks as TokenCut's ``metric.IoU`` computes it (NaN when both are empty)."""
     a = np.asarray(a, dtype=bool)

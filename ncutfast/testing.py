@@ -19,7 +19,6 @@ __all__ = [
     "Scene",
     "grid_for",
     "planted_scene",
-    "relative_gap",
     "d_alignment",
     "tied_tokens",
     "mean_tied_tokens",
@@ -111,13 +110,6 @@ def planted_scene(
     return Scene(feats.astype(np.float32), (h, w), labels)
 
 
-def relative_gap(lambda2: float, lambda3: float) -> float:
-    """(lambda3 - lambda2) / lambda3; NaN where lambda3 does not exist or is 0."""
-    if not np.isfinite(lambda3) or lambda3 == 0:
-        return float("nan")
-    return float((lambda3 - lambda2) / lambda3)
-
-
 def d_alignment(x: np.ndarray, x_ref: np.ndarray, d: np.ndarray) -> float:
     """|<x, x_ref>_D| / (||x||_D ||x_ref||_D): 1 means the same eigenvector up to sign and scale."""
     x = np.asarray(x, dtype=np.float64)
@@ -160,7 +152,7 @@ def compare_to_reference(
     d_ref: np.ndarray,
 ) -> Agreement:
     """Agreement of one image's (x, partition, seed, lambda2) with the reference's NcutResult."""
-    gap = relative_gap(ref.lambda2, ref.lambda3)
+    gap = reference.relative_gap(ref.lambda2, ref.lambda3)
     untied = ~mean_tied_tokens(ref.eigenvector)
     part = np.asarray(partition, bool)[untied]
     same = np.array_equal(part, ref.partition[untied])
@@ -169,7 +161,7 @@ def compare_to_reference(
         # max|x| is tied across signs: which side TokenCut keeps is decided by the tie-break.
         same = np.array_equal(~part, ref.partition[untied])
     return Agreement(
-        well_defined=bool(np.isfinite(gap) and gap >= GAP_MIN),
+        well_defined=gap >= GAP_MIN,
         alignment=d_alignment(x, ref.eigenvector, d_ref) if np.any(ref.eigenvector) else 1.0,
         same_partition=bool(same),
         seed_tied=bool(int(seed) in set(tied_tokens(ref.eigenvector).tolist())),
