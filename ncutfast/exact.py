@@ -72,7 +72,7 @@ from . import reference
 
 __all__ = ["SCREEN_MARGIN", "norm_bound", "screen_error_bound", "screen_bound", "tensor_core_error_bound",
            "tensor_core_bound", "dot_bound", "dot2_bound",
-           "normalized_rows", "recheck", "exact_mask"]
+           "normalized_rows", "recheck", "recheck_fraction", "exact_mask"]
 
 _U64 = 2.0**-53
 _U32 = 2.0**-24
@@ -216,6 +216,11 @@ def exact_mask(f: torch.Tensor, lengths: torch.Tensor, tau: float) -> tuple[torc
     if bi.numel():
         mask[bi, ii, jj] = recheck(f[bi, ii], f[bi, jj], tau)
     mask = mask | mask.transpose(1, 2)  # only S_ij with i <= j decides: exactly symmetric
-    counts = unsure.sum((1, 2)).to(torch.float64)
-    ln = lengths.to(f.device, torch.float64)
-    return mask, counts / (ln * (ln + 1) / 2)
+    return mask, recheck_fraction(unsure.sum((1, 2)), lengths)
+
+
+def recheck_fraction(counts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Rechecked entries per image ``(B,)`` as a fraction of its n (n + 1) / 2 pairs i <= j: float64
+    ``(B,)`` on ``counts``' device."""
+    ln = lengths.to(counts.device, torch.float64)
+    return counts.to(torch.float64) / (ln * (ln + 1) / 2)

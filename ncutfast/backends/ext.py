@@ -148,12 +148,6 @@ def exact_graph_bits(feats: torch.Tensor, lengths: torch.Tensor,
     return bits, rechecked
 
 
-def _fraction(counts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """Rechecked entries per image as a fraction of its n (n + 1) / 2 pairs i <= j (float64)."""
-    ln = lengths.to(counts.device, torch.float64)
-    return counts.to(torch.float64) / (ln * (ln + 1) / 2)
-
-
 def solve(feats: torch.Tensor, lengths: torch.Tensor, params: SolveParams, *, device_type: str = "cpu",
           table: bool = True, team: int = 0) -> Spectrum:
     """The backend contract (``backends.contract``) on ``device_type`` ("cpu" or "cuda") tensors.
@@ -207,7 +201,7 @@ def _solve_cpu(feats: torch.Tensor, lengths: torch.Tensor, p: SolveParams, out: 
         per_problem = n * C.words_per_row(n) * 8 + n * feats.shape[2] * 4
         for grp in batch_slices(0, bsz, per_problem, cfg.graph_budget, at_least=C.cpu_threads()):
             bits, rechecked = exact_graph_bits(feats[grp], lengths[grp], p.tau)
-            out.recheck[grp] = _fraction(rechecked, lengths[grp])
+            out.recheck[grp] = exact.recheck_fraction(rechecked, lengths[grp])
             C.solve_binary_cpu(bits.data_ptr(), bits.shape[0], n, lengths[grp].data_ptr(), p.eps,
                                table=table, **common, **out.pointers(grp))
         return

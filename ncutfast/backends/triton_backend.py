@@ -19,6 +19,7 @@ import importlib
 
 import torch
 
+from ..exact import recheck_fraction
 from .contract import Outputs, SolveParams, Spectrum, check_batch, solvable
 from .lanczos import lanczos_fiedler
 from .torch_backend import solve as torch_solve
@@ -64,8 +65,7 @@ def solve(feats: torch.Tensor, lengths: torch.Tensor, params: SolveParams) -> Sp
         di, ln, f = part
         if exact:
             mask, counts, rechecked = affinity_exact_fwd(f, ln, tau=params.tau)
-            lnf = ln.to(device, torch.float64)
-            out.recheck[di] = rechecked.to(torch.float64) / (lnf * (lnf + 1) / 2)
+            out.recheck[di] = recheck_fraction(rechecked, ln)
         else:
             mask, counts = affinity_fwd(f, ln, tau=params.tau, precision=params.precision)
         op = BitmaskOperator(mask, counts, ln, params.eps)
