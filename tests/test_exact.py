@@ -186,6 +186,30 @@ def test_screening_error_stays_inside_the_proven_bound(rng: np.random.Generator,
     assert 0.0 < worst <= bound
 
 
+@pytest.mark.parametrize("c", [1, 3, 64, 768, 1024])
+def test_gpu_screening_error_stays_inside_the_proven_bound(rng: np.random.Generator, c: int) -> None:
+    """The Triton screen's inputs: fp16 rows as torch rounds them (through float32), entries just under half
+    an fp16 ulp above an fp16 value, all products positive; the float32 sums (BLAS and naive) stay within
+    tensor_core_error_bound (which charges the accumulation 8x float32's roundoff for tensor cores)."""
+    ulp = float(np.spacing(np.float16(0.999 / np.sqrt(c))))
+    base = np.float16(0.999 / np.sqrt(c)) + (ulp * rng.integers(-3, 4, size=(4, c))).astype(np.float16)
+    f = base.astype(np.float64) + 0.499 * ulp
+    assert np.linalg.norm(f, axis=1).max() <= exact.norm_bound(c)
+    h = torch.from_numpy(f).to(torch.float16).to(torch.float32)
+    np.testing.assert_array_equal(h.numpy(), base.astype(np.float32))
+    blas = (h @ h.T).numpy()
+    worst = 0.0
+    for i in range(4):
+        for j in range(i, 4):
+            naive = np.float32(0.0)
+            for q in range(c):
+                naive = np.float32(naive + h[i, q].item() * h[j, q].item())
+            true = _exact_dot(f[i], f[j])
+            for v in (blas[i, j], naive):
+                worst = max(worst, abs(float(Fraction(float(v)) - true)))
+    assert 0.0 < worst <= exact.tensor_core_error_bound(c)
+
+
 def test_recheck_decides_dot2_ties_and_near_ties() -> None:
     """exact.recheck's second stage: a float64 dot that rounds onto tau although the exact one is above."""
     tau = 0.5
