@@ -25,6 +25,7 @@ __all__ = [
     "Agreement",
     "compare_to_reference",
     "flip_rate",
+    "synthetic_photo",
 ]
 
 #: Minimum |<x, x_ref>_D| (unit D-norm vectors) per similarity precision (issue #2's agreement rules).
@@ -188,3 +189,35 @@ def flip_rate(features: np.ndarray, tau: float = reference.TOKENCUT_TAU, precisi
     with matmul_precision(f.device, precision):
         s = torch.bmm(f, f.transpose(1, 2))
     return float((ref != (s > tau)).to(torch.float64).mean())
+
+
+def synthetic_photo(rng: np.random.Generator, height: int, width: int, *, gray: bool = False,
+                    patch: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """A photo-like image and a TokenCut-like mask of its object, for the bilateral solver.
+
+    The image: a smooth colour gradient background, an elliptic object of another colour with a textured
+    stripe, sensor noise; ``gray`` repeats one channel three times. The mask: the object's patches
+    (``patch`` x ``patch`` blocks more than half inside it), the blocky shape a TokenCut mask has at the
+    original resolution, plus a stray wrong block; never empty.
+
+    Returns ``(image, mask)``: uint8 ``(height, width, 3)`` and bool ``(height, width)``.
+    """
+    yy, xx = np.mgrid[:height, :width].astype(np.float64)
+    base = rng.uniform(40, 200, size=3)
+    slope = rng.uniform(-60, 60, size=(2, 3))
+    img = base + slope[0] * yy[..., None] / max(height, 1) + slope[1] * xx[..., None] / max(width, 1)
+    cy, cx = rng.uniform(0.3, 0.7) * height, rng.uniform(0.3, 0.7) * width
+    ry, rx = max(rng.uniform(0.15, 0.35) * height, 0.6), max(rng.uniform(0.15, 0.35) * width, 0.6)
+    inside = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 < 1.0
+    img[inside] = rng.uniform(0, 255, size=3) + 20.0 * np.sin(xx[inside] / 3.0)[:, None]
+    img += rng.normal(0.0, 6.0, size=img.shape)
+    if gray:
+        img = np.repeat(img[..., :1], 3, axis=-1)
+    image = np.clip(np.rint(img), 0, 255).astype(np.uint8)
+    gh, gw = -(-height // patch), -(-width // patch)
+    pad = np.zeros((gh * patch, gw * patch))
+    pad[:height, :width] = inside
+    blocks = pad.reshape(gh, patch, gw, patch).mean(axis=(1, 3)) > 0.5 * min(1.0, height * width / patch**2)
+    blocks[rng.integers(gh), rng.integers(gw)] = True
+    mask = np.repeat(np.repeat(blocks, patch, axis=0), patch, axis=1)[:height, :width]
+    return image, mask
