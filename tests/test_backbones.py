@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from PIL import Image
 from pycocotools.coco import COCO
 
-from ncutfast.label.backbones import BackboneError, load_backbone, timm_backbone
+from ncutfast.label.backbones import BackboneError, amp_note, load_backbone, timm_backbone
 from ncutfast.label.cli import main
 from ncutfast.label.demo import make_demo_images
 from ncutfast.label.geometry import prepare, to_pixels
@@ -198,6 +198,17 @@ def test_vendored_backbone_is_the_dino_vit(tmp_path: Path) -> None:
     with torch.inference_mode():
         want = vit.last_keys(x)
     assert torch.equal(backbone.keys(x), want)
+
+
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_amp_note_only_for_cpus_without_native_instructions(monkeypatch, amp: str) -> None:  # noqa: ANN001
+    check = f"_is_mkldnn_{amp}_supported"
+    monkeypatch.setattr(torch.ops.mkldnn, check, lambda: False, raising=False)
+    note = amp_note(amp, torch.device("cpu"))
+    assert note is not None and note.startswith(f"--amp {amp}: this CPU has no ") and "emulated" in note
+    assert amp_note(amp, torch.device("cuda")) is None and amp_note("none", torch.device("cpu")) is None
+    monkeypatch.setattr(torch.ops.mkldnn, check, lambda: True, raising=False)
+    assert amp_note(amp, torch.device("cpu")) is None
 
 
 def test_cli_labels_with_a_timm_backbone(tmp_path: Path, timm, capsys) -> None:  # noqa: ANN001

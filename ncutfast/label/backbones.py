@@ -34,7 +34,7 @@ from .geometry import prepare, to_pixels
 from .vit import ARCHS, IMAGENET_MEAN, IMAGENET_STD
 from .weights import WeightsError, load_vit, read_state_dict
 
-__all__ = ["AMP_DTYPES", "Backbone", "BackboneError", "load_backbone", "timm_backbone"]
+__all__ = ["AMP_DTYPES", "Backbone", "BackboneError", "amp_note", "load_backbone", "timm_backbone"]
 
 TIMM_PREFIX = "timm:"
 AMP_DTYPES: dict[str, torch.dtype | None] = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -150,6 +150,24 @@ class Backbone:
                     preps.append(prepare(opened, mode, self.patch, fixed_size))
         keys = self.batch_keys([p.rgb for p in preps], [p.grid for p in preps], amp)
         return [k.reshape(*p.grid, self.dim) for k, p in zip(keys, preps, strict=True)]
+
+
+def amp_note(amp: str, device: torch.device) -> str | None:
+    """Why ``amp`` will be slower than float32 on ``device``, or None when it should pay.
+
+    On a CPU, autocast runs the ViT's matrix products in bf16/fp16 through oneDNN, which is fast only with
+    native instructions (AVX512-BF16 or AMX for bf16, AVX512-FP16 or AMX-FP16 for fp16); without them the
+    products are emulated and several times slower than float32.
+    """
+    if amp == "none" or device.type != "cpu":
+        return None
+    check, isa = {"bf16": ("_is_mkldnn_bf16_supported", "AVX512-BF16 or AMX"),
+                  "fp16": ("_is_mkldnn_fp16_supported", "AVX512-FP16 or AMX-FP16")}[amp]
+    native = getattr(torch.ops.mkldnn, check, None)
+    if native is None or native():
+        return None
+    return (f"--amp {amp}: this CPU has no {isa}, so the ViT's {amp} products are emulated and slower than "
+            f"float32 (--amp none)")
 
 
 def _timm_last_keys(model: nn.Module, x: torch.Tensor, dim: int, num_prefix_tokens: int) -> torch.Tensor:

@@ -24,7 +24,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from .._validate import check_eps, check_tau
-from .backbones import BackboneError, load_backbone
+from .backbones import BackboneError, amp_note, load_backbone
 from .coco import build_coco
 from .cut import ImageCut, cut_batch
 from .geometry import MODES, prepare
@@ -243,6 +243,8 @@ def run(cfg: LabelConfig) -> RunSummary:
     patch = backbone.patch
     rank, world, device = _setup_distributed(cfg.device)
     backbone.to(device)
+    if (note := amp_note(cfg.amp, device)) is not None:
+        log.warning(note)
     parts = parts_dir_for(cfg.out)
     manifest = _manifest(cfg, files)
     try:
