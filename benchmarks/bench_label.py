@@ -16,11 +16,12 @@ Every run happens in a fresh subprocess whose ``PYTHONPATH`` selects the ``ncutf
 checkout, and with ``--baseline-src DIR`` also the checkout in ``DIR`` (its extension built in place), on the
 same images and weights. Runs alternate (baseline, this, baseline, this, ...) ``--repeats`` times so that
 load from other processes hits both alike; the table gives the best images/s of each, the ratio to the
-baseline's float32 row, and whether each JSON equals the float32 JSON of this checkout (``same json``) or,
-for ``--amp`` rows, the fraction of images whose masks are all identical (``same masks``) and the mean IoU
-of matched masks. ``--key-check`` adds, on the first batch of images, the keys' relative error
-``||k - k_fp32|| / ||k_fp32||`` (and max elementwise relative error) of each ``--amps`` setting, and of
-float32 with PyTorch's math attention instead of the fused ``scaled_dot_product_attention`` kernel.
+baseline's float32 row, whether each JSON equals the float32 JSON of this checkout (``same json``; ``n/a``
+for rows run on fewer images), and for the other rows the fraction of images whose masks are all
+identical and the mean IoU of masks matched by position. ``bf16``/``fp16`` rows run on the first
+``--amp-images`` images. ``--key-check`` adds, on the first batch of images, the keys' relative error
+``||k - k_fp32|| / ||k_fp32||`` (and max elementwise error over max magnitude) of each autocast setting,
+and of float32 with PyTorch's math attention instead of the fused ``scaled_dot_product_attention`` kernel.
 Nothing is downloaded; nothing runs at import.
 """
 
@@ -50,8 +51,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=1, help="decode workers (default 1)")
     p.add_argument("--post-workers", type=int, default=0)
     p.add_argument("--device", default="auto")
-    p.add_argument("--amps", default="none", help="comma-separated autocast settings to time: none, bf16, fp16 "
-                                                 "(default none)")
+    p.add_argument("--amps", default="none",
+                   help="comma-separated settings to time: none, bf16, fp16 (autocast), math (float32 with "
+                        "PyTorch's math attention instead of the fused kernel); default none")
     p.add_argument("--amp-images", type=int, default=None,
                    help="images for the --amp rows other than none (default: --images)")
     p.add_argument("--precision", default="float32", choices=("float32", "float64", "fast"))
@@ -79,11 +81,18 @@ def _config(args: argparse.Namespace, data: Path, source: Path, out: Path, amp: 
 
 def _worker_run(args: argparse.Namespace, data: Path, out: Path, amp: str) -> dict:
     """One warm-up batch, then the timed run on ``data/<list>``; returns the summary as a dict."""
+    import contextlib
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     from ncutfast.label.pipeline import run
 
-    source = data / ("amp.txt" if amp != "none" else "all.txt")
-    run(_config(args, data, data / "warm.txt", out.with_suffix(".warm.json"), amp))
-    summary = run(_config(args, data, source, out, amp))
+    source = data / ("amp.txt" if amp in ("bf16", "fp16") else "all.txt")
+    attention = sdpa_kernel(SDPBackend.MATH) if amp == "math" else contextlib.nullcontext()
+    amp = "none" if amp == "math" else amp
+    with attention:
+        run(_config(args, data, data / "warm.txt", out.with_suffix(".warm.json"), amp))
+        summary = run(_config(args, data, source, out, amp))
     return {"images": summary.images, "seconds": summary.seconds}
 
 
@@ -102,7 +111,7 @@ def _worker_keys(args: argparse.Namespace, data: Path) -> dict:
         with Image.open(data / name) as img:
             images.append(img.convert("RGB"))
     ref = torch.stack(backbone.image_keys(images, args.mode, args.fixed_size)).double()
-    variants = {f"amp {a}": {"amp": a} for a in args.amps.split(",") if a != "none"}
+    variants = {f"amp {a}": {"amp": a} for a in args.amps.split(",") if a not in ("none", "math")}
     variants["float32, math attention"] = {"math": True}
     out = {}
     for label, how in variants.items():
@@ -216,11 +225,13 @@ def main(argv: list[str] | None = None) -> int:
         for (name, amp), results in rows.items():
             best = max(results, key=lambda r: r["images"] / r["seconds"]["total"])
             rate = best["images"] / best["seconds"]["total"]
+            full = best["images"] == rows[("this", "none")][0]["images"]
+            same = ("yes" if all(_same_json(r["json"], ref_json) for r in results) else "NO") if full else "n/a"
             if amp == "none":
-                agree = "yes" if all(_same_json(r["json"], ref_json) for r in results) else "NO"
+                agree = same
             else:
                 frac, iou = _mask_agreement(best["json"], ref_json)
-                agree = f"{frac:.2f} / IoU {iou:.3f}"
+                agree = f"{same}; masks {frac:.2f}, IoU {iou:.3f}"
             sec = best["seconds"]
             print(f"| {name} | {amp} | {best['images']} | {args.batch_size} | {device} | {rate:.3f} | "
                   f"{rate / base_rate:.2f} | {agree} | " + " | ".join(f"{sec[c]:.2f}" for c in _COLS) + " |")
