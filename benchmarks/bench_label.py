@@ -16,10 +16,12 @@ Every run happens in a fresh subprocess whose ``PYTHONPATH`` selects the ``ncutf
 checkout, and with ``--baseline-src DIR`` also the checkout in ``DIR`` (its extension built in place), on the
 same images and weights. Runs alternate (baseline, this, baseline, this, ...) ``--repeats`` times so that
 load from other processes hits both alike; the table gives the best images/s of each, the ratio to the
-baseline's float32 row, whether each JSON equals the float32 JSON of this checkout (``same json``; ``n/a``
-for rows run on fewer images), and for the other rows the fraction of images whose masks are all
-identical and the mean IoU of masks matched by position. ``bf16``/``fp16`` rows run on the first
-``--amp-images`` images. ``--key-check`` adds, on the first batch of images, the keys' relative error
+baseline's float32 row, the main process's CPU seconds per image (user + system over all its threads; less
+sensitive to other processes' load than wall time) and its ratio, whether each JSON equals the float32 JSON
+of this checkout (``same json``; ``n/a`` for rows run on fewer images), and for the other rows the fraction
+of images whose masks are all identical and the mean IoU of masks matched by position. ``bf16``/``fp16``
+rows run on the first ``--amp-images`` images. ``--key-check`` adds, on the first batch of images, the keys'
+relative error
 ``||k - k_fp32|| / ||k_fp32||`` (and max elementwise error over max magnitude) of each autocast setting,
 and of float32 with PyTorch's math attention instead of the fused ``scaled_dot_product_attention`` kernel.
 Nothing is downloaded; nothing runs at import.
@@ -82,6 +84,7 @@ def _config(args: argparse.Namespace, data: Path, source: Path, out: Path, amp: 
 def _worker_run(args: argparse.Namespace, data: Path, out: Path, amp: str) -> dict:
     """One warm-up batch, then the timed run on ``data/<list>``; returns the summary as a dict."""
     import contextlib
+    import resource
 
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -92,8 +95,11 @@ def _worker_run(args: argparse.Namespace, data: Path, out: Path, amp: str) -> di
     amp = "none" if amp == "math" else amp
     with attention:
         run(_config(args, data, data / "warm.txt", out.with_suffix(".warm.json"), amp))
+        before = resource.getrusage(resource.RUSAGE_SELF)
         summary = run(_config(args, data, source, out, amp))
-    return {"images": summary.images, "seconds": summary.seconds}
+        after = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return {"images": summary.images, "seconds": summary.seconds, "cpu_s": cpu}
 
 
 def _worker_keys(args: argparse.Namespace, data: Path) -> dict:
@@ -218,9 +224,10 @@ def main(argv: list[str] | None = None) -> int:
         device = torch.cuda.get_device_name() if on_gpu else f"cpu ({torch.get_num_threads()} threads)"
         base = rows.get(("baseline", "none"), rows[("this", "none")])
         base_rate = max(r["images"] / r["seconds"]["total"] for r in base)
-        print(f"| code | amp | images | batch | device | images/s | ratio | same json / masks | {' | '.join(_COLS)} "
-              f"(s) |")
-        print("|---|---|---|---|---|---|---|---|" + "---|" * len(_COLS))
+        base_cpu = min(r["cpu_s"] / r["images"] for r in base)
+        print(f"| code | amp | images | batch | device | images/s | ratio | CPU s/image | CPU ratio | same json / "
+              f"masks | {' | '.join(_COLS)} (s) |")
+        print("|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(_COLS))
         table = []
         for (name, amp), results in rows.items():
             best = max(results, key=lambda r: r["images"] / r["seconds"]["total"])
@@ -233,11 +240,14 @@ def main(argv: list[str] | None = None) -> int:
                 frac, iou = _mask_agreement(best["json"], ref_json)
                 agree = f"{same}; masks {frac:.2f}, IoU {iou:.3f}"
             sec = best["seconds"]
+            cpu = min(r["cpu_s"] / r["images"] for r in results)
             print(f"| {name} | {amp} | {best['images']} | {args.batch_size} | {device} | {rate:.3f} | "
-                  f"{rate / base_rate:.2f} | {agree} | " + " | ".join(f"{sec[c]:.2f}" for c in _COLS) + " |")
+                  f"{rate / base_rate:.2f} | {cpu:.2f} | {base_cpu / cpu:.2f} | {agree} | "
+                  + " | ".join(f"{sec[c]:.2f}" for c in _COLS) + " |")
             table.append({"code": name, "arch": args.arch, "mode": args.mode, "size": args.size, "amp": amp,
                           "images": best["images"], "batch": args.batch_size, "device": device,
-                          "images_per_s": round(rate, 4), "ratio": round(rate / base_rate, 3), "agree": agree,
+                          "images_per_s": round(rate, 4), "ratio": round(rate / base_rate, 3),
+                          "cpu_s_per_image": round(cpu, 3), "cpu_ratio": round(base_cpu / cpu, 3), "agree": agree,
                           **{f"{k}_s": round(v, 3) for k, v in sec.items()}})
     for label, err in keys.items():
         print(f"keys, {label}: ||k - k_fp32|| / ||k_fp32|| = {err['rel']:.2e}, "
