@@ -21,9 +21,9 @@ sensitive to other processes' load than wall time) and its ratio, whether each J
 of this checkout (``same json``; ``n/a`` for rows run on fewer images), and for the other rows the fraction
 of images whose masks are all identical and the mean IoU of masks matched by position. ``bf16``/``fp16``
 rows run on the first ``--amp-images`` images. ``--key-check`` adds, on the first batch of images, the keys'
-relative error
-``||k - k_fp32|| / ||k_fp32||`` (and max elementwise error over max magnitude) of each autocast setting,
-and of float32 with PyTorch's math attention instead of the fused ``scaled_dot_product_attention`` kernel.
+relative error ``||k - k_fp32|| / ||k_fp32||`` (and max elementwise error over max magnitude) of each
+autocast setting, and of float32 with PyTorch's math attention instead of the fused
+``scaled_dot_product_attention`` kernel.
 Nothing is downloaded; nothing runs at import.
 """
 
