@@ -128,12 +128,13 @@ def test_timm_keys_equal_keys_from_the_models_modules(timm, batch: int, hw: tupl
     ("tokencut", (13, 1), (1, 1)),
     ("saliency", (71, 29), (2, 5)),
 ])
-def test_timm_image_keys_grid_for_patch_14(timm, mode: str, size: tuple[int, int],  # noqa: ANN001
+def test_timm_image_keys_grid_for_patch_14(tmp_path: Path, timm, mode: str, size: tuple[int, int],  # noqa: ANN001
                                            grid: tuple[int, int]) -> None:
     backbone = timm_backbone(_tiny(timm))
     rng = np.random.default_rng(len(mode) + size[0])
     imgs = [Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)) for _ in range(2)]
-    keys = backbone.image_keys(imgs, mode=mode, fixed_size=61)
+    imgs[0].save(tmp_path / "first.png")
+    keys = backbone.image_keys([tmp_path / "first.png", imgs[1]], mode=mode, fixed_size=61)
     assert [tuple(k.shape) for k in keys] == [(*grid, 48)] * 2
     prep = prepare(imgs[1], mode, 14, 61)
     want = _independent_keys(backbone.model, to_pixels([prep.rgb], prep.grid, 14, torch.device("cpu")))
