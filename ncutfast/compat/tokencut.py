@@ -14,11 +14,11 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .. import reference
+from .. import decide
 from .._arrays import as_batch
-from .._validate import check_eps, check_tau
+from .._validate import check_choice, check_eps, check_tau
 from ..api import _solve
-from ..backends import SolveParams
+from ..backends import PRECISIONS, SolveParams
 
 __all__ = ["ncut", "ncut_batch"]
 
@@ -32,17 +32,6 @@ def _features(feats: torch.Tensor, name: str) -> torch.Tensor:
     return feats[0, 1:, :]
 
 
-def _result(x, partition, seed, dims, scales, init_image_size):
-    """TokenCut's post-processing: detect_box on the bipartition, then the 6-tuple it returns."""
-    dims = (int(dims[0]), int(dims[1]))
-    bipartition = partition.reshape(dims).astype(float)
-    objects, mask_b = reference.seed_component(bipartition, seed, dims)
-    pred = reference.box_from_mask(mask_b, (scales[0], scales[1]), tuple(init_image_size[1:]))
-    mask = np.zeros(dims)
-    mask[mask_b] = 1
-    return np.asarray(pred), objects, mask, np.int64(seed), None, x.reshape(dims)
-
-
 def ncut_batch(
     feats: Sequence[torch.Tensor],
     dims: Sequence[Sequence[int]],
@@ -52,12 +41,17 @@ def ncut_batch(
     eps: float = 1e-5,
     im_name: str | Sequence[str] = "",
     no_binary_graph: bool = False,
+    *,
+    precision: str | None = None,
 ) -> list[tuple]:
     """Many images in one batched solve: ``ncut`` for ``feats[i]``, ``dims[i]``, ``init_image_size[i]``.
 
-    Returns the list of ``ncut``'s 6-tuples. ``scales``, ``tau``, ``eps`` are shared by all images.
+    Returns the list of ``ncut``'s 6-tuples. ``scales``, ``tau``, ``eps``, ``precision`` are shared by all
+    images.
     """
     tau, eps = check_tau(tau), check_eps(eps)
+    if precision is not None:
+        check_choice(precision, "precision", PRECISIONS)
     if not len(feats) == len(dims) == len(init_image_size):
         raise ValueError(f"feats, dims, init_image_size: lengths differ ({len(feats)}, {len(dims)}, "
                          f"{len(init_image_size)})")
@@ -66,15 +60,24 @@ def ncut_batch(
         if int(d[0]) * int(d[1]) != t.shape[0]:
             raise ValueError(f"dims[{i}]: {d[0]}x{d[1]} does not match the {t.shape[0]} patch tokens")
     batch = as_batch(toks)
-    # TokenCut's similarity is a torch matmul in the features' own dtype (float32 from the ViT).
-    precision = "float64" if batch.feats.dtype == torch.float64 else "float32"
+    if precision is None:  # TokenCut's similarity: a torch matmul in the features' own dtype (float32 from the ViT)
+        precision = "float64" if batch.feats.dtype == torch.float64 else "float32"
     cut = _solve(batch.feats, batch.lengths, SolveParams(tau, eps, not no_binary_graph, precision), "auto")
+    # TokenCut's detect_box for the whole batch on the solve's device, then one copy of each field.
+    grids = torch.tensor([[int(d[0]), int(d[1])] for d in dims], dtype=torch.int64)
+    labels = decide.token_components(cut.partition, grids)
+    mask = decide.same_component(labels, cut.seed)
+    sizes = torch.tensor([[int(s[1]), int(s[2])] for s in init_image_size], dtype=torch.int64)
+    boxes = decide.boxes(mask, grids, (int(scales[0]), int(scales[1])), sizes).cpu().numpy()
+    objects = decide.label_numbers(labels).cpu().numpy()
+    mask = mask.cpu().numpy()
     x = cut.x.cpu().numpy()
-    part = cut.partition.cpu().numpy()
-    seeds = cut.seed.cpu().tolist()
+    seeds = cut.seed.cpu().numpy()
     out = []
-    for i, n in enumerate(batch.lengths.tolist()):
-        out.append(_result(x[i, :n], part[i, :n], seeds[i], dims[i], scales, init_image_size[i]))
+    for i, (h, w) in enumerate(grids.tolist()):
+        n = h * w
+        out.append((boxes[i], objects[i, :n].reshape(h, w), mask[i, :n].reshape(h, w).astype(np.float64),
+                    seeds[i], None, x[i, :n].reshape(h, w)))
     return out
 
 
@@ -87,6 +90,8 @@ def ncut(
     eps: float = 1e-5,
     im_name: str = "",
     no_binary_graph: bool = False,
+    *,
+    precision: str | None = None,
 ) -> tuple:
     """TokenCut's ncut: ``(pred, objects, mask, seed, None, eigenvector)``.
 
@@ -98,9 +103,12 @@ def ncut(
         tau, eps: graph threshold and non-edge weight (the function's defaults 0 and 1e-5; CLIs pass 0.2).
         im_name: unused, kept for the signature.
         no_binary_graph: TokenCut's ablation: similarities as weights, entries below tau set to eps.
+        precision: keyword only, not in TokenCut: None (TokenCut's arithmetic: float32, float64 for float64
+            features) or a precision of ``ncutfast.ncut`` (e.g. "exact": the float64 graph, certified).
 
     Returns:
         pred: int ndarray (x1, y1, x2, y2); objects: int32 (h, w) component labels; mask: float64 (h, w)
         0/1 seed component; seed: int64; None; eigenvector: float64 (h, w), oriented by the seed rule.
     """
-    return ncut_batch([feats], [dims], scales, [init_image_size], tau, eps, im_name, no_binary_graph)[0]
+    return ncut_batch([feats], [dims], scales, [init_image_size], tau, eps, im_name, no_binary_graph,
+                      precision=precision)[0]
