@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <string>
 #include <tuple>
+#include <utility>
 
 #include "common.h"
 #include "cpu/graph_cpu.h"
@@ -39,6 +40,9 @@ T* as_ptr(uintptr_t address) {
 constexpr int64_t kMaxTokens = int64_t{1} << 24;
 constexpr int64_t kMaxBatch = int64_t{1} << 24;
 constexpr int kMaxKrylov = 4096;
+/// A CPU team plays a CUDA thread block (at most 1024 threads); far larger OpenMP teams abort in libgomp
+/// (32768) or crash (100000).
+constexpr int kMaxTeam = 1024;
 
 void check_sizes(int64_t batch, int64_t n_max) {
   NCUT_CHECK(batch >= 1 && batch <= kMaxBatch, "batch", "must be in [1, " << kMaxBatch << "], got " << batch);
@@ -59,7 +63,7 @@ void check_eps(double eps) {
 void check_degrees(const int64_t* iterations, int64_t batch) {
   for (int64_t b = 0; b < batch; ++b)
     NCUT_CHECK(iterations[b] >= 0, "s", "problem " << b << " has a degree <= 0 or not finite (W = s where s >= "
-                                                          "tau, with tau < 0 and negative similarities?)");
+                                                          "tau: tau <= 0 with zero or negative similarities?)");
 }
 
 /// A NaN lambda2 for n >= 2 means the tridiagonal QL failed (never seen for Lanczos matrices): say so rather
@@ -146,6 +150,7 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("n_max"), py::arg("krylov_dim"), "float64 workspace entries one problem of the GPU solver needs.");
   m.def("cpu_threads", &ncutfast::cpu_threads, "OpenMP threads the CPU launchers use.");
+  m.attr("MAX_TEAM") = kMaxTeam;
 
   m.def(
       "tridiagonal_eigh",
@@ -162,12 +167,17 @@ PYBIND11_MODULE(_C, m) {
         double* z = as_ptr<double>(vectors);
         for (int r = 0; r < m; ++r)
           for (int c = 0; c < m; ++c) z[r * m + c] = r == c ? 1.0 : 0.0;
-        return ncutfast::tridiag_eig(as_ptr<double>(diag), as_ptr<double>(off), m, z, m);
+        double* d = as_ptr<double>(diag);
+        const bool ok = ncutfast::tridiag_eig(d, as_ptr<double>(off), m, z, m);
+        for (int i = 0; i < m; ++i)
+          NCUT_CHECK(std::isfinite(d[i]), "diag", "eigenvalue " << i << " overflows float64 (entries too large)");
+        return ok;
       },
       py::arg("diag"), py::arg("off"), py::arg("m"), py::arg("vectors"),
       "Eigen-decompose a float64 tridiagonal matrix in place (the solver's Ritz step): diag (m,) becomes the\n"
       "unsorted eigenvalues, off (m,) (off[i] couples i and i+1) is destroyed, vectors (m, m) receives the\n"
-      "eigenvectors as columns. Returns False if QL did not converge.");
+      "eigenvectors as columns. Any finite entries (scaled internally); eigenvalues beyond float64's range\n"
+      "raise ValueError. Returns False if QL did not converge.");
 
   m.def(
       "pack_graph_cpu",
@@ -232,12 +242,77 @@ PYBIND11_MODULE(_C, m) {
       "s_ij * inv_j > tau / inv_i. Host pointers.");
 
   m.def(
+      "exact_row_norms_cpu",
+      [](uintptr_t k, const std::string& dtype, int64_t batch, int64_t n_max, int64_t c, uintptr_t lengths,
+         uintptr_t norms) {
+        const DType dt = ncutfast::parse_dtype(dtype, "dtype");
+        check_sizes(batch, n_max);
+        NCUT_CHECK(c >= 1 && c <= kMaxTokens, "c", "must be in [1, " << kMaxTokens << "], got " << c);
+        NCUT_CHECK_PTR(k, "k");
+        NCUT_CHECK_PTR(lengths, "lengths");
+        NCUT_CHECK_PTR(norms, "norms");
+        check_host_lengths(as_ptr<const int64_t>(lengths), batch, n_max);
+        int64_t bad;
+        {
+          py::gil_scoped_release nogil;
+          bad = ncutfast::exact_row_norms_cpu(as_ptr<const void>(k), dt, batch, n_max, c,
+                                              as_ptr<const int64_t>(lengths), as_ptr<double>(norms));
+        }
+        NCUT_CHECK(bad == 0, "k", "contains NaN or inf within the lengths");
+      },
+      py::arg("k"), py::arg("dtype"), py::arg("batch"), py::arg("n_max"), py::arg("c"), py::arg("lengths"),
+      py::arg("norms"),
+      "Precision 'exact': reference.normalize_rows's denominators max(||k_i||, 1e-12), bit for bit, of k\n"
+      "(batch, n_max, c) float32/float64 into norms (batch, n_max) float64 (1 beyond lengths (batch,) int64).\n"
+      "NaN or infinite entries within the lengths raise ValueError. Host pointers.");
+
+  m.def(
+      "pack_graph_block_exact_cpu",
+      [](uintptr_t s, uintptr_t k, const std::string& dtype, int64_t c, uintptr_t norms, int64_t batch,
+         int64_t n_max, int64_t row0, int64_t rows, uintptr_t lengths, double tau, double bound, double dot_bound,
+         double dot2_bound, uintptr_t bits, uintptr_t rechecked, uintptr_t scale) {
+        const DType dt = ncutfast::parse_dtype(dtype, "dtype");
+        check_sizes(batch, n_max);
+        NCUT_CHECK(c >= 1 && c <= kMaxTokens, "c", "must be in [1, " << kMaxTokens << "], got " << c);
+        NCUT_CHECK(row0 >= 0 && row0 < n_max && row0 % 64 == 0, "row0",
+                   "must be a multiple of 64 in [0, n_max = " << n_max << "), got " << row0);
+        NCUT_CHECK(rows >= 1 && row0 + rows <= n_max && ((row0 + rows) % 64 == 0 || row0 + rows == n_max), "rows",
+                   "row0 + rows must be a multiple of 64 or n_max, within n_max = " << n_max << ", got " << rows);
+        NCUT_CHECK_PTR(s, "s");
+        NCUT_CHECK_PTR(k, "k");
+        NCUT_CHECK_PTR(norms, "norms");
+        NCUT_CHECK_PTR(lengths, "lengths");
+        NCUT_CHECK_PTR(bits, "bits");
+        NCUT_CHECK_PTR(rechecked, "rechecked");
+        check_scalar(tau, "tau");
+        for (const auto& [v, arg] : {std::pair{bound, "bound"}, {dot_bound, "dot_bound"}, {dot2_bound, "dot2_bound"}})
+          NCUT_CHECK(std::isfinite(v) && v >= 0, arg, "must be finite and >= 0, got " << v);
+        check_host_lengths(as_ptr<const int64_t>(lengths), batch, n_max);
+        check_inv_norms(as_ptr<const double>(norms), as_ptr<const int64_t>(lengths), batch, n_max);
+        if (scale != 0) check_inv_norms(as_ptr<const float>(scale), as_ptr<const int64_t>(lengths), batch, n_max);
+        py::gil_scoped_release nogil;
+        ncutfast::pack_graph_block_exact_cpu(as_ptr<const float>(s), as_ptr<const float>(scale), as_ptr<const void>(k),
+                                             dt, c, as_ptr<const double>(norms), batch, n_max, row0, rows,
+                                             as_ptr<const int64_t>(lengths), tau, bound, dot_bound, dot2_bound,
+                                             as_ptr<uint64_t>(bits), as_ptr<int64_t>(rechecked));
+      },
+      py::arg("s"), py::arg("k"), py::arg("dtype"), py::arg("c"), py::arg("norms"), py::arg("batch"),
+      py::arg("n_max"), py::arg("row0"), py::arg("rows"), py::arg("lengths"), py::arg("tau"), py::arg("bound"),
+      py::arg("dot_bound"), py::arg("dot2_bound"), py::arg("bits"), py::arg("rechecked"), py::arg("scale") = 0,
+      "Precision 'exact': pack_graph_block_cpu of the graph [f_i . f_j > tau], f_i = k_i / norms_i the float64\n"
+      "rows of reference.normalize_rows (k (batch, n_max, c) in `dtype`, norms from exact_row_norms_cpu), from\n"
+      "float32 screening products s (batch, rows, n_max - row0) within `bound` of f_i . f_j: of the normalized\n"
+      "rows rounded to float32 (scale = 0), or raw products of the float32-rounded k with scale the address of\n"
+      "(batch, n_max) float32 ~ 1 / norms. Entries within bound of tau are recomputed in float64 (dot_bound,\n"
+      "dot2_bound: ncutfast.exact) and counted into rechecked (batch,) int64. Host pointers.");
+
+  m.def(
       "solve_binary_cpu",
       [](uintptr_t bits, int64_t batch, int64_t n_max, uintptr_t lengths, double eps, double tol, int max_iter,
          int krylov_dim, int check_every, bool table, int team, uintptr_t lambda2, uintptr_t lambda3, uintptr_t x,
          uintptr_t residual, uintptr_t iterations) {
         check_sizes(batch, n_max);
-        NCUT_CHECK(team >= 0, "team", "must be >= 0, got " << team);
+        NCUT_CHECK(team >= 0 && team <= kMaxTeam, "team", "must be in [0, " << kMaxTeam << "], got " << team);
         NCUT_CHECK_PTR(bits, "bits");
         NCUT_CHECK_PTR(lengths, "lengths");
         check_eps(eps);
@@ -259,7 +334,7 @@ PYBIND11_MODULE(_C, m) {
       py::arg("lambda2"), py::arg("lambda3"), py::arg("x"), py::arg("residual"), py::arg("iterations"),
       "Fiedler pairs of binary graphs given as packed bits. Outputs: lambda2, lambda3, residual (batch,)\n"
       "float64, x (batch, n_max) float64, iterations (batch,) int64. table: subset-sum-table mat-vec (else\n"
-      "the GPU's set-bit loop); team: threads per problem (0 = automatic). Host pointers.");
+      "the GPU's set-bit loop); team: threads per problem (0 = automatic, at most MAX_TEAM). Host pointers.");
 
   m.def(
       "solve_dense_cpu",
@@ -268,7 +343,7 @@ PYBIND11_MODULE(_C, m) {
          uintptr_t lambda3, uintptr_t x, uintptr_t residual, uintptr_t iterations) {
         const DType dt = ncutfast::parse_dtype(dtype, "dtype");
         check_sizes(batch, n_max);
-        NCUT_CHECK(team >= 0, "team", "must be >= 0, got " << team);
+        NCUT_CHECK(team >= 0 && team <= kMaxTeam, "team", "must be in [0, " << kMaxTeam << "], got " << team);
         NCUT_CHECK_PTR(s, "s");
         NCUT_CHECK_PTR(lengths, "lengths");
         check_scalar(tau, "tau");
