@@ -127,7 +127,7 @@ def test_lanczos_restarts_and_reports_iterations(rng) -> None:
     feats = torch.from_numpy(scene.features)[None]
     lengths = torch.tensor([400])
     f = normalized_features(feats, lengths, "float64")
-    w, d = torch_backend.graph(f, lengths, tau=0.2, eps=1e-5, binary=True, precision="float64")
+    w, d, _ = torch_backend.graph(f, lengths, tau=0.2, eps=1e-5, binary=True, precision="float64")
     dm12 = 1.0 / d.sqrt()
     y0 = d.sqrt() / d.sqrt().norm()
 
