@@ -1,4 +1,4 @@
-"""The ``ncutfast`` command: ``demo``, ``label``, ``merge`` and ``bench`` subcommands."""
+"""The ``ncutfast`` command: ``demo``, ``label``, ``merge``, ``eval`` and ``bench`` subcommands."""
 
 from __future__ import annotations
 
@@ -108,9 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_demo(sub)
     from .bench.cli import register as register_bench
+    from .eval.cli import register as register_eval
     from .label.cli import register as register_label
 
     register_label(sub)
+    register_eval(sub)
     register_bench(sub)
     args = parser.parse_args(argv)
     return int(args.func(args))
