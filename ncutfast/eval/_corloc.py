@@ -47,7 +47,8 @@ def box_iou(box: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
         boxes: ``(n, 4)`` int64 ``(x1, y1, x2, y2)``.
     Returns ``(n,)``: ``inter / (w1 * (h1 + 1e-7) + w2 * (h2 + 1e-7) - inter + 1e-7)`` with widths and heights
     ``x2 - x1`` and ``y2 - y1``. Integer inputs give float32 (torch's promotion of int64 + Python float),
-    which decides the boundary: boxes of IoU exactly 0.5 in real numbers give 0.5 and count as hits.
+    which decides the boundary: with heights of 2 pixels or more the 1e-7 terms vanish in float32 rounding,
+    so boxes whose real IoU is exactly 0.5 get 0.5 and count as hits (in float64 they would not).
     """
     eps = 1e-7
     b1_x1, b1_y1, b1_x2, b1_y2 = box[0], box[1], box[2], box[3]
@@ -91,7 +92,7 @@ def _load_voc(root: Path) -> dict[str, GTImage]:
         except ET.ParseError as exc:
             raise EvalError(f"VOC annotation {xml}: malformed XML ({exc})") from None
         boxes = []
-        for obj in tree.getroot().iter("object"):
+        for obj in tree.getroot().findall("object"):  # top-level objects, as torchvision's VOC parser
             bnd = obj.find("bndbox")
             if bnd is None:
                 raise EvalError(f"VOC annotation {xml}: an <object> without <bndbox>")
