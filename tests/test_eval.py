@@ -6,7 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import pytest
@@ -110,6 +110,9 @@ def test_box_iou_is_tokencut_float32_and_close_to_exact(rng: np.random.Generator
         area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
         exact = iw * ih / (area[0] + area[1:] - iw * ih)
         np.testing.assert_allclose(iou.numpy(), exact, rtol=1e-5, atol=1e-7)
+        # the batched pairwise form corloc uses gives the one-box call's float32 values bit for bit
+        pairwise = box_iou(boxes[:1].expand(n, 4), boxes[1:])
+        assert pairwise.dtype == torch.float32 and torch.equal(pairwise, iou)
 
 
 def test_coco_gt_rounding_crowd_and_no_gt(tmp_path: Path) -> None:
@@ -139,6 +142,8 @@ def test_highest_score_any_box_and_missing_prediction(tmp_path: Path) -> None:
     assert [r.status for r in res.rows] == ["miss", "hit", "no_prediction"]
     assert res.rows[0].box == (100, 100, 200, 150) and res.no_prediction == ["x3.jpg"]
     assert res.summary() == "CorLoc: 33.33% (1/3)"
+    float_box = write_labels(tmp_path / "f.json", [("x2.jpg", 500, 375)], {"x2.jpg": [box_ann(0, 0, 29.5, 30)]})
+    assert corloc(float_box, gt, "voc", image_list=["x2"]).rows[0].iou == pytest.approx(29.5 / 30, abs=1e-6)
     res_any = corloc(pred, gt, "voc", any_box=True)
     assert [r.status for r in res_any.rows] == ["hit", "hit", "no_prediction"]
     assert res_any.rows[0].box == (300, 200, 400, 300)
@@ -212,6 +217,8 @@ def test_corloc_user_errors_exit_2_one_line(tmp_path: Path, capsys, case: str) -
 def test_image_key() -> None:
     assert {image_key(n) for n in ("JPEGImages/000005.jpg", "000005", "a\\b\\000005.png", "000005.xml")} == {"000005"}
     assert image_key("train2014/COCO_train2014_000000000009.jpg") == "COCO_train2014_000000000009"
+    for name in (".hidden", "a.", "a.b.c", "dir.d/x", "n01440764_10026.JPEG"):
+        assert image_key(name) == PurePosixPath(name).stem
 
 
 # ---------------------------------------------------------------------------------------------- saliency

@@ -13,7 +13,7 @@ import csv
 import json
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 __all__ = ["EvalError", "image_key", "read_json", "keyed_images", "load_labels", "annotations_by_image",
            "read_image_list", "write_csv"]
@@ -27,7 +27,9 @@ class EvalError(ValueError):
 
 def image_key(name: str) -> str:
     """The matching key of a file name: the stem of its last path component (``a/b/c.jpg`` -> ``c``)."""
-    return PurePosixPath(name.replace("\\", "/")).stem
+    base = name.replace("\\", "/").rsplit("/", 1)[-1]
+    dot = base.rfind(".")
+    return base[:dot] if 0 < dot < len(base) - 1 else base  # PurePosixPath(base).stem, without its cost
 
 
 def read_json(path: PathLike, what: str) -> object:

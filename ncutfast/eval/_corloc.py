@@ -44,6 +44,8 @@ def box_iou(box: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
 
     Args:
         box: ``(4,)`` ``(x1, y1, x2, y2)``; int64 for integer boxes (as TokenCut's predictions are).
+            ``(n, 4)`` pairs row i with row i of ``boxes``; for int64 boxes every element is then the same as
+            in the one-box call (torch promotes int64 0-dim and n-dim tensors alike).
         boxes: ``(n, 4)`` int64 ``(x1, y1, x2, y2)``.
     Returns ``(n,)``: ``inter / (w1 * (h1 + 1e-7) + w2 * (h2 + 1e-7) - inter + 1e-7)`` with widths and heights
     ``x2 - x1`` and ``y2 - y1``. Integer inputs give float32 (torch's promotion of int64 + Python float),
@@ -51,8 +53,8 @@ def box_iou(box: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
     so boxes whose real IoU is exactly 0.5 get 0.5 and count as hits (in float64 they would not).
     """
     eps = 1e-7
-    b1_x1, b1_y1, b1_x2, b1_y2 = box[0], box[1], box[2], box[3]
-    b2_x1, b2_y1, b2_x2, b2_y2 = boxes.T[0], boxes.T[1], boxes.T[2], boxes.T[3]
+    b1_x1, b1_y1, b1_x2, b1_y2 = box[..., 0], box[..., 1], box[..., 2], box[..., 3]
+    b2_x1, b2_y1, b2_x2, b2_y2 = boxes[..., 0], boxes[..., 1], boxes[..., 2], boxes[..., 3]
     inter = (torch.min(b1_x2, b2_x2) - torch.max(b1_x1, b2_x1)).clamp(0) * (
         torch.min(b1_y2, b2_y2) - torch.max(b1_y1, b2_y1)).clamp(0)
     w1, h1 = b1_x2 - b1_x1, b1_y2 - b1_y1 + eps
@@ -208,6 +210,35 @@ class CorLocResult:
         return out
 
 
+def _best_ious(scored: list[tuple[GTImage, list[np.ndarray]]]) -> list[tuple[GTImage, tuple[float, tuple]]]:
+    """Per image, the best IoU of its candidate boxes with any GT box, and the first box reaching it.
+
+    Integer candidates (all of ``ncutfast label``'s) are paired with their image's GT boxes and scored in one
+    batched :func:`box_iou` call, which gives the same float32 values as TokenCut's one-box calls; other
+    candidates take the one-box call, whose dtype promotion the batched form would not reproduce.
+    """
+    ints = [(g.boxes, b) for g, cands in scored for b in cands if b.dtype == np.int64]
+    batched: list[float] = []
+    if ints:
+        counts = np.array([len(gb) for gb, _ in ints])
+        pred = torch.from_numpy(np.repeat(np.stack([b for _, b in ints]), counts, axis=0))
+        ious = box_iou(pred, torch.from_numpy(np.concatenate([gb for gb, _ in ints]))).numpy()
+        batched = np.maximum.reduceat(ious, np.concatenate([[0], np.cumsum(counts)[:-1]])).tolist()
+    batched_it = iter(batched)
+    out = []
+    for g, cands in scored:
+        best_iou, best_box = -math.inf, None
+        for b in cands:
+            if b.dtype == np.int64:
+                iou = next(batched_it)
+            else:
+                iou = float(box_iou(torch.from_numpy(b), torch.from_numpy(g.boxes)).max())
+            if iou > best_iou:
+                best_iou, best_box = iou, tuple(b.tolist())
+        out.append((g, (best_iou, best_box)))
+    return out
+
+
 def corloc(pred: PathLike | Mapping, gt: PathLike, gt_format: str, *,
            image_list: PathLike | Sequence[str] | None = None, any_box: bool = False) -> CorLocResult:
     """CorLoc of a label JSON against VOC or COCO boxes, with TokenCut's exact rules (see the module doc).
@@ -238,7 +269,8 @@ def corloc(pred: PathLike | Mapping, gt: PathLike, gt_format: str, *,
             raise EvalError(f"predictions {source}: {preds[unknown[0]]['file_name']} is not in the ground truth "
                             f"{gt} ({len(unknown)} such image(s)); use --image-list to evaluate a subset")
     anns = annotations_by_image(data)
-    rows, hits, total = [], 0, 0
+    scored: list[tuple[GTImage, list[np.ndarray]]] = []  # evaluated images with their candidate boxes
+    rows: list[CorLocRow | None] = []
     for key in keys:
         g = gts[key]
         img = preds.get(key)
@@ -248,21 +280,21 @@ def corloc(pred: PathLike | Mapping, gt: PathLike, gt_format: str, *,
             cands = [cands[int(np.argmax(scores))]]  # first one on ties
         if len(g.boxes) == 0:
             rows.append(CorLocRow(g.file_name, "no_gt", math.nan, None, 0))
-            continue
-        total += 1
-        if not cands:
+        elif not cands:
             rows.append(CorLocRow(g.file_name, "no_prediction", math.nan, None, len(g.boxes)))
-            continue
-        gt_t = torch.from_numpy(g.boxes)
-        best_iou, best_box = -math.inf, None
-        for ann in cands:
-            box = _pred_box(ann, source)
-            iou = float(box_iou(torch.from_numpy(box), gt_t).max())
-            if iou > best_iou:
-                best_iou, best_box = iou, tuple(box.tolist())
-        hit = best_iou >= HIT_IOU
-        hits += hit
-        rows.append(CorLocRow(g.file_name, "hit" if hit else "miss", best_iou, best_box, len(g.boxes)))
+        else:
+            rows.append(None)
+            scored.append((g, [_pred_box(a, source) for a in cands]))
+    found = iter(_best_ious(scored))
+    out, hits = [], 0
+    for row in rows:
+        if row is None:
+            g, (iou, box) = next(found)
+            hit = iou >= HIT_IOU
+            hits += hit
+            row = CorLocRow(g.file_name, "hit" if hit else "miss", iou, box, len(g.boxes))
+        out.append(row)
+    total = sum(r.status != "no_gt" for r in out)
     if total == 0:
         raise EvalError(f"ground truth {gt}: none of the {len(keys)} evaluated image(s) has a GT box")
-    return CorLocResult(hits, total, rows)
+    return CorLocResult(hits, total, out)
