@@ -217,8 +217,9 @@ def test_corloc_user_errors_exit_2_one_line(tmp_path: Path, capsys, case: str) -
 def test_image_key() -> None:
     assert {image_key(n) for n in ("JPEGImages/000005.jpg", "000005", "a\\b\\000005.png", "000005.xml")} == {"000005"}
     assert image_key("train2014/COCO_train2014_000000000009.jpg") == "COCO_train2014_000000000009"
-    for name in (".hidden", "a.", "a.b.c", "dir.d/x", "n01440764_10026.JPEG"):
+    for name in (".hidden", "a.b.c", "dir.d/x", "n01440764_10026.JPEG"):
         assert image_key(name) == PurePosixPath(name).stem
+    assert image_key("a.") == "a."
 
 
 # ---------------------------------------------------------------------------------------------- saliency
