@@ -193,7 +193,7 @@ def test_corloc_user_errors_exit_2_one_line(tmp_path: Path, capsys, case: str) -
     elif case == "voc_is_json":
         gt, needle = gt_coco, "--gt-format voc expects a VOC root folder"
     elif case == "coco_is_dir":
-        gt, fmt, needle = gt_voc, "coco", "--gt-format coco expects an instances JSON"
+        gt, fmt, needle = gt_voc, "coco", "is a folder; an instances JSON file is expected"
     elif case == "bad_xml":
         (gt_voc / "Annotations" / "b.xml").write_text("<annotation><object>")
         needle = "b.xml: malformed XML"

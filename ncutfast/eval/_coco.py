@@ -1,7 +1,7 @@
 """Class-agnostic COCO AP / AP50 / AR100 of pseudo-labels, boxes and masks, with pycocotools' COCOeval.
 
 Every GT category counts as one class (CutLER's class-agnostic evaluation); every predicted annotation is a
-detection of that class with its ``score`` (1.0 when it has none; ties keep the file's order). Images are
+detection of that class with its ``score`` (1.0 when it has none; COCOeval sorts ties stably). Images are
 matched by file name (:mod:`ncutfast.eval._common`); GT images without any prediction count with no
 detections. ``iscrowd`` GT is handled by COCOeval (matches to it are neither hits nor false positives).
 """
@@ -21,8 +21,8 @@ from ._common import (
     annotations_by_image,
     keyed_images,
     load_labels,
-    read_image_list,
-    read_json,
+    read_coco_gt,
+    select_images,
 )
 
 __all__ = ["CocoRow", "CocoResult", "coco"]
@@ -152,23 +152,9 @@ def coco(pred: PathLike | Mapping, gt: PathLike, *, image_list: PathLike | Seque
             the GT does not have, masks of another size than their GT image, or no GT object to score.
     """
     data, preds, source = load_labels(pred)
-    gt_data = read_json(gt, "COCO ground truth")
-    if not (isinstance(gt_data, Mapping) and isinstance(gt_data.get("images"), list)
-            and isinstance(gt_data.get("annotations"), list)):
-        raise EvalError(f"COCO ground truth {gt}: not a COCO instances JSON (needs 'images' and 'annotations' "
-                        "lists)")
+    gt_data = read_coco_gt(gt)
     gt_images = keyed_images(gt_data, gt, "COCO ground truth")
-    if image_list is not None:
-        eval_keys = read_image_list(image_list)
-        unknown = [k for k in eval_keys if k not in gt_images]
-        if unknown:
-            raise EvalError(f"image list: {len(unknown)} image(s) not in the ground truth {gt}, e.g. {unknown[0]!r}")
-    else:
-        eval_keys = list(gt_images)
-        unknown = [k for k in preds if k not in gt_images]
-        if unknown:
-            raise EvalError(f"predictions {source}: {preds[unknown[0]]['file_name']} is not in the ground truth "
-                            f"{gt} ({len(unknown)} such image(s)); use --image-list to evaluate a subset")
+    eval_keys = select_images(gt_images, preds, gt, source, image_list)
     for ann in gt_data["annotations"]:
         if not (isinstance(ann, Mapping) and all(k in ann for k in ("image_id", "bbox", "area", "segmentation"))):
             raise EvalError(f"COCO ground truth {gt}: an annotation lacks 'image_id', 'bbox', 'area' or "

@@ -15,8 +15,8 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
-__all__ = ["EvalError", "image_key", "read_json", "keyed_images", "load_labels", "annotations_by_image",
-           "read_image_list", "write_csv"]
+__all__ = ["EvalError", "image_key", "read_json", "read_coco_gt", "keyed_images", "load_labels",
+           "annotations_by_image", "read_image_list", "select_images", "write_csv"]
 
 PathLike = str | os.PathLike[str]
 
@@ -51,6 +51,18 @@ def _coco_lists(data: object, path: PathLike, what: str) -> Mapping:
     for img in data["images"]:
         if not (isinstance(img, Mapping) and "id" in img and isinstance(img.get("file_name"), str)):
             raise EvalError(f"{what} {path}: an entry of 'images' lacks 'id' or 'file_name'")
+    return data
+
+
+def read_coco_gt(path: PathLike) -> Mapping:
+    """A COCO instances JSON (a folder or a file without ``images``/``annotations`` lists raises EvalError)."""
+    if Path(path).is_dir():
+        raise EvalError(f"COCO ground truth {path} is a folder; an instances JSON file is expected")
+    data = read_json(path, "COCO ground truth")
+    if not (isinstance(data, Mapping) and isinstance(data.get("images"), list)
+            and isinstance(data.get("annotations"), list)):
+        raise EvalError(f"COCO ground truth {path}: not a COCO instances JSON (needs 'images' and 'annotations' "
+                        "lists)")
     return data
 
 
@@ -129,3 +141,21 @@ def write_csv(path: PathLike, header: Sequence[str], rows: Iterable[Sequence[obj
         raise EvalError(f"per-image file {path}: cannot write ({exc.strerror or exc})") from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def select_images(gt_images: Mapping[str, object], preds: Mapping[str, Mapping], gt: PathLike, source: str,
+                  image_list: PathLike | Sequence[str] | None) -> list[str]:
+    """The keys to evaluate: the image list's (each must be a key of ``gt_images``; predictions of other
+    images are ignored), or every GT image in order (then every prediction must be a GT image). Raises
+    :class:`EvalError` otherwise; ``gt`` and ``source`` name the files in its message."""
+    if image_list is not None:
+        keys = read_image_list(image_list)
+        unknown = [k for k in keys if k not in gt_images]
+        if unknown:
+            raise EvalError(f"image list: {len(unknown)} image(s) not in the ground truth {gt}, e.g. {unknown[0]!r}")
+        return keys
+    unknown = [k for k in preds if k not in gt_images]
+    if unknown:
+        raise EvalError(f"predictions {source}: {preds[unknown[0]]['file_name']} is not in the ground truth {gt} "
+                        f"({len(unknown)} such image(s)); use --image-list to evaluate a subset")
+    return list(gt_images)

@@ -29,8 +29,8 @@ from ._common import (
     annotations_by_image,
     keyed_images,
     load_labels,
-    read_image_list,
-    read_json,
+    read_coco_gt,
+    select_images,
 )
 
 __all__ = ["CorLocRow", "CorLocResult", "box_iou", "load_gt_boxes", "corloc"]
@@ -106,13 +106,7 @@ def _load_voc(root: Path) -> dict[str, GTImage]:
 
 
 def _load_coco(path: Path) -> dict[str, GTImage]:
-    if path.is_dir():
-        raise EvalError(f"COCO ground truth {path} is a folder; --gt-format coco expects an instances JSON file")
-    data = read_json(path, "COCO ground truth")
-    if not (isinstance(data, Mapping) and isinstance(data.get("images"), list)
-            and isinstance(data.get("annotations"), list)):
-        raise EvalError(f"COCO ground truth {path}: not a COCO instances JSON (needs 'images' and "
-                        "'annotations' lists)")
+    data = read_coco_gt(path)
     images = keyed_images(data, path, "COCO ground truth")
     anns = annotations_by_image(data)
     out = {}
@@ -257,17 +251,7 @@ def corloc(pred: PathLike | Mapping, gt: PathLike, gt_format: str, *,
     """
     data, preds, source = load_labels(pred)
     gts = load_gt_boxes(gt, gt_format)
-    if image_list is not None:
-        keys = read_image_list(image_list)
-        unknown = [k for k in keys if k not in gts]
-        if unknown:
-            raise EvalError(f"image list: {len(unknown)} image(s) not in the ground truth {gt}, e.g. {unknown[0]!r}")
-    else:
-        keys = list(gts)
-        unknown = [k for k in preds if k not in gts]
-        if unknown:
-            raise EvalError(f"predictions {source}: {preds[unknown[0]]['file_name']} is not in the ground truth "
-                            f"{gt} ({len(unknown)} such image(s)); use --image-list to evaluate a subset")
+    keys = select_images(gts, preds, gt, source, image_list)
     anns = annotations_by_image(data)
     scored: list[tuple[GTImage, list[np.ndarray]]] = []  # evaluated images with their candidate boxes
     rows: list[CorLocRow | None] = []
