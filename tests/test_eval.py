@@ -132,7 +132,7 @@ def test_coco_gt_rounding_crowd_and_no_gt(tmp_path: Path) -> None:
     assert corloc(shifted, gt, "coco", image_list=["a.jpg"]).rows[0].iou == pytest.approx(72 / 89, abs=1e-6)
 
 
-def test_highest_score_any_box_and_missing_prediction(tmp_path: Path) -> None:
+def test_highest_score_any_box_and_missing_prediction(tmp_path: Path, capsys) -> None:
     gt = write_voc(tmp_path / "voc", {"x1": [(11, 11, 50, 50), (301, 201, 400, 300)], "x2": [(1, 1, 30, 30)],
                                       "x3": [(5, 5, 9, 9)]})
     hit_low = [box_ann(100, 100, 200, 150, score=0.9), box_ann(300, 200, 400, 300, score=0.2)]
@@ -150,6 +150,11 @@ def test_highest_score_any_box_and_missing_prediction(tmp_path: Path) -> None:
     # an image list (VOC ImageSets style: stems) restricts the evaluation
     (tmp_path / "trainval.txt").write_text("x2\n\nx3\n")
     assert corloc(pred, gt, "voc", image_list=tmp_path / "trainval.txt").summary() == "CorLoc: 50.00% (1/2)"
+    code, out, _ = run_cli(capsys, "corloc", "--pred", str(pred), "--gt", str(gt), "--gt-format", "voc", "--any")
+    assert code == 0 and out.strip().splitlines()[-1] == "CorLoc: 66.67% (2/3)"
+    code, out, _ = run_cli(capsys, "corloc", "--pred", str(pred), "--gt", str(gt), "--gt-format", "voc",
+                           "--image-list", str(tmp_path / "trainval.txt"))
+    assert code == 0 and out.strip().splitlines()[-1] == "CorLoc: 50.00% (1/2)"
 
 
 def test_corloc_cli_per_image_csv(tmp_path: Path, capsys, caplog) -> None:
@@ -379,7 +384,7 @@ def _pred_ann(m: np.ndarray, score: float) -> dict:
     return {"segmentation": r, "bbox": bbox, "area": int(m.sum()), "score": score}
 
 
-def test_coco_hand_computed(tmp_path: Path) -> None:
+def test_coco_hand_computed(tmp_path: Path, capsys) -> None:
     h, w = 37, 53
     objs = [_mask(h, w, 2, 3, 20, 30), _mask(h, w, 30, 5, 50, 17)]
     gt_anns = [("img_a.jpg", {"segmentation": rle(m), "bbox": [float(v) for v in mask_util.toBbox(rle(m))],
@@ -408,6 +413,11 @@ def test_coco_hand_computed(tmp_path: Path) -> None:
     assert res.summary().splitlines() == [f"{t} AP: 33.66 AP50: 33.66 AR100: 33.33" for t in ("bbox", "segm")]
     assert [(r.file_name, r.gt, r.pred, r.tp50["segm"], r.tp["segm"]) for r in res.rows] == [
         ("img_a.jpg", 2, 1, 1, 10), ("img_b.jpg", 1, 0, 0, 0)]
+    # restricted to img_a (list line with a folder), one of its two objects is found
+    (tmp_path / "list.txt").write_text("val/img_a.jpg\n")
+    code, out, _ = run_cli(capsys, "coco", "--pred", str(one), "--gt", str(gt),
+                           "--image-list", str(tmp_path / "list.txt"))
+    assert code == 0 and out.strip().splitlines()[-1] == "segm AP: 50.50 AP50: 50.50 AR100: 50.00"
 
 
 def test_coco_user_errors(tmp_path: Path, capsys) -> None:
