@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image
@@ -27,7 +28,8 @@ from .._validate import check_eps, check_tau
 from .coco import build_coco
 from .cut import ImageCut, cut_batch
 from .geometry import MODES, prepare, to_pixels
-from .post import PostConfig, annotations_for, crf_available, overlay
+from .masks import REFINES, MasksError, MaskWriter
+from .post import PostConfig, annotations_for, crf_available, overlay, pixel_masks
 from .records import (
     ManifestMismatch,
     ShardWriter,
@@ -88,6 +90,8 @@ class LabelConfig:
     visualize: Path | None = None
     visualize_count: int = 16
     progress: bool = True
+    masks_dir: Path | None = None
+    refine: str = "none"
 
 
 @dataclass
@@ -99,7 +103,7 @@ class RunSummary:
     already_done: int = 0
     annotations: int = 0
     seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(
-        ("decode", "wait", "vit", "cut", "post", "write", "total"), 0.0))
+        ("decode", "wait", "vit", "cut", "masks", "post", "write", "total"), 0.0))
     out: Path | None = None
 
 
@@ -171,7 +175,7 @@ def _manifest(cfg: LabelConfig, files: list[str]) -> dict:
         "arch": cfg.arch, "mode": cfg.mode, "taus": list(cfg.taus), "n_masks": cfg.n_masks,
         "fixed_size": cfg.fixed_size, "eps": cfg.eps, "sign_rule": cfg.sign_rule,
         "batch_size": cfg.batch_size, "amp": cfg.amp, "precision": cfg.precision, "backend": cfg.backend,
-        "crf": cfg.crf,
+        "crf": cfg.crf, "masks": cfg.masks_dir is not None, "refine": cfg.refine,
     }
 
 
@@ -246,6 +250,7 @@ def run(cfg: LabelConfig) -> RunSummary:
         raise LabelError("--crf needs a DenseCRF package: pip install pydensecrf2")
     if cfg.crf and cfg.mode != "maskcut":
         raise LabelError("--crf applies to --mode maskcut only")
+    _check_masks_options(cfg)
     try:
         for tau in cfg.taus:
             check_tau(tau)
@@ -270,6 +275,7 @@ def run(cfg: LabelConfig) -> RunSummary:
             check_manifest(parts, manifest)
     except ManifestMismatch as exc:
         raise LabelError(str(exc)) from exc
+    masks = _open_masks(cfg, files, manifest, rank)
 
     bs = cfg.batch_size
     n_batches = -(-len(files) // bs)
@@ -290,6 +296,7 @@ def run(cfg: LabelConfig) -> RunSummary:
     bar = tqdm(total=sum(map(len, batches)), unit="img", disable=not cfg.progress or rank != 0,
                desc=f"label {cfg.mode}", smoothing=0.1)
     pending: deque = deque()
+    softs: dict[int, np.ndarray] = {}  # bilateral outputs of the images still to be drawn
 
     def finish_oldest() -> None:
         batch_id, items, cuts, futures, errors = pending.popleft()
@@ -302,7 +309,9 @@ def run(cfg: LabelConfig) -> RunSummary:
                            "height": prep.size[0], "annotations": anns})
             summary.annotations += len(anns)
             if cfg.visualize is not None and it["index"] < cfg.visualize_count:
-                _visualize(cfg.visualize, root, files[it["index"]], anns, cut)
+                soft = softs.pop(it["index"], None)
+                extra = [] if soft is None else [_bilateral_overlay_ann(soft, anns)]
+                _visualize(cfg.visualize, root, files[it["index"]], anns + extra, cut)
         sec["post"] += time.perf_counter() - t0
         t0 = time.perf_counter()
         writer.append({"batch": batch_id, "images": images, "errors": errors})
@@ -332,6 +341,10 @@ def run(cfg: LabelConfig) -> RunSummary:
                                  n_masks=cfg.n_masks, eps=cfg.eps, sign_rule=cfg.sign_rule, patch=patch,
                                  precision=cfg.precision, backend=cfg.backend)
                 sec["cut"] += time.perf_counter() - t0
+                if masks is not None:
+                    t0 = time.perf_counter()
+                    softs.update(_write_masks(masks, root, files, items, cuts, patch, device, cfg))
+                    sec["masks"] += time.perf_counter() - t0
             t0 = time.perf_counter()
             futures = []
             for it, cut in zip(items, cuts, strict=True):
@@ -363,6 +376,57 @@ def run(cfg: LabelConfig) -> RunSummary:
         dist.destroy_process_group()
     sec["total"] = time.perf_counter() - t_start
     return summary
+
+
+def _check_masks_options(cfg: LabelConfig) -> None:
+    if cfg.refine not in REFINES:
+        raise LabelError(f"unknown --refine {cfg.refine!r}; choose one of {', '.join(REFINES)}")
+    if cfg.masks_dir is not None and cfg.mode != "saliency":
+        raise LabelError("--masks-dir applies to --mode saliency only")
+    if cfg.refine != "none" and cfg.masks_dir is None:
+        raise LabelError("--refine bilateral writes DIR/bilateral/: give --masks-dir DIR")
+
+
+def _open_masks(cfg: LabelConfig, files: list[str], manifest: dict, rank: int) -> MaskWriter | None:
+    """The ``--masks-dir`` writer (rank 0 claims the folder first, the other ranks then join it)."""
+    if cfg.masks_dir is None:
+        return None
+    try:
+        if rank == 0:
+            writer = MaskWriter.open(cfg.masks_dir, cfg.refine, files, manifest)
+        _barrier()
+        if rank != 0:
+            writer = MaskWriter.open(cfg.masks_dir, cfg.refine, files, manifest)
+    except MasksError as exc:
+        raise LabelError(str(exc)) from exc
+    return writer
+
+
+def _write_masks(masks: MaskWriter, root: Path, files: list[str], items: list[dict], cuts: list[ImageCut],
+                 patch: int, device: torch.device, cfg: LabelConfig) -> dict[int, np.ndarray]:
+    """The ``--masks-dir`` stage of one batch; returns the soft bilateral outputs of the images to draw."""
+    post_cfg = PostConfig(cfg.mode, patch)
+    tokencut = [pixel_masks(cut, it["prep"].size, post_cfg)[0] for it, cut in zip(items, cuts, strict=True)]
+    softs = masks.write(root, [it["index"] for it in items], files, tokencut, device)
+    drawn = cfg.visualize_count if cfg.visualize is not None else 0
+    return {i: s for i, s in softs.items() if i < drawn}
+
+
+def _bilateral_overlay_ann(soft: np.ndarray, anns: list[dict]) -> dict:
+    """The binary bilateral output (TokenCut's rule, against the image's TokenCut mask) as an overlay-only
+    annotation."""
+    from pycocotools import mask as mask_util
+
+    from ..refine import bilateral_binary
+
+    h, w = soft.shape
+    tokencut = np.zeros((h, w), dtype=bool)
+    for ann in anns:
+        tokencut |= mask_util.decode({"size": [h, w], "counts": ann["segmentation"]["counts"].encode("ascii")}
+                                     ).astype(bool)
+    rle = mask_util.encode(np.asfortranarray(bilateral_binary(soft, tokencut).astype(np.uint8)))
+    return {"segmentation": {"size": [h, w], "counts": rle["counts"].decode("ascii")},
+            "bbox": [float(v) for v in mask_util.toBbox(rle)]}
 
 
 def _visualize(folder: Path, root: Path, file_name: str, anns: list[dict], cut: ImageCut) -> None:
