@@ -441,7 +441,8 @@ def test_coco_user_errors(tmp_path: Path, capsys) -> None:
 
 @pytest.fixture(scope="module")
 def labelled(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """``ncutfast label`` (random-init ViT-S/16) on generated images, in TokenCut and MaskCut modes."""
+    """``ncutfast label`` (random-init ViT-S/16) on generated images (in class subfolders), in TokenCut and
+    MaskCut modes and in saliency mode with ``--masks-dir`` and the bilateral refinement."""
     from ncutfast.label.demo import make_demo_images
     from ncutfast.label.vit import build_vit
 
@@ -452,10 +453,13 @@ def labelled(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     images = root / "JPEGImages"
     make_demo_images(images, n=5, size=(97, 71), seed=3)
     out = {"root": root, "images": images}
-    for mode in ("tokencut", "maskcut"):
+    out["masks"] = root / "masks"
+    for mode in ("tokencut", "maskcut", "saliency"):
         out[mode] = root / f"{mode}.json"
+        extra = ["--masks-dir", str(out["masks"]), "--refine", "bilateral"] if mode == "saliency" else []
         assert main(["label", str(images), "--out", str(out[mode]), "--weights", str(weights), "--mode", mode,
-                     "--arch", "vit_small_patch16", "--fixed-size", "64", "--workers", "0", "--no-progress"]) == 0
+                     "--arch", "vit_small_patch16", "--fixed-size", "64", "--workers", "0", "--no-progress",
+                     *extra]) == 0
     return out
 
 
@@ -501,3 +505,25 @@ def test_end_to_end_label_then_coco(labelled: dict[str, Path], tmp_path: Path, c
         ar100 = float(line.split("AR100: ")[1])
         assert line.startswith(f"{t} AP: ")
         assert ar100 == pytest.approx(100 * sum(int(r[f"{t}_tp"]) for r in rows) / (10 * n_gt), abs=0.006)
+
+
+def test_end_to_end_label_masks_then_saliency(labelled: dict[str, Path], tmp_path: Path, capsys) -> None:
+    # label --masks-dir keeps the class subfolders; GT = the TokenCut masks, copied flat, ECSSD-style
+    tok = sorted((labelled["masks"] / "tokencut").rglob("*.png"))
+    assert len(tok) == 5 and {p.parent.name for p in tok} == {"class_0", "class_1"}
+    gt_dir = tmp_path / "ground_truth_mask"
+    gt_dir.mkdir()
+    for p in tok:
+        (gt_dir / p.name).write_bytes(p.read_bytes())
+    code, out, _ = run_cli(capsys, "saliency", "--pred", str(labelled["masks"] / "tokencut"), "--gt", str(gt_dir))
+    assert code == 0 and out.strip().splitlines()[-1] == "maxF: 100.00 IoU: 100.00 Acc: 100.00"
+    csv_path = tmp_path / "bs.csv"
+    code, out, _ = run_cli(capsys, "saliency", "--pred", str(labelled["masks"] / "bilateral"), "--gt", str(gt_dir),
+                           "--per-image", str(csv_path))
+    assert code == 0
+    max_f, iou, acc = (float(v) for v in out.strip().splitlines()[-1].split()[1::2])
+    rows = read_csv(csv_path)
+    assert len(rows) == 5
+    assert max_f == pytest.approx(100 * np.mean([float(r["f_at_best_threshold"]) for r in rows]), abs=0.006)
+    assert iou == pytest.approx(100 * np.mean([float(r["iou"]) for r in rows]), abs=0.006)
+    assert acc == pytest.approx(100 * np.mean([float(r["acc"]) for r in rows]), abs=0.006)

@@ -163,14 +163,18 @@ def saliency_scores(preds: Sequence[np.ndarray], gts: Sequence[np.ndarray],
 
 
 def _png_folder(folder: Path, what: str) -> dict[str, Path]:
+    """``{stem: path}`` of the PNGs under ``folder``, searched recursively (``label --masks-dir`` keeps the
+    images' subfolders), hidden entries skipped; two files with one stem raise :class:`EvalError`."""
     if not folder.is_dir():
         raise EvalError(f"{what} {folder}: no such folder")
     out: dict[str, Path] = {}
-    for p in sorted(folder.iterdir()):
-        if p.suffix.lower() != ".png" or not p.is_file() or p.name.startswith("."):
+    for p in sorted(folder.rglob("*")):
+        rel = p.relative_to(folder)
+        if p.suffix.lower() != ".png" or not p.is_file() or any(part.startswith(".") for part in rel.parts):
             continue
         if p.stem in out:
-            raise EvalError(f"{what} {folder}: duplicate file name {p.stem!r} ({out[p.stem].name} and {p.name})")
+            raise EvalError(f"{what} {folder}: duplicate file name {p.stem!r} ({out[p.stem].relative_to(folder)} "
+                            f"and {rel})")
         out[p.stem] = p
     if not out:
         raise EvalError(f"{what} {folder}: no PNG files")
@@ -191,8 +195,8 @@ def saliency(pred: PathLike, gt: PathLike) -> SaliencyResult:
     """Saliency metrics of a folder of 8-bit PNG maps against a folder of PNG GT masks, matched by stem.
 
     Args:
-        pred: folder of ``<stem>.png`` predictions, 0..255 (e.g. ``ncutfast label --masks-dir DIR``'s
-            ``DIR/tokencut`` or ``DIR/bilateral``).
+        pred: folder of ``<stem>.png`` predictions, 0..255, searched recursively (e.g. ``ncutfast label
+            --masks-dir DIR``'s ``DIR/tokencut`` or ``DIR/bilateral``).
         gt: folder of ``<stem>.png`` GT masks (ECSSD ``ground_truth_mask``, DUTS-TE ``DUTS-TE-Mask``,
             DUT-OMRON ``pixelwiseGT-new-PNG``); colour PNGs are converted to grey as TokenCut does.
     A prediction whose size differs from its GT is resized to the GT with nearest neighbour, logged per image

@@ -54,7 +54,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        "another size than its GT is resized to it (nearest neighbour), with a note per image. "
                        "Last line: 'maxF: 80.30 IoU: 71.20 Acc: 91.80'.")
     s.add_argument("--pred", type=Path, required=True, metavar="DIR",
-                   help="folder of <stem>.png maps (e.g. label --masks-dir's DIR/tokencut or DIR/bilateral)")
+                   help="folder of <stem>.png maps, searched recursively (e.g. label --masks-dir's "
+                   "DIR/tokencut or DIR/bilateral)")
     s.add_argument("--gt", type=Path, required=True, metavar="DIR", help="folder of <stem>.png GT masks")
     _common(s)
     s.set_defaults(func=_run_saliency)
