@@ -25,9 +25,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from .._validate import check_eps, check_tau
+from .backbones import BackboneError, amp_note, load_backbone
 from .coco import build_coco
 from .cut import ImageCut, cut_batch
-from .geometry import MODES, prepare, to_pixels
+from .geometry import MODES, prepare
 from .masks import REFINES, MasksError, MaskWriter
 from .post import PostConfig, annotations_for, crf_available, overlay, pixel_masks
 from .records import (
@@ -39,8 +40,7 @@ from .records import (
     read_batches,
     write_manifest,
 )
-from .vit import ARCHS
-from .weights import WeightsError, load_vit
+from .weights import WeightsError
 
 __all__ = ["IMAGE_SUFFIXES", "LabelError", "LabelConfig", "RunSummary", "list_images", "run", "merge_parts",
            "default_tau", "default_arch"]
@@ -72,7 +72,7 @@ class LabelConfig:
     images: Path
     out: Path
     weights: Path
-    arch: str = "vit_base_patch8"
+    arch: str = "vit_base_patch8"  # backbone name: vendored DINO arch or timm:<model> (see .backbones)
     mode: str = "maskcut"
     taus: tuple[float, ...] = (0.15,)
     n_masks: int = 3
@@ -212,23 +212,6 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _keys(model: torch.nn.Module, items: list[dict], patch: int, device: torch.device,
-          amp: str) -> list[torch.Tensor]:
-    """ViT keys of each item, ``(N_i, dim)`` float32 on ``device``; images of equal size share one forward."""
-    out: list[torch.Tensor | None] = [None] * len(items)
-    groups: dict[tuple, list[int]] = {}
-    for i, it in enumerate(items):
-        groups.setdefault((it["prep"].grid, tuple(it["prep"].rgb.shape)), []).append(i)
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(amp)
-    for (grid, _), idx in groups.items():
-        x = to_pixels([items[i]["prep"].rgb for i in idx], grid, patch, device)
-        with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            k = model.last_keys(x).float()
-        for j, i in enumerate(idx):
-            out[i] = k[j]
-    return out  # type: ignore[return-value]
-
-
 def _log_skips(records: list[dict]) -> None:
     for err in records:
         log.warning("skipped unreadable image %s (%s)", err["file_name"], err["error"])
@@ -259,12 +242,14 @@ def run(cfg: LabelConfig) -> RunSummary:
         raise LabelError(str(exc)) from exc
     root, files = list_images(cfg.images)
     try:
-        model = load_vit(cfg.arch, cfg.weights)
-    except (WeightsError, ValueError) as exc:
+        backbone = load_backbone(cfg.arch, cfg.weights)
+    except (WeightsError, BackboneError) as exc:
         raise LabelError(str(exc)) from exc
-    patch = ARCHS[cfg.arch].patch
+    patch = backbone.patch
     rank, world, device = _setup_distributed(cfg.device)
-    model = model.to(device)
+    backbone.to(device)
+    if (note := amp_note(cfg.amp, device)) is not None:
+        log.warning(note)
     parts = parts_dir_for(cfg.out)
     manifest = _manifest(cfg, files)
     try:
@@ -332,7 +317,8 @@ def run(cfg: LabelConfig) -> RunSummary:
             cuts: list[ImageCut] = []
             if items:
                 t0 = time.perf_counter()
-                feats = _keys(model, items, patch, device, cfg.amp)
+                feats = backbone.batch_keys([it["prep"].rgb for it in items],
+                                            [it["prep"].grid for it in items], cfg.amp)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 sec["vit"] += time.perf_counter() - t0
