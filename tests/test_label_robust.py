@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
+import re
 import shutil
 import signal
 import subprocess
@@ -24,7 +26,7 @@ import torch
 from PIL import Image
 
 from ncutfast.label import pipeline
-from ncutfast.label.cli import main
+from ncutfast.label.cli import LABEL_MODULES, main
 from ncutfast.label.demo import make_demo_images
 from ncutfast.label.geometry import prepare
 from ncutfast.label.records import atomic_write_json, info_from_manifest, parts_dir_for, read_batches
@@ -294,6 +296,16 @@ def test_device_and_backend_are_validated_up_front(tmp_path: Path, images: Path,
 
 # -- 8. bad weights, manifests and inputs -----------------------------------------------------------------------
 
+class _Touch:
+    """A pickle that would create a file if it were loaded as code."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
 def test_bad_weights_and_manifests_give_clear_messages(tmp_path: Path, finished, weights: Path, capsys) -> None:
     text = tmp_path / "notes.pth"
     text.write_text("hello world\n")
@@ -306,6 +318,11 @@ def test_bad_weights_and_manifests_give_clear_messages(tmp_path: Path, finished,
     with pytest.raises(WeightsError, match=r"nan\.pth holds NaN or infinite values \(in blocks\.3\.mlp\.fc1\.weight\)"):
         load_vit("vit_small_patch16", nan)
     images, out = _copy(finished, tmp_path)
+    evil = tmp_path / "evil.pth"
+    evil.write_bytes(pickle.dumps({"pos_embed": _Touch(tmp_path / "pwned")}, protocol=2))
+    assert _label(images, tmp_path / "e.json", evil) == 2
+    assert "refusing to load" in (err := _err_line(capsys)) and "Unsupported global" in err  # no ANSI codes
+    assert not (tmp_path / "pwned").exists()
     manifest = parts_dir_for(out) / "manifest.json"
     good = json.loads(manifest.read_text())
     for payload, message in [([good], "not a label manifest (its top level is a JSON list"),
@@ -353,6 +370,13 @@ def test_missing_label_dependency_names_the_package(tmp_path: Path, images: Path
     assert _err_line(capsys) == (
         "ncutfast label: error: the labeling dependency 'pillow' is not installed (no module 'PIL'); install "
         "them with: pip install pillow pycocotools tqdm safetensors")
+
+
+def test_labeling_dependencies_are_required() -> None:
+    tomllib = pytest.importorskip("tomllib")
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    names = {re.split(r"[<>=!~ \[;]", dep)[0].lower() for dep in project["dependencies"]}
+    assert set(LABEL_MODULES.values()) <= names
 
 
 # -- 17. small things -------------------------------------------------------------------------------------------
