@@ -219,9 +219,11 @@ def batch_bytes(grids: list[tuple[int, int]], pixels: list[int], dim: int, preci
 
 
 def _available_bytes(device: torch.device) -> int:
-    """Memory a batch may use now: the free memory of a CUDA device, else the host's available memory."""
+    """Memory a batch may use now: a CUDA device's free memory plus what torch's allocator holds unused (its
+    cache of earlier batches), else the host's available memory."""
     if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(torch.cuda.mem_get_info(device)[0]) + cached
     try:
         with open("/proc/meminfo", encoding="ascii") as fh:
             for line in fh:
