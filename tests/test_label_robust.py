@@ -99,28 +99,27 @@ def _err_line(capsys) -> str:
 
 # -- 1. --out protection ---------------------------------------------------------------------------------------
 
-def test_existing_out_is_refused_unless_ours_or_overwrite(tmp_path: Path, images: Path, weights: Path,
+def test_existing_out_is_refused_unless_ours_or_overwrite(tmp_path: Path, finished, weights: Path,
                                                          capsys) -> None:
+    images, labels = _copy(finished, tmp_path)
     victim = tmp_path / "model.pth"
     victim.write_bytes(b"86 MB of weights")
-    assert _label(images, victim, weights) == 2
+    assert _label(images, victim, weights, "--batch-size", "2") == 2
     assert "already exists" in _err_line(capsys) and victim.read_bytes() == b"86 MB of weights"
     assert not parts_dir_for(victim).exists()
     folder = tmp_path / "a_folder"
     folder.mkdir()
-    assert _label(images, folder, weights) == 2
+    assert _label(images, folder, weights, "--batch-size", "2") == 2
     assert "is a folder" in _err_line(capsys) and not parts_dir_for(folder).exists()  # before any work
-    assert _label(images, victim, weights, "--overwrite") == 0
-    first = victim.read_bytes()
-    assert json.loads(first)["images"]
-    assert _label(images, victim, weights) == 0  # the same command again: its own output, resumed
-    assert victim.read_bytes() == first
+    assert _label(images, victim, weights, "--batch-size", "2", "--overwrite") == 0
+    assert victim.read_bytes() == labels.read_bytes()
     other = tmp_path / "other.json"
     other.write_text("{}")
     assert main(["merge", str(parts_dir_for(victim)), "--out", str(other)]) == 2
     assert "already exists" in _err_line(capsys) and other.read_text() == "{}"
     assert main(["merge", str(parts_dir_for(victim)), "--out", str(other), "--overwrite"]) == 0
-    assert other.read_bytes() == first
+    assert other.read_bytes() == labels.read_bytes()
+    assert main(["merge", str(parts_dir_for(labels)), "--out", str(labels)]) == 0  # its own .parts: allowed
 
 
 # -- 2. post-processing workers die with a killed parent -------------------------------------------------------
