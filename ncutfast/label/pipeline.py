@@ -352,15 +352,15 @@ class _Job:
 
 
 def _open(cfg: LabelConfig) -> _Job:
-    """Stage 1: device and backend, a MaskCut batch's memory, images, the manifest and ``--out``, weights."""
+    """Stage 1: device and backend, images, a MaskCut batch's memory, the manifest and ``--out``, weights."""
     device = _resolve_device(cfg.device)
     _check_backend(cfg.backend, device)
     patch = ARCHS[cfg.arch].patch
-    if cfg.mode == "maskcut":
-        side = max(1, round(cfg.fixed_size / patch))
-        _check_memory([(side, side)] * cfg.batch_size, [cfg.fixed_size**2] * cfg.batch_size, cfg, device,
-                      f"a batch of {cfg.batch_size} images at --fixed-size {cfg.fixed_size}")
     root, files = list_images(cfg.images)
+    if cfg.mode == "maskcut":
+        side, count = max(1, round(cfg.fixed_size / patch)), min(cfg.batch_size, len(files))
+        _check_memory([(side, side)] * count, [cfg.fixed_size**2] * count, cfg, device,
+                      f"a batch of {count} images at --fixed-size {cfg.fixed_size}")
     if not Path(cfg.weights).is_file():
         raise LabelError(f"weights file not found: {cfg.weights}")
     manifest = _manifest(cfg, files)
