@@ -13,7 +13,7 @@ Single image, N = 3600, C = 768 (planted-object scene of ``ncutfast.testing``, t
 - ``scipy eigh``: that last call alone (its inputs prepared outside the timer): the part after the GEMM.
 - ``ARPACK``: the same W, ``scipy.sparse.linalg.eigsh(D^-1/2 W D^-1/2, k=2, which="LA")`` (the trivial
   top pair and the wanted one), seeded v0: the fastest CPU peer.
-- ``ncutfast cpu``: ``ncutfast._cpu_backend.solve`` end to end (norms, blocked GEMM, packing, Lanczos).
+- ``ncutfast cpu``: ``ncutfast.backends.ext.solve`` end to end (norms, blocked GEMM, packing, Lanczos).
 - ``ncutfast post-GEMM``: the packing of precomputed similarity blocks plus the Lanczos solve: everything
   the backend does after the product.
 - peak memory: resident-set high-water mark of one solve beyond the features (method below).
@@ -101,18 +101,18 @@ def arpack(k: torch.Tensor) -> np.ndarray:
 
 
 def cpu_solve(feats: torch.Tensor, lengths: torch.Tensor):
-    from ncutfast._cpu_backend import solve
+    from ncutfast.backends import SolveParams, ext
 
-    return solve(feats, lengths, tau=TAU, eps=EPS, binary=True, precision="float32", tol=TOL, max_iter=MAX_ITER)
+    return ext.solve(feats, lengths, SolveParams(TAU, EPS, True, "float32", TOL, MAX_ITER))
 
 
 def post_gemm_parts(k: torch.Tensor) -> Callable[[], object]:
     """The cpu backend's work after the product: pack precomputed upper blocks, then the Lanczos solve."""
-    from ncutfast import _cpu_backend
     from ncutfast._ext import C
+    from ncutfast.backends import contract, ext
 
     n = k.shape[0]
-    block = min(_cpu_backend.ROW_BLOCK, n)
+    block = min(ext.ROW_BLOCK, n)
     inv = (1.0 / torch.linalg.vector_norm(k, dim=-1).clamp_min(1e-12))[None].contiguous()
     blocks = [(r0, (k[r0 : r0 + block] @ k[r0:].T).contiguous()) for r0 in range(0, n, block)]
     lengths = torch.tensor([n])
@@ -127,7 +127,7 @@ def post_gemm_parts(k: torch.Tensor) -> Callable[[], object]:
             C.pack_graph_block_cpu(s.data_ptr(), "float32", 1, n, r0, s.shape[0], lengths.data_ptr(), TAU,
                                    bits.data_ptr(), inv_norms=inv.data_ptr())
         C.solve_binary_cpu(bits.data_ptr(), 1, n, lengths.data_ptr(), EPS, tol=TOL, max_iter=MAX_ITER,
-                           krylov_dim=_cpu_backend.KRYLOV_DIM, check_every=_cpu_backend.CHECK_EVERY, table=True,
+                           krylov_dim=contract.KRYLOV_DIM, check_every=ext.SETTINGS["cpu"].check_every, table=True,
                            team=0, lambda2=out[0].data_ptr(), lambda3=out[1].data_ptr(), x=out[2].data_ptr(),
                            residual=out[3].data_ptr(), iterations=iters.data_ptr())
 
@@ -148,7 +148,7 @@ def eigh_alone(k: torch.Tensor) -> Callable[[], object]:
 
 
 def gemm_upper(f: torch.Tensor) -> Callable[[], object]:
-    from ncutfast._cpu_backend import ROW_BLOCK
+    from ncutfast.backends.ext import ROW_BLOCK
 
     n = f.shape[0]
     block = min(ROW_BLOCK, n)

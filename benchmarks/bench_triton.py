@@ -158,7 +158,8 @@ def _fused_step_rows(args: argparse.Namespace, timed, op, lengths, n: int, preci
     of the two update sweeps (the update and the next coefficients)."""
     import torch
 
-    from ncutfast import _lanczos
+    from ncutfast.backends import lanczos as _lanczos
+    from ncutfast.backends.contract import KRYLOV_DIM
     from ncutfast.kernels._utils import override, words_per_row
     from ncutfast.kernels.lanczos import FusedSteps
 
@@ -166,7 +167,7 @@ def _fused_step_rows(args: argparse.Namespace, timed, op, lengths, n: int, preci
     sd = op.degrees.sqrt()
     y0 = sd / sd.norm(dim=-1, keepdim=True)
     idx = torch.arange(b, device=y0.device)
-    st = _lanczos.init_state(y0, lengths, _lanczos.start_vectors(lengths, n, 0, y0.device), idx, 48)
+    st = _lanczos.init_state(y0, lengths, _lanczos.start_vectors(lengths, n, 0, y0.device), idx, KRYLOV_DIM)
     fused = FusedSteps(op, "steps")
     fused.begin(st)
     fused.run(0, j)
@@ -210,7 +211,8 @@ def _measure(args: argparse.Namespace, device, n: int) -> list[tuple]:
     import numpy as np
     import torch
 
-    from ncutfast import _triton_backend, testing
+    from ncutfast import testing
+    from ncutfast.backends import SolveParams, triton_backend
     from ncutfast.bench.providers import TorchEigh
     from ncutfast.kernels._utils import block_sizes, override, words_per_row
     from ncutfast.kernels.affinity import affinity_fwd
@@ -239,8 +241,8 @@ def _measure(args: argparse.Namespace, device, n: int) -> list[tuple]:
         nan = float("nan")
 
         def whole(p=precision):
-            return _triton_backend.solve(feats, lengths, tau=args.tau, eps=args.eps, binary=True, precision=p,
-                                         tol=args.tol, max_iter=args.max_iter)
+            return triton_backend.solve(feats, lengths, SolveParams(args.tau, args.eps, True, p, args.tol,
+                                                                    args.max_iter))
 
         if precision == "float32":
             with override("affinity", tf32x3=1):

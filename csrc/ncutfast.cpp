@@ -127,6 +127,7 @@ PYBIND11_MODULE(_C, m) {
 #else
   m.attr("HAS_CUDA") = false;
 #endif
+  m.attr("BREAKDOWN") = ncutfast::kBreakdown;
 
   m.def(
       "words_per_row",

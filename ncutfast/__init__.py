@@ -5,8 +5,8 @@
 drop-in replacements for TokenCut's and CutLER's functions.
 """
 
-from ._dispatch import available_backends
 from .api import MaskCutResult, NcutResult, TokenCutResult, maskcut, ncut, tokencut
+from .backends import available_backends
 
 __version__ = "0.1.0"
 

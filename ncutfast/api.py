@@ -19,41 +19,24 @@ Deterministic ties (documented deviation from the originals, whose rounding deci
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
-from . import _dispatch, reference
+from . import backends, reference
 from ._arrays import Batch, as_batch, to_framework
-from ._validate import (
-    check_choice,
-    check_eps,
-    check_grid,
-    check_image_size,
-    check_patch,
-    check_positive_int,
-    check_tau,
-)
+from ._validate import check_choice, check_grid, check_image_size, check_patch, check_positive_int
+from .backends import SolveParams
 
 __all__ = ["TIE_RTOL", "PRECISIONS", "NcutResult", "TokenCutResult", "MaskCutResult", "ncut", "tokencut",
            "maskcut"]
 
 #: Relative tie tolerance (times max|x|): for the seed (ties with max|x|) and for the mean (ties with it).
 TIE_RTOL = 1e-6
-PRECISIONS = _dispatch.PRECISIONS
+PRECISIONS = backends.PRECISIONS
 Array = Any  # torch.Tensor | numpy.ndarray | cupy.ndarray
-
-
-def _check_solver_args(binary: object, precision: str, tol: float, max_iter: int) -> None:
-    if not isinstance(binary, bool):
-        raise TypeError(f"binary: expected a bool, got {type(binary).__name__}")
-    check_choice(precision, "precision", PRECISIONS)
-    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not math.isfinite(tol) or tol <= 0:
-        raise ValueError(f"tol: must be a finite number > 0, got {tol!r}")
-    check_positive_int(max_iter, "max_iter")
 
 
 @dataclass
@@ -72,9 +55,9 @@ class _Cut:
     backend: str
 
 
-def _solve(feats, lengths, *, tau, eps, binary, precision, backend, tol, max_iter) -> _Cut:
-    name, fn = _dispatch.resolve_backend(backend, feats.device)
-    sp = fn(feats, lengths, tau=tau, eps=eps, binary=binary, precision=precision, tol=tol, max_iter=max_iter)
+def _solve(feats: torch.Tensor, lengths: torch.Tensor, params: SolveParams, backend: str) -> _Cut:
+    name, fn = backends.resolve_backend(backend, feats.device)
+    sp = fn(feats, lengths, params)
     dev = sp.x.device
     n = lengths.to(dev)
     valid = torch.arange(sp.x.shape[1], device=dev)[None, :] < n[:, None]
@@ -187,12 +170,9 @@ def ncut(
     Returns:
         NcutResult (see its docstring for shapes). Deterministic for a given backend and input.
     """
-    tau, eps = check_tau(tau), check_eps(eps)
-    _check_solver_args(binary, precision, tol, max_iter)
+    params = SolveParams(tau, eps, binary, precision, tol, max_iter)
     batch = as_batch(features, lengths)
-    cut = _solve(batch.feats, batch.lengths, tau=tau, eps=eps, binary=binary, precision=precision,
-                 backend=backend, tol=tol, max_iter=max_iter)
-    return _ncut_result(cut, batch)
+    return _ncut_result(_solve(batch.feats, batch.lengths, params, backend), batch)
 
 
 def _per_image(value: Any, batch: Batch, name: str, check) -> list:
@@ -261,8 +241,7 @@ def tokencut(
         image_size: original (H, W) (or one per image) to clip boxes to; default (h * patch, w * patch).
         Other arguments as for ``ncut``.
     """
-    tau, eps = check_tau(tau), check_eps(eps)
-    _check_solver_args(binary, precision, tol, max_iter)
+    params = SolveParams(tau, eps, binary, precision, tol, max_iter)
     patch = check_patch(patch)
     batch = as_batch(features, lengths)
     grids = _grids(grid, batch)
@@ -270,8 +249,7 @@ def tokencut(
         sizes = [(h * patch, w * patch) for h, w in grids]
     else:
         sizes = _per_image(image_size, batch, "image_size", lambda s, i: check_image_size(s))
-    cut = _solve(batch.feats, batch.lengths, tau=tau, eps=eps, binary=binary, precision=precision,
-                 backend=backend, tol=tol, max_iter=max_iter)
+    cut = _solve(batch.feats, batch.lengths, params, backend)
     part = cut.partition.cpu().numpy()
     seeds = cut.seed.cpu().numpy()
     masks, boxes = [], []
@@ -346,8 +324,7 @@ def maskcut(
             solver's sign, as the original does with scipy's (sign-dependent, CutLER #71).
         Other arguments as for ``ncut``.
     """
-    tau, eps = check_tau(tau), check_eps(eps)
-    _check_solver_args(True, precision, tol, max_iter)
+    params = SolveParams(tau, eps, True, precision, tol, max_iter)
     n_masks = check_positive_int(n_masks, "n_masks")
     check_choice(sign_rule, "sign_rule", reference.SIGN_RULES)
     batch = as_batch(features, lengths)
@@ -367,8 +344,7 @@ def maskcut(
             # spec §4 step 1: paint the previous masks and zero the painted keys (accumulating).
             painting |= torch.from_numpy(prev).to(painting.device)
             k = k * (~painting)[:, :, None].to(k.dtype)
-        cut = _solve(k, batch.lengths, tau=tau, eps=eps, binary=True, precision=precision, backend=backend,
-                     tol=tol, max_iter=max_iter)
+        cut = _solve(k, batch.lengths, params, backend)
         raw = cut.raw_x.cpu().numpy()
         lam2[:, t] = cut.lambda2.cpu().numpy()
         lam3[:, t] = cut.lambda3.cpu().numpy()

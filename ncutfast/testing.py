@@ -185,7 +185,7 @@ def flip_rate(features: np.ndarray, tau: float = reference.TOKENCUT_TAU, precisi
     """
     import torch
 
-    from ._torch_backend import matmul_precision, normalized_features
+    from .backends.contract import matmul_precision, normalized_features
 
     t = torch.from_numpy(np.asarray(features, dtype=np.float32))[None].to(device)
     n = torch.tensor([t.shape[1]])

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import ncutfast
-from ncutfast import _dispatch, api, reference
+from ncutfast import api, backends, reference
 from ncutfast.testing import GAP_MIN, mean_tied_tokens, planted_scene, relative_gap
 
 
@@ -64,7 +64,7 @@ def test_ragged_list_outputs_lists(rng) -> None:
 
 def _negating_backend(monkeypatch) -> None:
     """Make every solve return -x: the solver's sign is arbitrary, so nothing downstream may change."""
-    real = _dispatch.resolve_backend
+    real = backends.resolve_backend
 
     def flipped(backend, device):
         name, fn = real(backend, device)
@@ -76,7 +76,7 @@ def _negating_backend(monkeypatch) -> None:
 
         return name, solve
 
-    monkeypatch.setattr(_dispatch, "resolve_backend", flipped)
+    monkeypatch.setattr(backends, "resolve_backend", flipped)
 
 
 def test_sign_invariance(rng, monkeypatch) -> None:
@@ -114,23 +114,23 @@ def test_maskcut_matches_reference_in_both_modes(rng, monkeypatch) -> None:
             assert np.array_equal(out.masks[i], r.masks)
             checked += 1
     # "cutler": make each solve return scipy's sign (read off the reference), then CutLER's rule must agree.
-    real = _dispatch.resolve_backend
+    real = backends.resolve_backend
 
     def aligned(backend, device):
         name, fn = real(backend, device)
 
-        def solve(feats_b, lengths, **kw):
-            sp = fn(feats_b, lengths, **kw)
+        def solve(feats_b, lengths, params):
+            sp = fn(feats_b, lengths, params)
             for b in range(sp.x.shape[0]):
                 f = feats_b[b].numpy()
-                x_ref = reference.fiedler(reference.affinity(f, kw["tau"], similarity_dtype=np.float32))[2]
+                x_ref = reference.fiedler(reference.affinity(f, params.tau, similarity_dtype=np.float32))[2]
                 if float(np.dot(x_ref, sp.x[b].numpy())) < 0:
                     sp.x[b] = -sp.x[b]
             return sp
 
         return name, solve
 
-    monkeypatch.setattr(_dispatch, "resolve_backend", aligned)
+    monkeypatch.setattr(backends, "resolve_backend", aligned)
     out_s = ncutfast.maskcut(feats, (12, 12), sign_rule="cutler")
     for i, r in enumerate(refs_s):
         if comparable(r):
@@ -235,7 +235,7 @@ def test_backend_selection(monkeypatch, rng) -> None:
     monkeypatch.setenv("NCUTFAST_BACKEND", "torch")
     assert ncutfast.ncut(x).backend == "torch"
     monkeypatch.setenv("NCUTFAST_BACKEND", "cuda")
-    if _dispatch._load("cuda") is None:
+    if backends._load("cuda") is None:
         with pytest.raises(RuntimeError, match="NCUTFAST_BACKEND: backend 'cuda' is not available"):
             ncutfast.ncut(x)
     monkeypatch.delenv("NCUTFAST_BACKEND")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from ncutfast import reference
-from ncutfast.bench import cli, harness
+from ncutfast.bench import cli, harness, report
 from ncutfast.bench.providers import Solution, TorchEigh, build_providers
 
 
@@ -80,7 +80,7 @@ def test_fit_exponent_and_scaling_table() -> None:
     ns = [784, 1200, 3600]
     assert harness.fit_exponent(ns, [3.0 * n**2.5 for n in ns]) == pytest.approx(2.5)
     rows = [harness.Row("cpu", "p", "peer", True, n, 8, 1, time_ms=1e-6 * n**3) for n in [196, *ns]]
-    (entry,) = harness.scaling_table(rows, fit_min_n=784)
+    (entry,) = report.scaling_table(rows, fit_min_n=784)
     assert entry["points"] == 3 and entry["exponent"] == pytest.approx(3.0)
 
 
@@ -105,7 +105,7 @@ def test_budget_and_memory_skips(monkeypatch: pytest.MonkeyPatch) -> None:
     slow.name, huge.name = "slow", "huge"
     monkeypatch.setattr(harness, "build_providers", lambda device: ([real, slow, huge], []))
     suite = harness.Suite(ns=(16, 25), cs=(8,), batches=(1,), repeats=3, budget_s=0.01, ref_images=1)
-    result = harness.run("cpu", suite, out_dir=None, log=lambda line: None)
+    result = harness.run("cpu", suite, log=lambda line: None)
     rows = [r for r in result.rows if r.provider == "slow"]
     assert rows[0].status == "ok" and rows[0].repeats == 1 and rows[0].agrees == "yes"
     assert rows[1].status.startswith("skipped: over the 0.01 s budget at N=16")

@@ -13,13 +13,20 @@ import numpy as np
 import pytest
 import torch
 
-from ncutfast import _dispatch, _ext, reference
+from ncutfast import _ext, backends, reference
+from ncutfast.backends import SolveParams, ext
 from ncutfast.testing import GAP_MIN, TOLERANCES, d_alignment, planted_scene, relative_gap
 
 pytestmark = pytest.mark.skipif(not _ext.HAS_CPU_EXT, reason=f"ncutfast._C not built ({_ext.IMPORT_ERROR})")
 
 SIZES = [1, 2, 3, 7, 31, 97, 211, 400]
 TOL = 1e-8
+
+
+def solve(feats: torch.Tensor, lengths: torch.Tensor, *, table: bool = True, team: int = 0,
+          **params: object) -> backends.Spectrum:
+    """The "cpu" backend with the parameters as keywords."""
+    return ext.solve(feats, lengths, SolveParams(**params), table=table, team=team)
 
 
 def test_extension_present_when_required() -> None:
@@ -102,7 +109,7 @@ def _scene(rng: np.random.Generator, n: int, channels: int = 24) -> np.ndarray:
     return planted_scene(rng, n, channels).features
 
 
-def _check_against_reference(k: np.ndarray, sp: _dispatch.Spectrum, b: int, *, binary: bool,
+def _check_against_reference(k: np.ndarray, sp: backends.Spectrum, b: int, *, binary: bool,
                              precision: str) -> None:
     n = k.shape[0]
     sim = np.float64 if precision == "float64" else np.float32
@@ -132,8 +139,6 @@ def _check_against_reference(k: np.ndarray, sp: _dispatch.Spectrum, b: int, *, b
 @pytest.mark.parametrize("n", SIZES)
 @pytest.mark.parametrize("table", [True, False])
 def test_binary_matches_reference(rng: np.random.Generator, n: int, table: bool) -> None:
-    from ncutfast._cpu_backend import solve
-
     k = _scene(rng, n)
     sp = solve(torch.from_numpy(k)[None], torch.tensor([n]), tau=0.2, eps=1e-5, binary=True,
                precision="float32", tol=TOL, max_iter=300, table=table)
@@ -143,8 +148,6 @@ def test_binary_matches_reference(rng: np.random.Generator, n: int, table: bool)
 @pytest.mark.parametrize("n", [2, 5, 97, 211])
 @pytest.mark.parametrize("precision", ["float32", "float64"])
 def test_dense_matches_reference(rng: np.random.Generator, n: int, precision: str) -> None:
-    from ncutfast._cpu_backend import solve
-
     k = _scene(rng, n)
     sp = solve(torch.from_numpy(k)[None], torch.tensor([n]), tau=0.2, eps=1e-5, binary=False,
                precision=precision, tol=TOL, max_iter=300)
@@ -153,8 +156,6 @@ def test_dense_matches_reference(rng: np.random.Generator, n: int, precision: st
 
 def test_ragged_batch_matches_single_problems(rng: np.random.Generator) -> None:
     """A padded batch gives each problem's lone result."""
-    from ncutfast._cpu_backend import solve
-
     lengths = [97, 1, 1031, 2, 50, 7]
     n_max = max(lengths)
     feats = torch.from_numpy(rng.standard_normal((len(lengths), n_max, 24)).astype(np.float32))
@@ -175,8 +176,6 @@ def test_ragged_batch_matches_single_problems(rng: np.random.Generator) -> None:
 def test_team_matches_single_thread(rng: np.random.Generator, binary: bool, team: int) -> None:
     """Teams synchronize like the GPU's thread blocks (begin/end partitions, barriers, fixed-order sums):
     every problem must come out as a single thread solves it, up to the order of the sums."""
-    from ncutfast._cpu_backend import solve
-
     lengths = [2, 3, 31, 200, 67]
     feats = torch.zeros(len(lengths), max(lengths), 24)
     for b, n in enumerate(lengths):
@@ -195,17 +194,15 @@ def test_team_matches_single_thread(rng: np.random.Generator, binary: bool, team
 @pytest.mark.parametrize("binary", [True, False])
 def test_chunked_batch_matches_one_chunk(rng: np.random.Generator, monkeypatch, binary: bool) -> None:
     """Tiny memory budgets: one problem per similarity chunk, one thread's worth per solver call."""
-    from ncutfast import _cpu_backend
-
     lengths = [40, 7, 33, 1, 40]
     feats = torch.zeros(len(lengths), 41, 16)
     for b, n in enumerate(lengths):
         feats[b, :n] = torch.from_numpy(_scene(rng, n, 16))
     kw = dict(tau=0.2, eps=1e-5, binary=binary, precision="float32", tol=TOL, max_iter=300)
-    whole = _cpu_backend.solve(feats, torch.tensor(lengths), **kw)
-    monkeypatch.setattr(_cpu_backend, "MEMORY_BUDGET", 1)
-    monkeypatch.setattr(_cpu_backend, "GRAPH_BUDGET", 1)
-    parts = _cpu_backend.solve(feats, torch.tensor(lengths), **kw)
+    whole = solve(feats, torch.tensor(lengths), **kw)
+    monkeypatch.setattr(ext.SETTINGS["cpu"], "memory_budget", 1)
+    monkeypatch.setattr(ext.SETTINGS["cpu"], "graph_budget", 1)
+    parts = solve(feats, torch.tensor(lengths), **kw)
     assert parts.x.shape == (len(lengths), 41)
     for field in ("lambda2", "lambda3", "x", "residual", "iterations"):
         torch.testing.assert_close(getattr(parts, field), getattr(whole, field), rtol=0, atol=0, equal_nan=True)
@@ -213,8 +210,6 @@ def test_chunked_batch_matches_one_chunk(rng: np.random.Generator, monkeypatch, 
 
 def test_maskcut_painted_tokens(rng: np.random.Generator) -> None:
     """Zeroed keys (MaskCut's painted tokens) are almost disconnected and share one value of x."""
-    from ncutfast._cpu_backend import solve
-
     k = planted_scene(rng, 143, 32).features
     k[:40] = 0.0
     sp = solve(torch.from_numpy(k)[None], torch.tensor([143]), tau=0.15, eps=1e-5, binary=True,
@@ -227,9 +222,9 @@ def test_maskcut_painted_tokens(rng: np.random.Generator) -> None:
 
 
 def test_dispatch_selects_cpu_extension() -> None:
-    name, _ = _dispatch.resolve_backend("auto", torch.device("cpu"))
+    name, _ = backends.resolve_backend("auto", torch.device("cpu"))
     assert name == "cpu"
-    assert "cpu" in _dispatch.available_backends()
+    assert "cpu" in backends.available_backends()
 
 
 def test_no_gpu_reports_instead_of_raising() -> None:
@@ -240,7 +235,7 @@ def test_no_gpu_reports_instead_of_raising() -> None:
             assert not _ext.cuda_device_available()
     if not _ext.cuda_device_available():
         with pytest.raises(RuntimeError, match="backend"):
-            _dispatch.resolve_backend("cuda", torch.device("cpu"))
+            backends.resolve_backend("cuda", torch.device("cpu"))
 
 
 def test_bad_arguments_name_the_argument() -> None:
@@ -267,8 +262,6 @@ def test_bad_arguments_name_the_argument() -> None:
     with pytest.raises(ValueError, match="^x: null pointer"):
         C.solve_binary_cpu(bits.data_ptr(), 1, 3, ok_len.data_ptr(), 1e-5, 1e-8, 10, 4, 2, True, 1,
                            ptrs["lambda2"], ptrs["lambda3"], 0, ptrs["residual"], ptrs["iterations"])
-    from ncutfast._cpu_backend import solve
-
     with pytest.raises(ValueError, match="feats"):
         solve(torch.zeros(1, 3, 2, device="meta"), torch.tensor([3]), tau=0.2, eps=1e-5, binary=True,
               precision="float32", tol=1e-8, max_iter=10)
@@ -277,8 +270,6 @@ def test_bad_arguments_name_the_argument() -> None:
 @pytest.mark.parametrize("n", [50, 1100])
 def test_degenerate_spectrum(n: int) -> None:
     """Identical features: W = 1 1^T and every eigenvalue but the first is 1 (breakdown at every step)."""
-    from ncutfast._cpu_backend import solve
-
     sp = solve(torch.ones(1, n, 8), torch.tensor([n]), tau=0.2, eps=1e-5, binary=True, precision="float32",
                tol=TOL, max_iter=40)
     assert float(sp.lambda2[0]) == pytest.approx(1.0, abs=1e-12)
@@ -322,7 +313,7 @@ def test_bitmask_and_degrees_from_raw_features_match_reference(rng: np.random.Ge
 _PEAK_MEMORY_CHILD = """
 import ctypes, gc, json
 import numpy as np, torch
-from ncutfast._cpu_backend import solve
+from ncutfast.backends import SolveParams, ext
 from ncutfast.testing import planted_scene
 
 def status(key):
@@ -330,8 +321,8 @@ def status(key):
         return next(int(line.split()[1]) * 1024 for line in fh if line.startswith(key))
 
 k = torch.from_numpy(planted_scene(np.random.default_rng(3), 3600, 768).features)[None]
-kw = dict(tau=0.2, eps=1e-5, binary=True, precision="float32", tol=1e-8, max_iter=300)
-solve(k, torch.tensor([3600]), **kw)  # warm-up: BLAS and OpenMP buffers
+kw = SolveParams(tau=0.2, eps=1e-5, binary=True, precision="float32", tol=1e-8, max_iter=300)
+ext.solve(k, torch.tensor([3600]), kw)  # warm-up: BLAS and OpenMP buffers
 deltas = []
 for _ in range(3):
     gc.collect()
@@ -339,7 +330,7 @@ for _ in range(3):
     with open("/proc/self/clear_refs", "w") as fh:
         fh.write("5")  # resets VmHWM (peak RSS) to the current RSS
     base = status("VmRSS:")
-    sp = solve(k, torch.tensor([3600]), **kw)
+    sp = ext.solve(k, torch.tensor([3600]), kw)
     deltas.append(status("VmHWM:") - base)
     del sp
 print(json.dumps(deltas))
@@ -369,11 +360,16 @@ def test_extreme_row_norms_fall_back_to_normalized_features(rng: np.random.Gener
     """Rows whose float32 dot products could under- or overflow (one row scaled here) take the normalized
     path and still give the reference's cut. At 1e30 the float32 norm itself overflows, in the reference too
     (its warning is expected): both then treat the row as a zero row."""
-    from ncutfast._cpu_backend import solve
-
     k = _scene(rng, 143)
     k[5] *= np.float32(scale)
     assert np.isfinite(k).all()
     sp = solve(torch.from_numpy(k)[None], torch.tensor([143]), tau=0.2, eps=1e-5, binary=True,
                precision="float32", tol=TOL, max_iter=300)
     _check_against_reference(k, sp, 0, binary=True, precision="float32")
+
+
+def test_solver_constants_agree_with_the_compiled_solver() -> None:
+    """One breakdown threshold for every backend: the C++ solver's kBreakdown is the contract's."""
+    from ncutfast.backends import contract
+
+    assert _ext.C.BREAKDOWN == contract.BREAKDOWN

@@ -10,11 +10,17 @@ import numpy as np
 import pytest
 import torch
 
-from ncutfast import _ext, reference
+from ncutfast import _ext, backends, reference
+from ncutfast.backends import SolveParams, ext
 from ncutfast.testing import GAP_MIN, TOLERANCES, d_alignment, planted_scene, relative_gap
 
 pytestmark = pytest.mark.gpu
 TOL = 1e-8
+
+
+def solve(feats: torch.Tensor, lengths: torch.Tensor, **params: object) -> backends.Spectrum:
+    """The "cuda" backend with the parameters as keywords."""
+    return ext.solve(feats, lengths, SolveParams(**params), device_type="cuda")
 
 
 @pytest.fixture
@@ -54,15 +60,12 @@ def test_pack_graph_matches_cpu(cuda: torch.device, rng: np.random.Generator, dt
 @pytest.mark.parametrize("precision", ["float32", "float64"])
 def test_cuda_backend_matches_reference(cuda: torch.device, rng: np.random.Generator, binary: bool,
                                         precision: str) -> None:
-    from ncutfast._cpu_backend import solve as cpu_solve
-    from ncutfast._cuda_backend import solve as cuda_solve
-
     lengths = [1, 2, 3, 31, 97, 211, 1031]
     feats = _feats(rng, lengths)
     ln = torch.tensor(lengths)
     kw = dict(tau=0.2, eps=1e-5, binary=binary, precision=precision, tol=TOL, max_iter=300)
-    gpu = cuda_solve(feats.to(cuda), ln, **kw)
-    cpu = cpu_solve(feats, ln, **kw)
+    gpu = ext.solve(feats.to(cuda), ln, SolveParams(**kw), device_type="cuda")
+    cpu = ext.solve(feats, ln, SolveParams(**kw))
     assert gpu.x.device.type == "cuda"
     sim = np.float64 if precision == "float64" else np.float32
     for b, n in enumerate(lengths):
@@ -84,8 +87,6 @@ def test_cuda_backend_matches_reference(cuda: torch.device, rng: np.random.Gener
 
 
 def test_cuda_backend_is_deterministic(cuda: torch.device, rng: np.random.Generator) -> None:
-    from ncutfast._cuda_backend import solve
-
     feats = _feats(rng, [400, 257]).to(cuda)
     kw = dict(tau=0.2, eps=1e-5, binary=True, precision="float32", tol=TOL, max_iter=300)
     a = solve(feats, torch.tensor([400, 257]), **kw)
@@ -96,21 +97,19 @@ def test_cuda_backend_is_deterministic(cuda: torch.device, rng: np.random.Genera
 def test_cuda_fast_precision_and_chunking(cuda: torch.device, rng: np.random.Generator, monkeypatch) -> None:
     """tf32 similarities ("fast") still give converged, D-normalized eigenvectors close to float64's; tiny
     budgets split the batch into many similarity chunks and solver launches without changing results."""
-    from ncutfast import _cuda_backend
-
     lengths = [300, 97, 1, 256]
     feats = _feats(rng, lengths).to(cuda)
     ln = torch.tensor(lengths)
     kw = dict(tau=0.2, eps=1e-5, binary=True, tol=TOL, max_iter=300)
-    exact = _cuda_backend.solve(feats, ln, precision="float64", **kw)
-    fast = _cuda_backend.solve(feats, ln, precision="fast", **kw)
+    exact = solve(feats, ln, precision="float64", **kw)
+    fast = solve(feats, ln, precision="fast", **kw)
     assert bool((fast.residual <= TOL).all())
     for b, n in enumerate(lengths[:2]):
         d = np.ones(n)
         assert d_alignment(fast.x[b, :n].cpu().numpy(), exact.x[b, :n].cpu().numpy(), d) > 0.9
-    monkeypatch.setattr(_cuda_backend, "MEMORY_BUDGET", 1)
-    monkeypatch.setattr(_cuda_backend, "GRAPH_BUDGET", 1)
-    parts = _cuda_backend.solve(feats, ln, precision="float64", **kw)
+    monkeypatch.setattr(ext.SETTINGS["cuda"], "memory_budget", 1)
+    monkeypatch.setattr(ext.SETTINGS["cuda"], "graph_budget", 1)
+    parts = solve(feats, ln, precision="float64", **kw)
     # cuBLAS may pick another kernel for another batch size: equal up to rounding, not bit for bit.
     torch.testing.assert_close(parts.lambda2, exact.lambda2, rtol=1e-9, atol=1e-12, equal_nan=True)
     for b, n in enumerate(lengths[:2]):
@@ -118,13 +117,11 @@ def test_cuda_fast_precision_and_chunking(cuda: torch.device, rng: np.random.Gen
 
 
 def test_cuda_backend_rejects_bad_arguments(cuda: torch.device) -> None:
-    """The cuda backend shares the cpu backend's argument checks; a non-binary graph with a degree <= 0
+    """The cuda backend shares the contract's argument checks; a non-binary graph with a degree <= 0
     (tau < 0 keeps negative similarities) is flagged by the shared solver and raises."""
-    from ncutfast._cuda_backend import solve
-
     kw = dict(tau=0.2, eps=1e-5, binary=True, precision="float32", tol=TOL, max_iter=60)
     f = torch.ones(1, 4, 3, device=cuda)
-    with pytest.raises(ValueError, match="^feats: the cuda backend needs CUDA tensors"):
+    with pytest.raises(ValueError, match="^feats: this backend needs CUDA tensors"):
         solve(f.cpu(), torch.tensor([4]), **kw)
     with pytest.raises(ValueError, match="^lengths: "):
         solve(f, torch.tensor([5]), **kw)

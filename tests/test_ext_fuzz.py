@@ -1,7 +1,7 @@
 """hypothesis fuzzing of the compiled extension's entry points and of the "cpu" backend built on them.
 
 Every bad argument must raise ``TypeError``/``ValueError`` naming it (the extension's checks live in
-``csrc/ncutfast.cpp``, the backend's in ``ncutfast._cpu_backend``), never crash and never return NaN
+``csrc/ncutfast.cpp``, the backend's in ``ncutfast.backends``), never crash and never return NaN
 silently; valid inputs of any stride, float dtype and awkward size must give finite results. The extension
 takes raw addresses, so its fuzzing keeps every buffer at least as large as the sizes it is told (that is
 the documented contract: a size larger than its buffer cannot be detected) and makes exactly one argument
@@ -239,16 +239,16 @@ def test_wrong_python_types_raise_type_error(value: object, position: int) -> No
 
 
 # --------------------------------------------------------------------------------------------------------
-# ncutfast._cpu_backend.solve: the backend contract
+# ncutfast.backends.ext.solve: the backend contract
 # --------------------------------------------------------------------------------------------------------
 
 GOOD_KW = dict(tau=0.2, eps=1e-5, binary=True, precision="float32", tol=1e-8, max_iter=60)
 
 
-def _solve(feats: object, lengths: object, **kw: object):
-    from ncutfast._cpu_backend import solve
+def _solve(feats: object, lengths: object, *, table: object = True, team: object = 0, **kw: object):
+    from ncutfast.backends import SolveParams, ext
 
-    return solve(feats, lengths, **(GOOD_KW | kw))
+    return ext.solve(feats, lengths, SolveParams(**(GOOD_KW | kw)), table=table, team=team)
 
 
 @st.composite

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from ncutfast import _dispatch, _ext
+from ncutfast import _ext, backends
 
 # Installed before anything imports ncutfast: a meta-path finder that refuses ncutfast._C ("missing") or
 # loads the real module and re-exports it without the CUDA entry points ("cpu_only").
@@ -58,11 +58,11 @@ import numpy as np
 import torch
 
 import ncutfast
-from ncutfast import _dispatch, _ext
+from ncutfast import _ext, backends
 
 out = {{"has_cpu": _ext.HAS_CPU_EXT, "has_cuda": _ext.HAS_CUDA_EXT, "cuda_device": _ext.cuda_device_available(),
         "import_error": _ext.IMPORT_ERROR, "available": ncutfast.available_backends(),
-        "auto": _dispatch.resolve_backend("auto", torch.device("cpu"))[0]}}
+        "auto": backends.resolve_backend("auto", torch.device("cpu"))[0]}}
 rng = np.random.default_rng(7)
 feats = rng.standard_normal((37, 11)).astype(np.float32) + 0.5
 res = ncutfast.ncut(feats)
@@ -70,7 +70,7 @@ out["ncut_backend"] = res.backend
 out["ncut_lambda2"] = float(res.lambda2)
 for name in ("cpu", "cuda"):
     try:
-        _dispatch.resolve_backend(name, torch.device("cpu"))
+        backends.resolve_backend(name, torch.device("cpu"))
         out[name] = "ok"
     except RuntimeError as exc:
         out[name] = "RuntimeError: " + str(exc)
@@ -128,13 +128,12 @@ def test_cpu_only_build_uses_the_cpu_extension() -> None:
 
 def test_cpu_backend_without_extension_raises_runtime_error(monkeypatch: pytest.MonkeyPatch) -> None:
     """Called directly (not through dispatch), the cpu backend names the missing extension."""
-    from ncutfast import _cpu_backend
+    from ncutfast.backends import SolveParams, ext
 
     monkeypatch.setattr(_ext, "C", None)
     monkeypatch.setattr(_ext, "IMPORT_ERROR", "ImportError: hidden")
     with pytest.raises(RuntimeError, match=r"^backend: the compiled extension ncutfast\._C is not available"):
-        _cpu_backend.solve(torch.ones(1, 5, 3), torch.tensor([5]), tau=0.2, eps=1e-5, binary=True,
-                           precision="float32", tol=1e-8, max_iter=10)
+        ext.solve(torch.ones(1, 5, 3), torch.tensor([5]), SolveParams(tau=0.2, eps=1e-5, max_iter=10))
 
 
 @pytest.mark.skipif(not _ext.HAS_CPU_EXT, reason=f"ncutfast._C not built ({_ext.IMPORT_ERROR})")
@@ -146,7 +145,7 @@ def test_real_extension_reports_no_device_and_auto_picks_cpu() -> None:
             pytest.skip("a CUDA device is present")
         assert err != 0 and msg
     assert _ext.cuda_device_available() is False
-    assert _dispatch.resolve_backend("auto", torch.device("cpu"))[0] == "cpu"
-    assert "cuda" not in _dispatch.available_backends()
+    assert backends.resolve_backend("auto", torch.device("cpu"))[0] == "cpu"
+    assert "cuda" not in backends.available_backends()
     with pytest.raises(RuntimeError, match="^backend: backend 'cuda' is not available"):
-        _dispatch.resolve_backend("cuda", torch.device("cpu"))
+        backends.resolve_backend("cuda", torch.device("cpu"))

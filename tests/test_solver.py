@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import ncutfast
-from ncutfast import _dispatch, reference
+from ncutfast import backends, reference
 from ncutfast.testing import (
     GAP_MIN,
     TOLERANCES,
@@ -23,7 +23,7 @@ from ncutfast.testing import (
 )
 
 # Backends runnable on this machine's CPU; triton runs here only under its interpreter (own tests).
-CPU_BACKENDS = [b for b in ("torch", "cpu") if _dispatch._load(b) is not None]
+CPU_BACKENDS = [b for b in ("torch", "cpu") if backends._load(b) is not None]
 
 SIZES = [(1, 3), (2, 64), (3, 768), (97, 3), (97, 384), (196, 64), (784, 384), (1201, 768), (1201, 64)]
 
@@ -119,13 +119,15 @@ def test_degenerate_spectrum_is_flagged(rng, backend: str) -> None:
 
 def test_lanczos_restarts_and_reports_iterations(rng) -> None:
     """A tiny Krylov space forces restarts; the answer still converges to the reference."""
-    from ncutfast import _lanczos, _torch_backend
+    from ncutfast.backends import lanczos as _lanczos
+    from ncutfast.backends import torch_backend
+    from ncutfast.backends.contract import normalized_features
 
     scene = planted_scene(rng, 400, 64, noise=1.3)
     feats = torch.from_numpy(scene.features)[None]
     lengths = torch.tensor([400])
-    f = _torch_backend.normalized_features(feats, lengths, "float64")
-    w, d = _torch_backend.graph(f, lengths, tau=0.2, eps=1e-5, binary=True, precision="float64")
+    f = normalized_features(feats, lengths, "float64")
+    w, d = torch_backend.graph(f, lengths, tau=0.2, eps=1e-5, binary=True, precision="float64")
     dm12 = 1.0 / d.sqrt()
     y0 = d.sqrt() / d.sqrt().norm()
 

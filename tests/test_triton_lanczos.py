@@ -1,7 +1,7 @@
 """kernels/lanczos.py and the triton backend against ncutfast.reference.
 
 The mat-vec must equal the reference's D^-1/2 W D^-1/2 v to float64 rounding; the full solve
-(``backend="triton"``: affinity kernel + bitmask operator + ncutfast._lanczos) must agree with the reference
+(``backend="triton"``: affinity kernel + bitmask operator + ncutfast.backends.lanczos) must agree with the reference
 per the agreement rules of ``ncutfast.testing``. Runs under TRITON_INTERPRET=1 on CPU tensors, or on CUDA.
 """
 
@@ -13,8 +13,10 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from ncutfast import _dispatch, reference, testing  # noqa: E402
-from ncutfast import _triton_backend as tb  # noqa: E402
+from ncutfast import backends, reference, testing  # noqa: E402
+from ncutfast.backends import SolveParams  # noqa: E402
+from ncutfast.backends import lanczos as _lanczos  # noqa: E402
+from ncutfast.backends import triton_backend as tb  # noqa: E402
 from ncutfast.kernels import _utils  # noqa: E402
 from ncutfast.kernels.affinity import affinity_fwd  # noqa: E402
 from ncutfast.kernels.lanczos import BitmaskOperator, FusedSteps, bitmask_matvec_fwd  # noqa: E402
@@ -132,8 +134,6 @@ def test_fused_steps_match_torch_steps(mode, int8):
     # FusedSteps must do exactly what the shared driver's op-by-op step does, branch for branch: the same
     # live slots, step counts, breakdowns and finished problems, and the same numbers to rounding. The
     # chunks (2, 1, 6 steps) make "graph" run eagerly once, then capture and replay two graphs.
-    from ncutfast import _lanczos
-
     op, y0, lengths = _cycle_problems()
     b, m = y0.shape[0], 9
     idx = torch.arange(b, device=DEVICE)
@@ -163,8 +163,6 @@ def test_solve_modes_agree(mode, krylov_dim):
     # The fused solve gives the op-by-op driver's spectrum (convergence checks, revivals after a breakdown
     # and restarts included: a Krylov space of 7 forces restarts; in one of 48 the problems converge at
     # different checks of one cycle).
-    from ncutfast import _lanczos
-
     op, y0, lengths = _cycle_problems()
     want = _lanczos.lanczos_fiedler(op, y0, lengths, tol=1e-10, max_iter=120, krylov_dim=krylov_dim)
     got = _lanczos.lanczos_fiedler(op, y0, lengths, tol=1e-10, max_iter=120, krylov_dim=krylov_dim,
@@ -191,8 +189,6 @@ def test_graph_capture_failure_falls_back_to_launches(monkeypatch):
     # If a CUDA graph cannot be captured, "graph" warns and launches the same kernels one by one, with the
     # cycle's state untouched by the failed capture (captured launches do not run). Simulated: the capture
     # raises before anything runs, as torch does when the stream cannot be captured.
-    from ncutfast import _lanczos
-
     class FailingCapture:
         def __init__(self, graph):
             pass
@@ -217,10 +213,8 @@ def test_graph_capture_failure_falls_back_to_launches(monkeypatch):
 
 
 def _eigh_top2(alpha, beta, live, k):
-    """Reference for ritz_top2: the dense eigh of ncutfast._lanczos: theta1 >= theta2, |last components|, and
+    """Reference for ritz_top2: the dense eigh of ncutfast.backends.lanczos: theta1 >= theta2, |last components|, and
     the top eigenvector."""
-    from ncutfast import _lanczos
-
     evals, evecs = _lanczos._ritz(alpha, beta, live, k)
     slots = torch.arange(k, device=alpha.device)
     last = torch.where(live[:, :k], slots, torch.full_like(slots, -1)).max(1).values
@@ -263,7 +257,6 @@ def test_ritz_top2_matches_eigh(settings):
 def test_ritz_top2_on_lanczos_states():
     # The matrices it is made for: after each chunk of a real cycle the device test must decide like the
     # eigh-based one, and |s_last| be accurate down to the tiny values of converged pairs.
-    from ncutfast import _lanczos
     from ncutfast.kernels.ritz import ritz_top2
 
     op, y0, lengths = _cycle_problems()
@@ -289,8 +282,6 @@ def test_ritz_top2_on_lanczos_states():
 def test_unusable_ritz_vectors_fall_back_to_eigh(monkeypatch):
     # A vector that came out non-finite or zero from kernels.ritz (an overflowed recurrence) is recomputed by
     # eigh for its rows alone: the solve still matches the op-by-op driver's.
-    from ncutfast import _lanczos
-
     op, y0, lengths = _cycle_problems()
     want = _lanczos.lanczos_fiedler(op, y0, lengths, tol=1e-10, max_iter=60)
     fused = FusedSteps(op, "steps")
@@ -314,16 +305,14 @@ def test_fused_steps_bad_mode_and_state():
     op, y0, lengths = _cycle_problems()
     with pytest.raises(ValueError, match="mode"):
         FusedSteps(op, "cuda-graph")
-    from ncutfast import _lanczos
-
     st = _lanczos.init_state(y0[:, :-1], lengths, y0[:, :-1], torch.arange(5, device=DEVICE), 4)
     with pytest.raises(ValueError, match="state.basis"):
         FusedSteps(op, "steps").begin(st)
 
 
-def solve(x: torch.Tensor, lengths: torch.Tensor, tau: float, precision: str, **kw) -> _dispatch.Spectrum:
-    return _dispatch.solve(x, lengths, tau=tau, eps=EPS, binary=kw.pop("binary", True), precision=precision,
-                           tol=1e-8, max_iter=kw.pop("max_iter", 300), backend="triton", **kw)
+def solve(x: torch.Tensor, lengths: torch.Tensor, tau: float, precision: str, **kw) -> backends.Spectrum:
+    return tb.solve(x, lengths, SolveParams(tau, EPS, kw.pop("binary", True), precision, 1e-8,
+                                            kw.pop("max_iter", 300)), **kw)
 
 
 @pytest.mark.parametrize(("precision", "int8", "mode"), [("float32", 0, "steps"), ("fast", 0, "steps"),
@@ -361,13 +350,12 @@ def test_solve_agrees_with_reference(precision, int8, mode):
 def test_forced_backend_and_small_problems(monkeypatch):
     # NCUTFAST_BACKEND=triton routes "auto" through the kernels on CPU tensors under the interpreter.
     monkeypatch.setenv("NCUTFAST_BACKEND", "triton")
-    assert _dispatch.resolve_backend("auto", torch.device(DEVICE))[0] == "triton"
+    assert backends.resolve_backend("auto", torch.device(DEVICE))[0] == "triton"
     assert tb.available()
     rng = np.random.default_rng(50)
     feats = [rng.standard_normal((n, 11)).astype(np.float32) for n in (1, 2, 3, 31)]
     x, lengths = batch(feats)
-    spec = _dispatch.solve(x, lengths, tau=0.0, eps=EPS, binary=True, precision="float32", tol=1e-8,
-                           max_iter=100)
+    spec = backends.solve(x, lengths, SolveParams(tau=0.0, eps=EPS, max_iter=100))
     assert np.isnan(float(spec.lambda2[0])) and np.isnan(float(spec.lambda3[0]))
     assert not spec.x[0].any()
     assert np.isnan(float(spec.lambda3[1]))
@@ -381,8 +369,7 @@ def test_non_binary_graph_uses_the_torch_backend():
     feats = [testing.planted_scene(rng, n, channels=16).features for n in (20, 30)]
     x, lengths = batch(feats)
     ours = solve(x, lengths, 0.2, "float32", binary=False)
-    theirs = _dispatch.solve(x, lengths, tau=0.2, eps=EPS, binary=False, precision="float32", tol=1e-8,
-                             max_iter=300, backend="torch")
+    theirs = backends.solve(x, lengths, SolveParams(tau=0.2, eps=EPS, binary=False), backend="torch")
     assert torch.equal(ours.lambda2, theirs.lambda2) and torch.equal(ours.x, theirs.x)
 
 

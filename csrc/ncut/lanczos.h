@@ -6,8 +6,8 @@
 // ncutfast/_lanczos.py for a single problem: classical Gram-Schmidt applied twice against y0 and the whole
 // basis, a fresh start vector (same integer hash) after a breakdown, the same residual tests of the top two
 // Ritz pairs every `check_every` steps (see detail::ritz), and restarts from the Ritz vector when a cycle
-// of `krylov_dim` steps ends unconverged. One deliberate difference: a breakdown is a new vector of norm
-// <= 1e-14, not 1e-10 (see kBreakdown).
+// of `krylov_dim` steps ends unconverged (krylov_dim and the breakdown threshold kBreakdown are
+// ncutfast/backends/contract.py's KRYLOV_DIM and BREAKDOWN).
 //
 // The code is generic in two policies, so the CPU tests run the algorithm the GPU runs:
 //  - Exec: the team of threads solving the problem (an OpenMP team or a single thread on the CPU, a thread
@@ -26,6 +26,12 @@
 #include "tridiag.h"
 
 namespace ncutfast {
+
+/// A new Lanczos vector of norm <= kBreakdown is rounding noise: the space continues with a fresh vector.
+/// ||M|| <= 1, so this is relative too; a coupling of 1e-11 still matters when the eigengap, and with it the
+/// tolerance tol * gap, is 1e-6, and CGS2 keeps even a tiny vector orthogonal. The same number as
+/// ncutfast/backends/contract.py's BREAKDOWN (exported as ncutfast._C.BREAKDOWN; a test compares them).
+constexpr double kBreakdown = 1e-14;
 
 /// Stopping and memory parameters of the solver (the Python backends' tol / max_iter, _lanczos defaults).
 struct LanczosParams {
@@ -232,9 +238,6 @@ NCUT_HD void lanczos_solve(Exec& ex, const Op& op, int64_t n, int64_t n_max, con
     ws.u[i] = start_value(i, 0);
   }
 
-  // ||M|| <= 1, so this is relative too. Far below _lanczos.py's 1e-10: a coupling of 1e-11 still matters
-  // when the eigengap, and with it the tolerance tol * gap, is 1e-6; CGS2 keeps even a tiny w orthogonal.
-  const double kBreakdown = 1e-14;
   int spent = 0;
   double theta2 = ::nan("");
   bool healthy = true;

@@ -60,7 +60,7 @@ def run_from_args(args: argparse.Namespace) -> int:
     """Run the harness as the parsed ``args`` say; returns the process exit code."""
     import torch
 
-    from . import harness
+    from . import harness, report
     from .providers import build_providers
 
     device = args.device
@@ -91,8 +91,9 @@ def run_from_args(args: argparse.Namespace) -> int:
     if argv is None:  # called through the ``ncutfast`` console script: the options follow "bench"
         argv = sys.argv[sys.argv.index("bench") + 1:] if "bench" in sys.argv else sys.argv[1:]
     command = "ncutfast bench " + shlex.join(argv)
-    harness.run(device, suite, out_dir=args.out, select=tuple(args.providers), tau=args.tau, eps=args.eps,
-                seed=args.seed, plots=not args.no_plots, command=command)
+    result = harness.run(device, suite, select=tuple(args.providers), tau=args.tau, eps=args.eps,
+                         seed=args.seed, command=command)
+    report.write_outputs(result, Path(args.out), plots=not args.no_plots, log=print)
     return 0
 
 

@@ -1,7 +1,7 @@
-"""The benchmark harness: workloads, timing, memory, agreement with the reference, tables and plots.
+"""The benchmark harness: workloads, timing, memory and agreement with the reference.
 
-One run measures every provider (:mod:`ncutfast.bench.providers`) on every workload of a suite and writes,
-into the output folder, ``<device>_results.csv``, ``<device>_results.md`` and PNG plots.
+One run measures every provider (:mod:`ncutfast.bench.providers`) on every workload of a suite;
+:mod:`ncutfast.bench.report` writes ``<device>_results.csv``, ``<device>_results.md`` and PNG plots.
 
 Method (``shared/spec/conventions.md``):
 
@@ -40,7 +40,6 @@ Method (``shared/spec/conventions.md``):
 from __future__ import annotations
 
 import contextlib
-import csv
 import ctypes
 import gc
 import importlib.metadata
@@ -50,9 +49,8 @@ import platform
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass
 from datetime import datetime, timezone
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -67,11 +65,10 @@ __all__ = [
     "Suite",
     "suite_for",
     "Row",
-    "make_batch",
-    "measure_agreement",
     "fit_exponent",
     "measured_rows",
-    "scaling_table",
+    "make_batch",
+    "measure_agreement",
     "run",
 ]
 
@@ -144,6 +141,16 @@ class Row:
     align_min: float = math.nan  # min |<x, x_ref>_D| over those
     lambda2_err: float = math.nan  # max |lambda2 - lambda2_ref| over all compared images
     agrees: str = "-"  # "yes"/"NO": all partitions equal and align_min within the float32 tolerance
+
+
+def fit_exponent(ns: Sequence[float], ts: Sequence[float]) -> float:
+    """Least-squares slope of log(t) against log(N): the empirical exponent k in t ~ N^k."""
+    return float(np.polyfit(np.log(np.asarray(ns, float)), np.log(np.asarray(ts, float)), 1)[0])
+
+
+def measured_rows(rows: Sequence[Row]) -> list[Row]:
+    """The rows that hold a time (measured or dry), in order."""
+    return [r for r in rows if r.status in ("ok", "dry") and np.isfinite(r.time_ms)]
 
 
 def make_batch(n: int, c: int, b: int, *, seed: int, device: str) -> torch.Tensor:
@@ -321,7 +328,6 @@ class RunResult:
     skipped: list[str]
     machine: dict[str, str]
     command: str
-    files: list[Path] = field(default_factory=list)
 
 
 def machine_info(device: str) -> dict[str, str]:
@@ -371,25 +377,21 @@ def run(
     device: str,
     suite: Suite,
     *,
-    out_dir: Path | None,
     select: Sequence[str] = (),
     tau: float = reference.TOKENCUT_TAU,
     eps: float = reference.EPS,
     seed: int = 0,
-    plots: bool = True,
     command: str = "",
     log: Callable[[str], None] = print,
 ) -> RunResult:
-    """Measure every provider on every workload of ``suite`` and write the results.
+    """Measure every provider on every workload of ``suite`` (``bench.report`` writes the results).
 
     Args:
         device: "cpu" or "cuda".
         suite: the workloads and timing settings.
-        out_dir: folder for the CSV, markdown and PNG files (created); None writes nothing.
         select: keep only providers whose name contains one of these strings (the reference always runs).
         tau, eps: the graph's threshold and non-edge weight (TokenCut's defaults).
         seed: scene seed.
-        plots: write PNG plots (needs matplotlib; skipped with a line when it is missing).
         command: the command line, recorded in the markdown.
         log: where progress lines go.
     """
@@ -438,10 +440,7 @@ def run(
                     rows.append(row)
                     log(_progress(row))
                 del feats
-    result = RunResult(device, suite, rows, providers, skipped, machine_info(device), command)
-    if out_dir is not None:
-        result.files = write_outputs(result, Path(out_dir), plots=plots, log=log)
-    return result
+    return RunResult(device, suite, rows, providers, skipped, machine_info(device), command)
 
 
 def _run_reference(p: Provider, feats: torch.Tensor, tau: float, eps: float,
@@ -500,150 +499,3 @@ def _progress(row: Row) -> str:
     return (f"{row.provider:>22} N={row.n:<5} C={row.c:<4} B={row.batch:<4} {row.time_ms:10.2f} ms/img "
             f"x{row.speedup:8.2f} mem {row.peak_mib:8.1f} MiB part {row.partitions:.2f} "
             f"align {row.align_min:.6f} ({row.agree_n} cmp)")
-
-
-# ----------------------------------------------------------------------------------------- outputs
-
-
-def fit_exponent(ns: Sequence[float], ts: Sequence[float]) -> float:
-    """Least-squares slope of log(t) against log(N): the empirical exponent k in t ~ N^k."""
-    return float(np.polyfit(np.log(np.asarray(ns, float)), np.log(np.asarray(ts, float)), 1)[0])
-
-
-def measured_rows(rows: Sequence[Row]) -> list[Row]:
-    """The rows that hold a time (measured or dry), in order."""
-    return [r for r in rows if r.status in ("ok", "dry") and np.isfinite(r.time_ms)]
-
-
-def scaling_table(rows: Sequence[Row], fit_min_n: int) -> list[dict[str, Any]]:
-    """Per (provider, C, B): fitted exponent of time per image vs N over the measured N >= ``fit_min_n``."""
-    groups: dict[tuple[str, int, int], list[Row]] = {}
-    for r in measured_rows(rows):
-        groups.setdefault((r.provider, r.c, r.batch), []).append(r)
-    out = []
-    for (name, c, b), rs in groups.items():
-        pts = sorted((r.n, r.time_ms) for r in rs if r.n >= fit_min_n)
-        if len(pts) < 2:
-            continue
-        out.append({"provider": name, "c": c, "batch": b, "n_range": f"{pts[0][0]}-{pts[-1][0]}",
-                    "points": len(pts), "exponent": fit_exponent([p[0] for p in pts], [p[1] for p in pts])})
-    return out
-
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    if isinstance(v, float):
-        if not np.isfinite(v):
-            return "-"
-        if v == 0:
-            return "0"
-        if abs(v) >= 100:
-            return f"{v:.0f}"
-        if abs(v) >= 1:
-            return f"{v:.2f}"
-        if abs(v) >= 1e-3:
-            return f"{v:.4f}"
-        return f"{v:.1e}"
-    return str(v)
-
-
-def _md_table(header: Sequence[str], body: Sequence[Sequence[Any]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_fmt(v) for v in line) + " |" for line in body]
-    return lines
-
-
-def _align_text(v: float) -> str:
-    """Alignment shown as 1 - (1 - a) so that 0.9999997 reads as 1-3e-07 rather than 1.0000."""
-    if not np.isfinite(v):
-        return "-"
-    return "1" if v >= 1.0 else (f"1-{1.0 - v:.0e}" if v > 0.99 else f"{v:.3f}")
-
-
-def markdown(result: RunResult) -> str:
-    """The run as markdown: machine, providers, the results table, scaling exponents and notes."""
-    s = result.suite
-    lines = [f"## ncutfast benchmark, {result.device.upper()}", ""]
-    lines += [f"- {k}: {v}" for k, v in result.machine.items()]
-    if result.command:
-        lines.append(f"- command: `{result.command}`")
-    lines.append(f"- suite: N {list(s.ns)}, C {list(s.cs)}, B {list(s.batches)}; 1 warm-up + {s.repeats} "
-                 f"timed repeats (median), row budget {s.budget_s:g} s; the reference solves the first "
-                 f"{s.ref_images} image(s) of each (N, C) and agreement is measured on those")
-    lines += ["", "Providers:", ""]
-    lines += [f"- `{p.name}` ({p.family}{'' if p.exact else ', approximation'}): {p.note}"
-              for p in result.providers]
-    lines += [f"- {line}" for line in result.skipped]
-    lines += ["", "Results (time and memory per image; speed-up = reference time / time; agreement on images "
-              "with a well-defined eigenvector):", ""]
-    header = ["provider", "N", "C", "B", "ms/img", "img/s", "speed-up", "peak MiB", "cmp", "same part.",
-              "tokens", "min align", "agrees", "status"]
-    body = []
-    for r in result.rows:
-        if r.status.startswith("skipped") and "not selected" in r.status:
-            continue
-        body.append([r.provider, r.n, r.c, r.batch, r.time_ms, r.images_per_s, r.speedup, r.peak_mib,
-                     r.agree_n, r.partitions, r.tokens, _align_text(r.align_min), r.agrees, r.status])
-    lines += _md_table(header, body)
-    scaling = scaling_table(result.rows, s.fit_min_n)
-    if scaling:
-        lines += ["", f"Scaling: time per image ~ N^k, least-squares fit over N >= {s.fit_min_n} "
-                  "(the reference's dense eigensolve is O(N^3)):", ""]
-        lines += _md_table(["provider", "C", "B", "N range", "points", "k"],
-                           [[e["provider"], e["c"], e["batch"], e["n_range"], e["points"], e["exponent"]]
-                            for e in scaling])
-    if len(s.batches) > 1:
-        lines += ["", "Batch scaling (ms per image):", ""]
-        lines += _batch_table(result.rows)
-    lines += ["", "Notes: peak memory is "
-              + ("`torch.cuda.max_memory_allocated` growth (plus CuPy's pool)" if result.device == "cuda"
-                 else "the growth of the process RSS sampled every 1 ms during the warm-up call")
-              + "; `agrees` = every compared partition identical and min alignment >= "
-              f"{testing.TOLERANCES['float32']['alignment']}; gap threshold {testing.GAP_MIN}; "
-              "`tokens` = mean fraction of tokens (off the mean-tied ones) on the reference's side.", "",
-              "Work per image: the Gram matrix is 2 N^2 C flops (the CSV's `gram_gflops` = that / time); a "
-              "float32 W is 4 N^2 bytes, a bitmask N^2 / 8; the reference's dense generalized eigh is O(N^3) "
-              "(N^3/3 Cholesky + ~N^3 reduction + 4N^3/3 tridiagonalization); k Lanczos steps on a dense W "
-              "are 2 k N^2 flops.", ""]
-    return "\n".join(lines)
-
-
-def _batch_table(rows: Sequence[Row]) -> list[str]:
-    meas = [r for r in measured_rows(rows) if r.family != "reference"]
-    batches = sorted({r.batch for r in meas})
-    order = {name: i for i, name in enumerate(dict.fromkeys(r.provider for r in meas))}
-    keys = sorted({(r.provider, r.n, r.c) for r in meas}, key=lambda k: (k[2], k[1], order[k[0]]))
-    table = {(r.provider, r.n, r.c, r.batch): r.time_ms for r in meas}
-    body = [[p, n, c] + [table.get((p, n, c, b), math.nan) for b in batches] for p, n, c in keys]
-    return _md_table(["provider", "N", "C"] + [f"B={b}" for b in batches], body)
-
-
-def write_csv(rows: Sequence[Row], path: Path) -> None:
-    """All rows, every column of :class:`Row`."""
-    names = [f.name for f in fields(Row)]
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=names)
-        writer.writeheader()
-        for r in rows:
-            writer.writerow(asdict(r))
-
-
-def write_outputs(result: RunResult, out_dir: Path, *, plots: bool, log: Callable[[str], None]) -> list[Path]:
-    """Write ``<device>_results.csv``, ``<device>_results.md`` and the plots into ``out_dir``."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stem = result.device
-    csv_path, md_path = out_dir / f"{stem}_results.csv", out_dir / f"{stem}_results.md"
-    write_csv(result.rows, csv_path)
-    md_path.write_text(markdown(result))
-    files = [csv_path, md_path]
-    if plots:
-        try:
-            from . import plots as plotting
-        except ImportError as exc:
-            log(f"plots: skipped, {exc} (pip install matplotlib)")
-        else:
-            files += plotting.write_plots(result.rows, out_dir, stem, result.machine, result.suite.fit_min_n)
-    for f in files:
-        log(f"wrote {f}")
-    return files

@@ -398,7 +398,7 @@ def build_providers(device: str) -> tuple[list[Provider], list[str]]:
     process and runs on ``device`` (plus the "fast" precision on CUDA; float32 ``torch.linalg.eigh`` is
     added there too); optional peers that are missing are reported, never installed.
     """
-    from .._dispatch import available_backends
+    from ..backends import available_backends
 
     providers: list[Provider] = [TokenCutReference(device)]
     skipped: list[str] = []

@@ -18,6 +18,7 @@ from .. import reference
 from .._arrays import as_batch
 from .._validate import check_eps, check_tau
 from ..api import _solve
+from ..backends import SolveParams
 
 __all__ = ["ncut", "ncut_batch"]
 
@@ -67,8 +68,7 @@ def ncut_batch(
     batch = as_batch(toks)
     # TokenCut's similarity is a torch matmul in the features' own dtype (float32 from the ViT).
     precision = "float64" if batch.feats.dtype == torch.float64 else "float32"
-    cut = _solve(batch.feats, batch.lengths, tau=tau, eps=eps, binary=not no_binary_graph, precision=precision,
-                 backend="auto", tol=1e-8, max_iter=300)
+    cut = _solve(batch.feats, batch.lengths, SolveParams(tau, eps, not no_binary_graph, precision), "auto")
     x = cut.x.cpu().numpy()
     part = cut.partition.cpu().numpy()
     seeds = cut.seed.cpu().tolist()

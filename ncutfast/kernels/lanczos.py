@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._lanczos import _BREAKDOWN, _PARK
+from ..backends.contract import BREAKDOWN, PARK
 from ._utils import block_sizes, words_per_row
 from .ritz import PIVMIN, _converged_on_device, ritz_top2
 
@@ -234,7 +234,7 @@ def _lanczos_step_body(
     N_max, M, stride_bb, stride_br,
     BREAKDOWN: tl.constexpr, KB: tl.constexpr, BN: tl.constexpr,
 ):
-    """Lanczos step j = step[p] of problem p after w = M q (q = basis row j + 1), as ``_lanczos._torch_step``:
+    """Lanczos step j = step[p] of problem p after w = M q (q = basis row j + 1), as ``backends.lanczos._torch_step``:
     w is projected off basis rows 0..j + 1 by classical Gram-Schmidt twice, alpha = q.w, beta = ||w||; a
     breakdown (beta <= BREAKDOWN) stalls the problem, a full deflated space (klen = cap) finishes it;
     otherwise w / beta becomes basis row j + 2. A done or stalled problem leaves slot j dead.
@@ -444,7 +444,7 @@ def bitmask_matvec_fwd(
 
 class BitmaskOperator:
     """``M = D^-1/2 W D^-1/2`` of a padded batch, held as bitmask + degrees; ``op(v, idx)`` is the operator
-    interface of ``ncutfast._lanczos``. A call launches one kernel (two with the int8 variant) and never
+    interface of ``ncutfast.backends.lanczos``. A call launches one kernel (two with the int8 variant) and never
     synchronizes with the host.
 
     Attributes:
@@ -472,7 +472,7 @@ class BitmaskOperator:
 
 
 class FusedSteps:
-    """Lanczos steps in Triton launches: the ``steps`` hook of ``ncutfast._lanczos.lanczos_fiedler``.
+    """Lanczos steps in Triton launches: the ``steps`` hook of ``ncutfast.backends.lanczos.lanczos_fiedler``.
 
     ``mode`` (launch setting "lanczos" ``solve``):
     - "steps": two launches per step, ``_lanczos_matvec_kernel`` (many programs per problem) and
@@ -499,7 +499,7 @@ class FusedSteps:
         self._graph = None
 
     def begin(self, state, tol: float | None = None, check_every: int = 0) -> None:
-        """Start a cycle on ``state`` (an ``ncutfast._lanczos.CycleState``): scratch and step counter. With
+        """Start a cycle on ``state`` (an ``ncutfast.backends.lanczos.CycleState``): scratch and step counter. With
         ``tol`` and ``check_every``, mode "persistent" tests convergence itself every ``check_every`` steps
         (``self_checking``: the driver then runs the whole cycle as one chunk)."""
         b, _, n = state.basis.shape
@@ -609,7 +609,7 @@ class FusedSteps:
         _lanczos_step_kernel[(b,)](
             op._lens, self._idx, st.basis, self._w, st.alpha, st.beta, live, st.klen, st.cap, done, stalled,
             self._step, n, st.alpha.shape[1], st.basis.stride(0), st.basis.stride(1),
-            BREAKDOWN=_BREAKDOWN, KB=triton.next_power_of_2(rows), BN=cfg["BS"], num_warps=cfg["num_warps"],
+            BREAKDOWN=BREAKDOWN, KB=triton.next_power_of_2(rows), BN=cfg["BS"], num_warps=cfg["num_warps"],
         )
 
     def rewind(self, j: int) -> None:
@@ -628,7 +628,7 @@ class FusedSteps:
             op.mask, op.s, op._lens, op._eps, self._idx, st.basis, self._w, st.alpha, st.beta, live, st.klen,
             st.cap, done, stalled, self._step, self._tri, self._tol, n, op.mask.shape[2], st.alpha.shape[1],
             st.basis.stride(0), st.basis.stride(1), count,
-            BREAKDOWN=_BREAKDOWN, KB=triton.next_power_of_2(rows), BM=cfg["BM"], BN=cfg["BN"], BS=cfg["BS"],
-            CHECK=self._check, KR=self._tri.shape[1] // 6, S=rz["S"], ROUNDS=rz["ROUNDS"], PARK=_PARK,
+            BREAKDOWN=BREAKDOWN, KB=triton.next_power_of_2(rows), BM=cfg["BM"], BN=cfg["BN"], BS=cfg["BS"],
+            CHECK=self._check, KR=self._tri.shape[1] // 6, S=rz["S"], ROUNDS=rz["ROUNDS"], PARK=PARK,
             PIVMIN=PIVMIN, num_warps=cfg["num_warps"],
         )

@@ -1,8 +1,8 @@
 """Ritz pairs of the Lanczos driver on the device: top two of many small tridiagonal matrices.
 
 After k steps each problem has a k x k symmetric tridiagonal T (``alpha`` on the diagonal, ``beta`` coupling
-slot j to j + 1, dead slots parked at -8 and uncoupled, exactly as ``ncutfast._lanczos._ritz`` builds it).
-The convergence test (``_lanczos.convergence_test``) needs only theta1 >= theta2, the two largest
+slot j to j + 1, dead slots parked at -8 and uncoupled, exactly as ``ncutfast.backends.lanczos._ritz`` builds it).
+The convergence test (``backends.lanczos.convergence_test``) needs only theta1 >= theta2, the two largest
 eigenvalues, and the last live components of their unit eigenvectors, and the end of a cycle the eigenvector
 of theta1; one program per problem computes just those, with no eigensolver call and no host round trip
 (torch's batched ``eigh`` on CUDA loops over the batch once k > 32):
@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .._lanczos import _PARK
+from ..backends.contract import PARK
 from ._utils import block_sizes
 
 __all__ = ["ritz_top2"]
@@ -207,7 +207,7 @@ def _ritz_top2_kernel(
 def _converged_on_device(alpha_ptr, beta_ptr, live_ptr, klen_ptr, tri, tol_ptr, p, M, k,
                          KP: tl.constexpr, S: tl.constexpr, ROUNDS: tl.constexpr, PARK: tl.constexpr,
                          PIVMIN: tl.constexpr):
-    """``ncutfast._lanczos.convergence_test`` of problem p after k steps, inside a kernel (the persistent
+    """``ncutfast.backends.lanczos.convergence_test`` of problem p after k steps, inside a kernel (the persistent
     Lanczos kernel checks itself with it). tol_ptr holds (tol / 2, sqrt(tol)) in fp64."""
     base = p * M
     theta1, theta2, s1, s2 = _ritz_core(alpha_ptr, beta_ptr, live_ptr, tri, tri, base, k, KP, S, ROUNDS, PARK,
@@ -225,14 +225,14 @@ def ritz_top2(alpha: torch.Tensor, beta: torch.Tensor, live: torch.Tensor, k: in
     """Top two Ritz values and last eigenvector components of the tridiagonal matrices of slots [0, k).
 
     Args:
-        alpha, beta: float64 ``(b, m)`` contiguous, m >= k >= 1 (``ncutfast._lanczos.CycleState``).
+        alpha, beta: float64 ``(b, m)`` contiguous, m >= k >= 1 (``ncutfast.backends.lanczos.CycleState``).
         live: bool or int8 ``(b, m)``, the slots that took part.
         k: steps taken. Launch setting "ritz": S shifts per eigenvalue and ROUNDS rounds; the bracket
             shrinks (S + 1) ** ROUNDS times, to rounding level of values in [-1, 1].
 
     Returns:
         ``theta`` float64 (b, 2): theta1 >= theta2 (theta2 meaningless when k < 2);
-        ``s_last`` float64 (b, 2): the inputs of ``ncutfast._lanczos.convergence_test``;
+        ``s_last`` float64 (b, 2): the inputs of ``ncutfast.backends.lanczos.convergence_test``;
         with ``vectors``, also ``s1`` float64 (b, k): the unit eigenvector of theta1 (sign arbitrary; exact
         only where T is one block: a zero coupling or a dead slot inside the live slots splits it, and then
         it is the last block's vector).
@@ -250,7 +250,7 @@ def ritz_top2(alpha: torch.Tensor, beta: torch.Tensor, live: torch.Tensor, k: in
         tri = torch.empty(b, 6 * kp, dtype=torch.float64, device=alpha.device)
         _ritz_top2_kernel[(b,)](
             alpha.contiguous(), beta.contiguous(), lv.contiguous(), tri, vec, out, m, k,
-            KP=kp, S=cfg["S"], ROUNDS=cfg["ROUNDS"], PARK=_PARK, PIVMIN=PIVMIN, STORE=vectors,
+            KP=kp, S=cfg["S"], ROUNDS=cfg["ROUNDS"], PARK=PARK, PIVMIN=PIVMIN, STORE=vectors,
             num_warps=cfg["num_warps"],
         )
     if vectors:

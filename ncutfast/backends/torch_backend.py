@@ -1,7 +1,7 @@
 """The torch backend: runs on any device torch runs on (CPU here, CUDA on a GPU machine).
 
 Affinity in the requested precision, the dense float64 graph W and its degrees, then per problem either a
-dense ``eigh`` of the deflated M = D^-1/2 W D^-1/2 (small N) or the batched Lanczos of ``ncutfast._lanczos``
+dense ``eigh`` of the deflated M = D^-1/2 W D^-1/2 (small N) or the batched Lanczos of ``backends.lanczos``
 (the rest). The eigen-solve is float64 whatever the similarity precision. The whole padded batch is processed
 at once, in chunks that bound memory; ragged batches are never solved one problem at a time. (The compiled
 and Triton backends keep only the bitmask B of W = eps 11^T + (1 - eps) B; torch has no bit-matrix product,
@@ -10,43 +10,19 @@ and a float32 copy of B would not make the float64 mat-vec cheaper.)
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator
 
 import torch
 
-from ._dispatch import Spectrum, converged_flags
-from ._lanczos import lanczos_fiedler
+from .contract import Outputs, SolveParams, Spectrum, check_batch, matmul_precision, normalized_features, solvable
+from .lanczos import lanczos_fiedler
 
-__all__ = ["solve", "normalized_features", "graph", "matmul_precision", "DENSE_MAX", "MEMORY_BUDGET"]
+__all__ = ["solve", "graph", "DENSE_MAX", "MEMORY_BUDGET"]
 
 #: Problems with at most this many tokens are solved by a dense eigh (cheaper than Lanczos there).
 DENSE_MAX = 96
 #: Bytes of N x N work arrays one chunk of the batch may hold (similarity, mask, float64 W).
 MEMORY_BUDGET = 1 << 30
-
-
-@contextlib.contextmanager
-def matmul_precision(device: torch.device, precision: str) -> Iterator[None]:
-    """fp32 matmuls are IEEE fp32 for "float32" (no tf32) and tf32 for "fast" on CUDA devices."""
-    if device.type != "cuda":
-        yield
-        return
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = precision == "fast"
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = old
-
-
-def normalized_features(feats: torch.Tensor, lengths: torch.Tensor, precision: str) -> torch.Tensor:
-    """Rows divided by max(||row||, 1e-12), padding rows zeroed; float64 or float32 ``(B, N, C)``."""
-    dtype = torch.float64 if precision == "float64" else torch.float32
-    f = feats.to(dtype)
-    valid = torch.arange(f.shape[1], device=f.device)[None, :] < lengths.to(f.device)[:, None]
-    f = torch.where(valid[:, :, None], f, torch.zeros((), dtype=dtype, device=f.device))
-    return f / f.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
 
 def graph(
@@ -93,15 +69,15 @@ def _chunks(lengths: torch.Tensor, n: int, dtype_bytes: int) -> Iterator[slice]:
         yield slice(start, min(start + per, lengths.shape[0]))
 
 
-def _solve_group(feats, lengths, *, tau, eps, binary, precision, tol, max_iter, dense):
+def _solve_group(feats: torch.Tensor, lengths: torch.Tensor, p: SolveParams, dense: bool) -> dict[str, torch.Tensor]:
     """Solve one padded group (all dense or all Lanczos), chunked over the batch to bound memory."""
     n = feats.shape[1]
     device = feats.device
     out = {k: [] for k in ("theta1", "theta2", "y", "dm12", "iters", "resid")}
-    for sl in _chunks(lengths, n, 8 if precision == "float64" else 4):
+    for sl in _chunks(lengths, n, 8 if p.precision == "float64" else 4):
         ln = lengths[sl]
-        f = normalized_features(feats[sl], ln, precision)
-        w, d = graph(f, ln, tau=tau, eps=eps, binary=binary, precision=precision)
+        f = normalized_features(feats[sl], ln, p.precision)
+        w, d = graph(f, ln, tau=p.tau, eps=p.eps, binary=p.binary, precision=p.precision)
         del f
         valid = torch.arange(n, device=device)[None, :] < ln.to(device)[:, None]
         sd = torch.where(valid, d.sqrt(), torch.zeros((), dtype=torch.float64, device=device))
@@ -127,7 +103,7 @@ def _solve_group(feats, lengths, *, tau, eps, binary, precision, tol, max_iter, 
             th1, th2, y = _dense(m, y0, ln)
             iters = torch.zeros(ln.shape[0], dtype=torch.int64, device=device)
         else:
-            res = lanczos_fiedler(op, y0, ln, tol=tol, max_iter=max_iter)
+            res = lanczos_fiedler(op, y0, ln, tol=p.tol, max_iter=p.max_iter)
             th1, th2, y, iters = res.theta1, res.theta2, res.y, res.iterations
         # True residual of the returned pair (one extra mat-vec): ||M y - theta1 y||.
         resid = (op(y, all_idx) - th1[:, None] * y).norm(dim=-1)
@@ -137,40 +113,20 @@ def _solve_group(feats, lengths, *, tau, eps, binary, precision, tol, max_iter, 
     return {k: torch.cat(v) for k, v in out.items()}
 
 
-def solve(
-    feats: torch.Tensor,
-    lengths: torch.Tensor,
-    *,
-    tau: float,
-    eps: float,
-    binary: bool,
-    precision: str,
-    tol: float,
-    max_iter: int,
-) -> Spectrum:
-    """Backend contract of ``ncutfast._dispatch``: padded ``(B, N_max, C)`` features -> Spectrum."""
-    device = feats.device
-    bsz, n_max = feats.shape[0], feats.shape[1]
-    lengths = lengths.to(torch.int64).cpu()
-    lam2 = torch.full((bsz,), float("nan"), dtype=torch.float64, device=device)
-    lam3 = torch.full_like(lam2, float("nan"))
-    x = torch.zeros(bsz, n_max, dtype=torch.float64, device=device)
-    resid = torch.zeros(bsz, dtype=torch.float64, device=device)
-    iters = torch.zeros(bsz, dtype=torch.int64, device=device)
-    # N = 1 has no second eigenpair: lambda = NaN, x = [0] (reference.fiedler's definition).
-    for dense, sel in ((True, (lengths >= 2) & (lengths <= DENSE_MAX)), (False, lengths > DENSE_MAX)):
-        idx = torch.nonzero(sel).flatten()
-        if not idx.numel():
+def solve(feats: torch.Tensor, lengths: torch.Tensor, params: SolveParams) -> Spectrum:
+    """The backend contract (``backends.contract``) on any torch device."""
+    lengths = check_batch(feats, lengths)
+    out = Outputs.allocate(feats.shape[0], feats.shape[1], feats.device)
+    groups = ((True, (lengths >= 2) & (lengths <= DENSE_MAX)), (False, lengths > DENSE_MAX))
+    for dense, select in groups:
+        part = solvable(feats, lengths, select)
+        if part is None:
             continue
-        ln = lengths[idx]
-        nm = int(ln.max())
-        group = feats[:, :nm] if idx.numel() == bsz else feats[idx.to(device), :nm]  # a view when all take part
-        g = _solve_group(group, ln, tau=tau, eps=eps, binary=binary,
-                         precision=precision, tol=tol, max_iter=max_iter, dense=dense)
-        di = idx.to(device)
-        lam2[di] = 1.0 - g["theta1"]
-        lam3[di] = 1.0 - g["theta2"]
-        x[di, :nm] = g["dm12"] * g["y"]
-        resid[di] = g["resid"]
-        iters[di] = g["iters"]
-    return Spectrum(lam2, lam3, x, resid, converged_flags(resid, lam2, lam3, tol), iters)
+        di, ln, group = part
+        g = _solve_group(group, ln, params, dense)
+        out.lambda2[di] = 1.0 - g["theta1"]
+        out.lambda3[di] = 1.0 - g["theta2"]
+        out.x[di, : group.shape[1]] = g["dm12"] * g["y"]
+        out.residual[di] = g["resid"]
+        out.iterations[di] = g["iters"]
+    return out.spectrum(feats.shape[1], params.tol)

@@ -35,16 +35,13 @@ from typing import Protocol
 
 import torch
 
+from .contract import BREAKDOWN, KRYLOV_DIM, PARK
+
 __all__ = ["CycleState", "LanczosResult", "Steps", "convergence_test", "init_state", "lanczos_fiedler", "start_vectors"]
 
 #: ``op(v, idx) -> M v`` for a ``(b, N)`` float64 block v of the problems ``idx`` (int64 ``(b,)``).
 Operator = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
-# Below this norm a new Lanczos vector is rounding noise (||M|| <= 1, so this is relative too); the
-# wanted eigenvalues cluster within ~1e-5 of 1, so genuine betas can be as small as 1e-11.
-_BREAKDOWN = 1e-13
-# Diagonal entry that parks padded rows of a tridiagonal matrix far below M's spectrum [-1, 1].
-_PARK = -8.0
 
 
 @dataclass
@@ -90,7 +87,7 @@ def _ritz(alpha: torch.Tensor, beta: torch.Tensor, live: torch.Tensor, k: int):
     b = alpha.shape[0]
     idx = torch.arange(k, device=alpha.device)
     lv = live[:, :k]
-    diag = torch.where(lv, alpha[:, :k], torch.full_like(alpha[:, :k], _PARK))
+    diag = torch.where(lv, alpha[:, :k], torch.full_like(alpha[:, :k], PARK))
     off = torch.where(lv[:, 1:] & lv[:, :-1], beta[:, : k - 1], torch.zeros_like(beta[:, : k - 1]))
     t = torch.zeros(b, k, k, dtype=torch.float64, device=alpha.device)
     t[:, idx, idx] = diag
@@ -149,7 +146,7 @@ def lanczos_fiedler(
     *,
     tol: float,
     max_iter: int,
-    krylov_dim: int = 48,
+    krylov_dim: int = KRYLOV_DIM,
     check_every: int | None = None,
     steps: Steps | None = None,
 ) -> LanczosResult:
@@ -252,7 +249,7 @@ def _torch_step(op: Operator, st: CycleState, j: int, run: slice | torch.Tensor,
     w = _project_out(w, st.basis[run, : j + 2])
     bj = w.norm(dim=-1)
     act_r = act[run]
-    broke_r = act_r & (bj <= _BREAKDOWN)
+    broke_r = act_r & (bj <= BREAKDOWN)
     st.live[:, j] = act
     st.alpha[run, j] = torch.where(act_r, a, torch.zeros_like(a))
     st.beta[run, j] = torch.where(act_r & ~broke_r, bj, torch.zeros_like(bj))

@@ -1,0 +1,211 @@
+"""The compiled extension's backends (``ncutfast._C``, sources in ``csrc/``): "cpu" (OpenMP kernels) and
+"cuda" (CUDA kernels), the device dispatch in ``solve``.
+
+CPU. Binary graphs (the default) never hold an N x N float matrix. Per image, the similarity's upper part is
+formed a block of ``ROW_BLOCK`` rows at a time by torch's BLAS (``K[r0:r1] @ K[r0:].T`` on the raw
+features, float64 for "float64" and IEEE float32 otherwise: a CPU has no tensor cores, so "fast" equals
+"float32"), and the extension right away thresholds each block into a packed bitmask (N^2 / 8 bytes, exactly
+symmetric) with the cosine test ``dot_ij * inv_j > tau / inv_i`` (``inv`` the clamped inverse row norms), so
+no normalized copy of the features exists either. Then the deflated Lanczos solver of
+``csrc/ncut/lanczos.h`` runs with one OpenMP thread per problem. Beyond the features it holds N^2 / 8 bytes
+of bits per problem, one block of similarities, then the solver's vectors and tables
+(``benchmarks/bench_ext.py`` measures time and memory, ``benchmarks/RESULTS.md`` has the numbers).
+Features whose row norms are extreme (outside [2^-40, 2^40], where float32 dot products could over- or
+underflow) are normalized first, as are non-binary graphs, which are solved from the full similarity matrix.
+Results are deterministic (and do not depend on the thread count unless a team solves a problem).
+
+CUDA. Per chunk of the padded batch: torch normalizes the rows and forms the similarity with cuBLAS
+(float64, IEEE float32, or tf32 for "fast"); ``pack_graph_cuda`` thresholds it into a packed bitmask (one
+warp per row, two ballots per word), and ``solve_binary_cuda`` runs the same solver with one thread block per
+problem: the solve of the whole batch is one launch with no host synchronization. Non-binary graphs are
+solved from the similarity matrix. Everything is queued on torch's current stream of the features' device;
+the kernels take raw device pointers, so the extension needs no CUDA build of torch. Results are
+deterministic (fixed-order reductions).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .. import _ext
+from .._validate import check_positive_int
+from .contract import (
+    KRYLOV_DIM,
+    Outputs,
+    SolveParams,
+    Spectrum,
+    batch_slices,
+    check_batch,
+    normalized_features,
+    similarity,
+)
+
+__all__ = ["solve", "DeviceSettings", "SETTINGS", "ROW_BLOCK", "NORM_RANGE"]
+
+
+@dataclass
+class DeviceSettings:
+    """Per-device solver settings.
+
+    Attributes:
+        check_every: Lanczos steps between convergence checks (a tiny tridiagonal solve: one thread of the
+            problem's team, no host synchronization).
+        memory_budget: bytes of similarity blocks (CPU) or matrices (CUDA) one chunk of the batch may hold.
+        graph_budget: bytes of packed graphs (N^2 / 8 per problem) one solver call may hold; on the CPU a
+            call always takes at least one problem per thread; on CUDA 2 GiB is 10,000 problems of 3600
+            tokens, so a batch is normally a single launch with one thread block per problem.
+    """
+
+    check_every: int
+    memory_budget: int
+    graph_budget: int
+
+
+SETTINGS = {"cpu": DeviceSettings(check_every=2, memory_budget=1 << 28, graph_budget=1 << 29),
+            "cuda": DeviceSettings(check_every=4, memory_budget=1 << 31, graph_budget=1 << 31)}
+#: Rows of the similarity formed per matrix product (a multiple of 64). Binary graphs only need the upper
+#: part (rows [r0, r0 + ROW_BLOCK) against columns [r0, N)); 192 rows keep a block of a 3600-token image at
+#: 2.8 MB and the products as fast as bigger blocks (measured: 49-50 ms for 128-384 rows, 52 ms for 512,
+#: 100 ms for the full product, N = 3600, C = 768, 2 cores).
+ROW_BLOCK = 192
+#: Row norms outside this range are normalized before the product (a copy of the features); inside it the
+#: raw float32 dot products can neither overflow nor lose precision to underflow.
+NORM_RANGE = (2.0**-40, 2.0**40)
+
+
+def _inverse_norms(k: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor | None:
+    """``1 / max(||k_i||, 1e-12)`` ``(B, n)`` in k's dtype (1 on padding), or None where a norm is outside
+    ``NORM_RANGE`` (the caller normalizes first). Raises for NaN or infinite features."""
+    norms = torch.linalg.vector_norm(k, dim=-1)
+    valid = torch.arange(k.shape[1])[None, :] < lengths[:, None]
+    vn = norms[valid]
+    if not bool(torch.isfinite(vn).all()):
+        rows = k[valid][~torch.isfinite(vn)]
+        if not bool(torch.isfinite(rows).all()):
+            raise ValueError("feats: contains NaN or inf")
+        return None  # finite features whose norm overflows
+    if bool(((vn > 0) & (vn < NORM_RANGE[0])).any()) or bool((vn > NORM_RANGE[1]).any()):
+        return None
+    one = torch.ones((), dtype=k.dtype)
+    return torch.where(valid, 1.0 / norms.clamp_min(1e-12), one).contiguous()
+
+
+def solve(feats: torch.Tensor, lengths: torch.Tensor, params: SolveParams, *, device_type: str = "cpu",
+          table: bool = True, team: int = 0) -> Spectrum:
+    """The backend contract (``backends.contract``) on ``device_type`` ("cpu" or "cuda") tensors.
+
+    Any strides and float dtypes (float16/bfloat16/float32/float64) are accepted. NaN or infinite features
+    (within the lengths) raise ``ValueError`` on the CPU (finiteness of CUDA features is the caller's, as
+    ``ncutfast.api`` does). A non-binary graph with a degree <= 0 (tau < 0) raises ``ValueError``. CPU only:
+    ``table=False`` replaces the subset-sum-table mat-vec by the set-bit loop the CUDA kernels use, and
+    ``team=k`` solves each problem with k threads that synchronize like a CUDA thread block (0: one thread
+    per problem unless a small batch holds huge problems); tests run both to cover the GPU's code paths.
+    """
+    if device_type not in SETTINGS:
+        raise ValueError(f"device_type: expected one of {tuple(SETTINGS)}, got {device_type!r}")
+    lengths = check_batch(feats, lengths, (device_type,))
+    if not isinstance(table, bool):
+        raise TypeError(f"table: expected a bool, got {type(table).__name__}")
+    team = check_positive_int(team, "team", minimum=0)
+    if _ext.C is None:
+        raise RuntimeError(f"backend: the compiled extension ncutfast._C is not available ({_ext.IMPORT_ERROR})")
+    n = int(lengths.max())  # columns beyond every length are padding: drop them
+    out = Outputs.allocate(feats.shape[0], n, feats.device)
+    if device_type == "cuda":
+        if not table or team:
+            raise ValueError("table, team: the CUDA kernels take neither (they are CPU test settings)")
+        _solve_cuda(feats[:, :n], lengths, params, out)
+    else:
+        _solve_cpu(feats[:, :n], lengths, params, out, table=table, team=team)
+    return out.spectrum(feats.shape[1], params.tol)
+
+
+def _common(p: SolveParams, device_type: str) -> dict[str, object]:
+    return dict(tol=p.tol, max_iter=p.max_iter, krylov_dim=KRYLOV_DIM,
+                check_every=SETTINGS[device_type].check_every)
+
+
+def _solve_cpu(feats: torch.Tensor, lengths: torch.Tensor, p: SolveParams, out: Outputs, *, table: bool,
+               team: int) -> None:
+    C = _ext.C
+    bsz, n = feats.shape[0], feats.shape[1]
+    cfg = SETTINGS["cpu"]
+    dtype = torch.float64 if p.precision == "float64" else torch.float32
+    k = feats.to(dtype)  # a view when the dtype already matches
+    inv = _inverse_norms(k, lengths)
+    sim_dtype = "float64" if p.precision == "float64" else "float32"
+    itemsize = 8 if p.precision == "float64" else 4
+    common = _common(p, "cpu") | dict(team=team)
+    if not p.binary:
+        for sl in batch_slices(0, bsz, n * n * itemsize, cfg.memory_budget):
+            s = similarity(k[sl], lengths[sl], p.precision)
+            C.solve_dense_cpu(s.data_ptr(), sim_dtype, s.shape[0], n, lengths[sl].data_ptr(), p.tau, p.eps,
+                              **common, **out.pointers(sl))
+        return
+    if inv is None:  # extreme norms: normalize first, then the products are cosines already
+        k = normalized_features(k, lengths, p.precision)
+    words = C.words_per_row(n)
+    block = min(ROW_BLOCK, n)
+    # Groups of problems share one solver call (at least one problem per thread keeps all busy); their
+    # graphs are packed from the upper part of S, a block of rows at a time, through one reused buffer.
+    # Words are uint64 held in int64 (only the address reaches the kernels).
+    for grp in batch_slices(0, bsz, n * words * 8, cfg.graph_budget, at_least=C.cpu_threads()):
+        bits = torch.empty(grp.stop - grp.start, n, words, dtype=torch.int64)
+        slices = batch_slices(grp.start, grp.stop, block * n * itemsize, cfg.memory_budget)
+        buf = torch.empty(max(sl.stop - sl.start for sl in slices) * block * n, dtype=dtype)
+        for sl in slices:
+            b = sl.stop - sl.start
+            inv_ptr = 0 if inv is None else inv[sl].data_ptr()
+            for r0 in range(0, n, block):
+                r1 = min(r0 + block, n)
+                s = buf[: b * (r1 - r0) * (n - r0)].view(b, r1 - r0, n - r0)
+                torch.bmm(k[sl, r0:r1], k[sl, r0:].transpose(1, 2), out=s)
+                C.pack_graph_block_cpu(s.data_ptr(), sim_dtype, b, n, r0, r1 - r0, lengths[sl].data_ptr(),
+                                       p.tau, bits[sl.start - grp.start].data_ptr(), inv_norms=inv_ptr)
+        del buf, s
+        C.solve_binary_cpu(bits.data_ptr(), bits.shape[0], n, lengths[grp].data_ptr(), p.eps,
+                           table=table, **common, **out.pointers(grp))
+
+
+def _solve_cuda(feats: torch.Tensor, lengths_host: torch.Tensor, p: SolveParams, out: Outputs) -> None:
+    C = _ext.C
+    if not _ext.HAS_CUDA_EXT:
+        raise RuntimeError("backend: ncutfast._C was built without CUDA kernels")
+    bsz, n = feats.shape[0], feats.shape[1]
+    cfg = SETTINGS["cuda"]
+    device = feats.device
+    dev_index = device.index if device.index is not None else torch.cuda.current_device()
+    stream = torch.cuda.current_stream(device).cuda_stream
+    lengths = lengths_host.to(device)
+    sim_dtype = "float64" if p.precision == "float64" else "float32"
+    sim_bytes = n * n * (8 if p.precision == "float64" else 4)
+
+    def launch(work_batch: int) -> dict[str, object]:
+        work = torch.empty(work_batch, C.workspace_doubles(n, KRYLOV_DIM), dtype=torch.float64, device=device)
+        return _common(p, "cuda") | dict(workspace=work.data_ptr(), device=dev_index, stream=stream)
+
+    with torch.cuda.device(device):
+        # Freed tensors go back to torch's caching allocator, which orders their reuse on this stream after
+        # the kernels queued here.
+        if not p.binary:
+            for sl in batch_slices(0, bsz, sim_bytes, cfg.memory_budget):
+                s = similarity(feats[sl], lengths[sl], p.precision)
+                C.solve_dense_cuda(s.data_ptr(), sim_dtype, s.shape[0], n, lengths[sl].data_ptr(), p.tau, p.eps,
+                                   **launch(s.shape[0]), **out.pointers(sl))
+        else:
+            words = C.words_per_row(n)
+            for grp in batch_slices(0, bsz, n * words * 8, cfg.graph_budget):
+                bits = torch.empty(grp.stop - grp.start, n, words, dtype=torch.int64, device=device)
+                for sl in batch_slices(grp.start, grp.stop, sim_bytes, cfg.memory_budget):
+                    s = similarity(feats[sl], lengths[sl], p.precision)
+                    C.pack_graph_cuda(s.data_ptr(), sim_dtype, s.shape[0], n, lengths[sl].data_ptr(), p.tau,
+                                      bits[sl.start - grp.start].data_ptr(), dev_index, stream)
+                    del s
+                C.solve_binary_cuda(bits.data_ptr(), bits.shape[0], n, lengths[grp].data_ptr(), p.eps,
+                                    **launch(bits.shape[0]), **out.pointers(grp))
+    if not p.binary and bool((out.iterations < 0).any()):  # the solver's flag for a degree <= 0 (lanczos.h)
+        b = int((out.iterations < 0).nonzero()[0, 0])
+        raise ValueError(f"feats: problem {b} has a degree <= 0 (W = similarity where >= tau, with tau < 0 and "
+                         "negative similarities?)")
