@@ -47,6 +47,7 @@ feature: 4 fp32, 2 fp16):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -149,9 +150,10 @@ def _solve_note(spec, b: int) -> str:
             f"converged {int(spec.converged.sum())}/{b}")
 
 
-def _fused_step_rows(args: argparse.Namespace, timed, op, lengths, n: int, precision: str) -> list[tuple]:
+def _fused_step_rows(args: argparse.Namespace, timed, op, lengths, n: int, precision: str, emit) -> None:
     """One fused Lanczos step at step j = ``_STEP_AT`` (its basis has j + 2 rows), whole batch: the
-    mat-vec launch alone, the reorthogonalization + bookkeeping launch alone, and both (FusedSteps).
+    mat-vec launch alone, the reorthogonalization + bookkeeping launch alone, and both (FusedSteps); each
+    row goes to ``emit`` as soon as it is measured.
 
     Counts per image: mat-vec as ``matvec``; step: 3 sweeps over the (j + 2, n) fp64 basis (24 (j + 2) n
     bytes) plus w (7 passes of 8 n bytes), FLOPs 2 (j + 2) n for the first sweep and 4 (j + 2) n for each
@@ -188,26 +190,27 @@ def _fused_step_rows(args: argparse.Namespace, timed, op, lengths, n: int, preci
         t_mv8 = timed(again(fused.launch_matvec))
     nan = float("nan")
     note = f"fused step at j={j}, whole batch"
-    rows = [(n, precision, "step-matvec", t_mv, nan, mv_flop, mv_bytes, note + "; mat-vec launch"),
+    for row in [(n, precision, "step-matvec", t_mv, nan, mv_flop, mv_bytes, note + "; mat-vec launch"),
             (n, precision, "step-matvec-int8", t_mv8, nan, mv_flop, mv_bytes, note + "; int8 mat-vec (2 launches)"),
             (n, precision, "step-reorth", t_st, nan, st_flop, st_bytes, note + "; CGS2 + bookkeeping launch"),
-            (n, precision, "step", t_both, nan, mv_flop + st_flop, mv_bytes + st_bytes, note + "; both launches")]
+            (n, precision, "step", t_both, nan, mv_flop + st_flop, mv_bytes + st_bytes, note + "; both launches")]:
+        emit(row)
     if args.sweep and n == max(args.n):
         # Other launch settings of the two step kernels (the defaults are in kernels/_utils.py, "lanczos").
 
         for bm, bn, nw in _SWEEP_MATVEC:
             with override("lanczos", BM=bm, BN=bn, num_warps=nw):
                 t = timed(again(fused.launch_matvec))
-            rows.append((n, precision, f"step-matvec BM={bm} BN={bn} w={nw}", t, nan, mv_flop, mv_bytes, "sweep"))
+            emit((n, precision, f"step-matvec BM={bm} BN={bn} w={nw}", t, nan, mv_flop, mv_bytes, "sweep"))
         for bs, nw in _SWEEP_REORTH:
             with override("lanczos", BS=bs, num_warps=nw):
                 t = timed(again(fused.launch_step))
-            rows.append((n, precision, f"step-reorth BS={bs} w={nw}", t, nan, st_flop, st_bytes, "sweep"))
-    return rows
+            emit((n, precision, f"step-reorth BS={bs} w={nw}", t, nan, st_flop, st_bytes, "sweep"))
 
 
-def _measure(args: argparse.Namespace, device, n: int) -> list[tuple]:
-    """Rows (N, precision, kernel, seconds, images/s, FLOP, bytes, note) for one token count."""
+def _measure(args: argparse.Namespace, device, n: int, emit) -> None:
+    """Rows (N, precision, kernel, seconds, images/s, FLOP, bytes, note) for one token count, each passed to
+    ``emit`` as soon as it is measured (a timeout keeps the rows before it)."""
     import numpy as np
     import torch
 
@@ -228,7 +231,6 @@ def _measure(args: argparse.Namespace, device, n: int) -> list[tuple]:
     nf = min(16, b)  # images on which threshold flips against float64 are counted
     ref_mask = affinity_fwd(feats[:nf], lengths[:nf], tau=args.tau, precision="float64")[0]
     table = torch.tensor([bin(i).count("1") for i in range(256)], device=device)
-    rows = []
     compare_at = "fast" if "fast" in args.precision else args.precision[0]
     for precision in args.precision:
         mask = affinity_fwd(feats[:nf], lengths[:nf], tau=args.tau, precision=precision)[0]
@@ -238,6 +240,7 @@ def _measure(args: argparse.Namespace, device, n: int) -> list[tuple]:
         aff_flop = b * (n * (n + 1) * c + 3 * n * c)
         aff_bytes = b * (n * c * (2 * 4 + s_bytes) + 4 * n * w + 4 * n)
         t_aff = timed(lambda p=precision: affinity_fwd(feats, lengths, tau=args.tau, precision=p))
+        emit((n, precision, "affinity", t_aff, b / t_aff, aff_flop, aff_bytes, flip_note))
         nan = float("nan")
 
         def whole(p=precision):
@@ -249,14 +252,11 @@ def _measure(args: argparse.Namespace, device, n: int) -> list[tuple]:
                 t_x3 = timed(lambda: affinity_fwd(feats, lengths, tau=args.tau, precision="float32"))
                 mask = affinity_fwd(feats[:nf], lengths[:nf], tau=args.tau, precision="float32")[0]
             flips = int(table[(mask ^ ref_mask).view(torch.uint8).long()].sum())
-            rows.append((n, precision, "affinity-tf32x3", t_x3, b / t_x3, aff_flop, aff_bytes,
-                         f"3xTF32 dot; threshold flips vs float64: {flips / (nf * n * n):.2e}"))
+            emit((n, precision, "affinity-tf32x3", t_x3, b / t_x3, aff_flop, aff_bytes,
+                  f"3xTF32 dot; threshold flips vs float64: {flips / (nf * n * n):.2e}"))
         default = block_sizes("lanczos")["solve"]
         t_all = timed(whole)
-        rows += [
-            (n, precision, "affinity", t_aff, b / t_aff, aff_flop, aff_bytes, flip_note),
-            (n, precision, "ncut", t_all, b / t_all, nan, nan, f"solve={default}; " + _solve_note(whole(), b)),
-        ]
+        emit((n, precision, "ncut", t_all, b / t_all, nan, nan, f"solve={default}; " + _solve_note(whole(), b)))
         if precision != compare_at:
             continue
         op = BitmaskOperator(*affinity_fwd(feats, lengths, tau=args.tau, precision=precision), lengths,
@@ -266,9 +266,9 @@ def _measure(args: argparse.Namespace, device, n: int) -> list[tuple]:
         t_mv = timed(lambda op=op, v=v: op(v))
         with override("matvec", int8=1):
             t_mv8 = timed(lambda op=op, v=v: op(v))
-        rows += [(n, precision, "matvec", t_mv, nan, mv_flop, mv_bytes, "fp64 FMA; one step, whole batch"),
-                 (n, precision, "matvec-int8", t_mv8, nan, mv_flop, mv_bytes, "int8 tensor cores; one step")]
-        rows += _fused_step_rows(args, timed, op, lengths, n, precision)
+        emit((n, precision, "matvec", t_mv, nan, mv_flop, mv_bytes, "fp64 FMA; one step, whole batch"))
+        emit((n, precision, "matvec-int8", t_mv8, nan, mv_flop, mv_bytes, "int8 tensor cores; one step"))
+        _fused_step_rows(args, timed, op, lengths, n, precision, emit)
         # How the Lanczos steps run between convergence checks (issue 4: CUDA graph vs persistent kernel),
         # plus the op-by-op driver with either mat-vec, on the same batch.
         for mode in args.modes:
@@ -284,14 +284,12 @@ def _measure(args: argparse.Namespace, device, n: int) -> list[tuple]:
                         "torch": "op by op, ~30 torch ops/step"}[mode]
                 if mode == "graph" and device.type != "cuda":
                     what += " (run eagerly here: no CUDA)"
-                rows.append((n, precision, label, t, b / t, nan, nan, f"{what}{', int8 matvec' if int8 else ''}; "
-                             + note))
+                emit((n, precision, label, t, b / t, nan, nan, f"{what}{', int8 matvec' if int8 else ''}; " + note))
     eb = min(args.eigh_batch, args.batch)
     provider = TorchEigh(device.type, torch.float32)
     t_eigh = timed(lambda: provider.solve(feats[:eb], args.tau, args.eps))
-    rows.append((n, "float32", "torch.linalg.eigh", t_eigh, eb / t_eigh, float("nan"), float("nan"),
-                 f"baseline on {eb} images (graph build + batched eigh of M)"))
-    return rows
+    emit((n, "float32", "torch.linalg.eigh", t_eigh, eb / t_eigh, float("nan"), float("nan"),
+          f"baseline on {eb} images (graph build + batched eigh of M)"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -318,17 +316,28 @@ def main(argv: list[str] | None = None) -> int:
 
     rows = []
     header = ("N", "precision", "kernel", "ms", "images/s", "GFLOP", "TFLOP/s", "MB", "GB/s", "% peak", "note")
-    for n in args.n:
-        rows += _measure(args, device, n)
     print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
-    lines = []
-    for n, prec, kern, t, ips, flop, nbytes, note in rows:
-        vals = (n, prec, kern, f"{t * 1e3:.3f}", _fmt(ips, 1, ",.0f"), _fmt(flop, 1e9, ".3f"),
-                _fmt(flop / t, 1e12, ".2f"), _fmt(nbytes, 1e6, ".1f"), _fmt(nbytes / t, 1e9, ".1f"),
-                _percent_of_peak(card, kern, prec, t, flop, nbytes), note)
-        lines.append(vals)
-        print("| " + " | ".join(str(x) for x in vals) + " |")
+    print("|" + "---|" * len(header), flush=True)
+    with contextlib.ExitStack() as stack:
+        fh = stack.enter_context(open(args.csv, "w")) if args.csv else None
+        if fh:
+            fh.write(",".join(header) + ",card\n")
+            fh.flush()
+
+        def emit(row: tuple) -> None:
+            """Print and write one row at once, so that a run cut short keeps what it measured."""
+            n, prec, kern, t, ips, flop, nbytes, note = row
+            rows.append(row)
+            vals = (n, prec, kern, f"{t * 1e3:.3f}", _fmt(ips, 1, ",.0f"), _fmt(flop, 1e9, ".3f"),
+                    _fmt(flop / t, 1e12, ".2f"), _fmt(nbytes, 1e6, ".1f"), _fmt(nbytes / t, 1e9, ".1f"),
+                    _percent_of_peak(card, kern, prec, t, flop, nbytes), note)
+            print("| " + " | ".join(str(x) for x in vals) + " |", flush=True)
+            if fh:
+                fh.write(",".join(str(x).replace(",", "") for x in vals) + f",{card}\n")
+                fh.flush()
+
+        for n in args.n:
+            _measure(args, device, n, emit)
     for n in args.n:
         by = {(r[1], r[2]): r for r in rows if r[0] == n}
         eigh_ips = by[("float32", "torch.linalg.eigh")][4]
@@ -337,11 +346,6 @@ def main(argv: list[str] | None = None) -> int:
                 ips = by[(prec, kern)][4]
                 print(f"N={n} {prec} {kern}: {ips:,.0f} images/s = {ips / eigh_ips:,.1f}x torch.linalg.eigh "
                       f"({card})")
-    if args.csv:
-        with open(args.csv, "w") as fh:
-            fh.write(",".join(header) + ",card\n")
-            for vals in lines:
-                fh.write(",".join(str(x).replace(",", "") for x in vals) + f",{card}\n")
     return 0
 
 

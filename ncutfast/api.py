@@ -22,10 +22,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 
-from . import backends, reference
+from . import backends, decide, reference
 from ._arrays import Batch, as_batch, to_framework
 from ._validate import check_choice, check_grid, check_image_size, check_patch, check_positive_int
 from .backends import SolveParams
@@ -33,8 +32,8 @@ from .backends import SolveParams
 __all__ = ["TIE_RTOL", "PRECISIONS", "NcutResult", "TokenCutResult", "MaskCutResult", "ncut", "tokencut",
            "maskcut"]
 
-#: Relative tie tolerance (times max|x|): for the seed (ties with max|x|) and for the mean (ties with it).
-TIE_RTOL = 1e-6
+#: Relative tie tolerance (times max|x|) of the seed and mean rules (``ncutfast.decide``).
+TIE_RTOL = decide.TIE_RTOL
 PRECISIONS = backends.PRECISIONS
 Array = Any  # torch.Tensor | numpy.ndarray | cupy.ndarray
 
@@ -55,28 +54,17 @@ class _Cut:
     backend: str
 
 
-def _solve(feats: torch.Tensor, lengths: torch.Tensor, params: SolveParams, backend: str) -> _Cut:
+def _spectrum(feats: torch.Tensor, lengths: torch.Tensor, params: SolveParams,
+              backend: str) -> tuple[str, backends.Spectrum]:
     name, fn = backends.resolve_backend(backend, feats.device)
-    sp = fn(feats, lengths, params)
-    dev = sp.x.device
-    n = lengths.to(dev)
-    valid = torch.arange(sp.x.shape[1], device=dev)[None, :] < n[:, None]
-    x = sp.x
-    ax = x.abs()
-    amax = ax.max(-1).values
-    cand = (ax >= amax[:, None] * (1.0 - TIE_RTOL)) & valid
-    seed = cand.to(torch.int8).argmax(-1)  # spec §2 step 7, lowest index among the tied maxima
-    # Orient x so that the seed's entry is positive; the partition is then TokenCut's for that sign, and
-    # tokens tied with the mean (|x - mean| <= TIE_RTOL max|x|: exact in theory, decided by rounding
-    # otherwise) stay outside it, as x > mean says in exact arithmetic.
-    sign = torch.where(x.gather(1, seed[:, None]) < 0, -1.0, 1.0).to(x.dtype)
-    xs = x * sign
-    mean = xs.sum(-1) / n  # spec §2 step 6: unweighted mean over the image's tokens
-    part = (xs > (mean + TIE_RTOL * amax)[:, None]) & valid
-    flip = ~part.gather(1, seed[:, None])[:, 0]  # only when all entries tie (e.g. N = 1): complement
-    part = torch.where(flip[:, None], ~part & valid, part)
-    xo = torch.where(flip[:, None], -xs, xs)
-    return _Cut(sp.lambda2, sp.lambda3, xo, x, part, seed, sp.residual, sp.converged, sp.iterations, name)
+    return name, fn(feats, lengths, params)
+
+
+def _solve(feats: torch.Tensor, lengths: torch.Tensor, params: SolveParams, backend: str) -> _Cut:
+    name, sp = _spectrum(feats, lengths, params, backend)
+    cut = decide.tokencut_cut(sp.x, lengths.to(sp.x.device))
+    return _Cut(sp.lambda2, sp.lambda3, cut.x, sp.x, cut.partition, cut.seed, sp.residual, sp.converged,
+                sp.iterations, name)
 
 
 @dataclass
@@ -112,15 +100,29 @@ class NcutResult:
 
 
 def _out(t: torch.Tensor, batch: Batch, per_token: bool) -> Any:
-    """Shape one batched tensor like the input: squeeze single, split lists, keep padded batches."""
+    """Shape one batched tensor like the input, converted once: squeeze single, split lists (views), keep
+    padded batches. ``per_token``: the last axis holds tokens (cut at each image's length)."""
+    a = to_framework(t, batch.framework, batch.device)
     if batch.layout == "single":
-        return to_framework(t[0, : int(batch.lengths[0])] if per_token else t[0], batch.framework, batch.device)
+        return a[0, ..., : int(batch.lengths[0])] if per_token else a[0]
     if batch.layout == "list":
         if per_token:
-            return [to_framework(t[i, : int(n)], batch.framework, batch.device)
-                    for i, n in enumerate(batch.lengths.tolist())]
-        return [to_framework(t[i], batch.framework, batch.device) for i in range(t.shape[0])]
-    return to_framework(t, batch.framework, batch.device)
+            return [a[i, ..., :n] for i, n in enumerate(batch.lengths.tolist())]
+        return [a[i] for i in range(a.shape[0])]
+    return a
+
+
+def _grid_out(t: torch.Tensor, grids: list[tuple[int, int]], batch: Batch) -> Any:
+    """Token masks ``(B, ..., N_max)`` as grids, converted once: ``(..., h, w)`` for one image, a list of
+    them for list input or differing grids, else ``(B, ..., h, w)``."""
+    a = to_framework(t, batch.framework, batch.device)
+    if batch.layout == "single":
+        h, w = grids[0]
+        return a[0, ..., : h * w].reshape(*a.shape[1:-1], h, w)
+    if batch.layout == "list" or len(set(grids)) != 1:
+        return [a[i, ..., : h * w].reshape(*a.shape[1:-1], h, w) for i, (h, w) in enumerate(grids)]
+    h, w = grids[0]
+    return a[..., : h * w].reshape(*a.shape[:-1], h, w)
 
 
 def _ncut_result(cut: _Cut, batch: Batch) -> NcutResult:
@@ -209,14 +211,6 @@ class TokenCutResult:
     ncut: NcutResult
 
 
-def _stack_or_list(items: list[np.ndarray], batch: Batch) -> Any:
-    if batch.layout == "single":
-        return to_framework(torch.from_numpy(items[0]), batch.framework, batch.device)
-    if batch.layout == "list" or len({a.shape for a in items}) != 1:
-        return [to_framework(torch.from_numpy(a), batch.framework, batch.device) for a in items]
-    return to_framework(torch.from_numpy(np.stack(items)), batch.framework, batch.device)
-
-
 def tokencut(
     features: Array | list[Array],
     grid: tuple[int, int] | list[tuple[int, int]],
@@ -250,18 +244,12 @@ def tokencut(
     else:
         sizes = _per_image(image_size, batch, "image_size", lambda s, i: check_image_size(s))
     cut = _solve(batch.feats, batch.lengths, params, backend)
-    part = cut.partition.cpu().numpy()
-    seeds = cut.seed.cpu().numpy()
-    masks, boxes = [], []
-    for i, (g, size) in enumerate(zip(grids, sizes, strict=True)):
-        n = g[0] * g[1]
-        _, mask = reference.seed_component(part[i, :n], int(seeds[i]), g)  # spec §2 step 8
-        masks.append(mask)
-        boxes.append(reference.box_from_mask(mask, (patch, patch), size))  # spec §2 step 9
-    box_t = torch.tensor(boxes, dtype=torch.int64)
+    grid_t = torch.tensor(grids, dtype=torch.int64)
+    mask = decide.seed_component(cut.partition, cut.seed, grid_t)  # spec §2 step 8
+    box = decide.boxes(mask, grid_t, (patch, patch), torch.tensor(sizes, dtype=torch.int64))  # spec §2 step 9
     return TokenCutResult(
-        masks=_stack_or_list(masks, batch),
-        boxes=to_framework(box_t[0] if batch.layout == "single" else box_t, batch.framework, batch.device),
+        masks=_grid_out(mask, grids, batch),
+        boxes=to_framework(box[0] if batch.layout == "single" else box, batch.framework, batch.device),
         seeds=_out(cut.seed, batch, False),
         ncut=_ncut_result(cut, batch),
     )
@@ -273,8 +261,11 @@ class MaskCutResult:
 
     Attributes:
         masks: bool ``(B, n_masks, h, w)`` (a list of ``(n_masks, h_i, w_i)`` for list input or differing
-            grids; ``(n_masks, h, w)`` for one image). A rejected step (<= 1% of tokens, or IoU > 0.5 with
-            the previous step's mask) is all False.
+            grids; ``(n_masks, h, w)`` for one image), **pairwise disjoint**: each step's mask minus the
+            masks of the earlier steps (CutLER subtracts its earlier pixel masks the same way). A rejected
+            step (<= 1% of tokens, or IoU > 0.5 with the previous step's own mask) is all False, and so is
+            a step that found only tokens of earlier masks (the same object again).
+        valid: bool ``(B, n_masks)``, the step's mask is non-empty.
         seeds: int64 ``(B, n_masks)``.
         lambda2, lambda3: float64 ``(B, n_masks)``, each step's eigenvalues (Ncut value and gap).
         eigenvectors: float64 ``(B, n_masks, N_max)`` (lists of ``(n_masks, N_i)`` for list input), the
@@ -282,16 +273,11 @@ class MaskCutResult:
     """
 
     masks: Array | list[Array]
+    valid: Array
     seeds: Array
     lambda2: Array
     lambda3: Array
     eigenvectors: Array | list[Array]
-
-
-def _tie_argmax(v: np.ndarray) -> int:
-    """Lowest index among entries within TIE_RTOL * max|v| of max(v) (see the module docstring)."""
-    scale = float(np.abs(v).max())
-    return int(np.flatnonzero(v >= v.max() - TIE_RTOL * scale)[0])
 
 
 def maskcut(
@@ -312,7 +298,10 @@ def maskcut(
 
     Each of the ``n_masks`` steps zeroes the keys of the tokens already cut, solves the ncut of every image
     in one batched solve, chooses the foreground side with the corner rule, keeps the seed's 4-connected
-    component and rejects tiny (<= 1%) or overlapping (IoU > 0.5 with the previous step) masks.
+    component and rejects tiny (<= 1%) or overlapping (IoU > 0.5 with the previous step) masks. The
+    returned masks are disjoint: each step's mask minus the earlier steps' masks (``valid`` says which
+    steps kept any token), so the same object is never returned twice (``ncutfast.decide.maskcut``). All
+    decisions run batched on the features' device.
 
     Args:
         features: as for ``ncut``; tokens row-major over the grid, CLS excluded.
@@ -329,43 +318,14 @@ def maskcut(
     check_choice(sign_rule, "sign_rule", reference.SIGN_RULES)
     batch = as_batch(features, lengths)
     grids = _grids(grid, batch)
-    b, n_max = batch.feats.shape[0], batch.feats.shape[1]
-    lens = batch.lengths.tolist()
-    painting = torch.zeros(b, n_max, dtype=torch.bool, device=batch.feats.device)
-    prev = np.zeros((b, n_max), dtype=bool)
-    k = batch.feats
-    masks = np.zeros((b, n_masks, n_max), dtype=bool)
-    seeds = np.zeros((b, n_masks), dtype=np.int64)
-    lam2 = np.zeros((b, n_masks))
-    lam3 = np.zeros((b, n_masks))
-    vecs = np.zeros((b, n_masks, n_max))
-    for t in range(n_masks):
-        if t >= 1:
-            # spec §4 step 1: paint the previous masks and zero the painted keys (accumulating).
-            painting |= torch.from_numpy(prev).to(painting.device)
-            k = k * (~painting)[:, :, None].to(k.dtype)
-        cut = _solve(k, batch.lengths, params, backend)
-        raw = cut.raw_x.cpu().numpy()
-        lam2[:, t] = cut.lambda2.cpu().numpy()
-        lam3[:, t] = cut.lambda3.cpu().numpy()
-        for i, (g, n) in enumerate(zip(grids, lens, strict=True)):
-            part, seed, used = reference.maskcut_decision(raw[i, :n], g, sign_rule=sign_rule, argmax=_tie_argmax,
-                                                          mean_rtol=TIE_RTOL)  # spec §4 steps 2-3
-            _, mask = reference.seed_component(part, seed, g)  # spec §4 step 4
-            mask = mask.reshape(-1)
-            if t >= 1 and (reference.token_iou(prev[i, :n], mask) > 0.5 or mask.sum() / n <= 0.01):
-                mask = np.zeros(n, dtype=bool)  # spec §4 step 5
-            prev[i, :n] = mask
-            masks[i, t, :n] = mask
-            seeds[i, t] = seed
-            vecs[i, t, :n] = used
-    mask_list = [masks[i, :, : g[0] * g[1]].reshape(n_masks, *g) for i, g in enumerate(grids)]
-    vec_list = [vecs[i, :, :n] for i, n in enumerate(lens)]
+    res = decide.maskcut(lambda k: _spectrum(k, batch.lengths, params, backend)[1], batch.feats,
+                         batch.lengths.to(batch.feats.device), torch.tensor(grids, dtype=torch.int64), n_masks,
+                         sign_rule)
     return MaskCutResult(
-        masks=_stack_or_list(mask_list, batch),
-        seeds=_out(torch.from_numpy(seeds), batch, False),
-        lambda2=_out(torch.from_numpy(lam2), batch, False),
-        lambda3=_out(torch.from_numpy(lam3), batch, False),
-        eigenvectors=(_stack_or_list(vec_list, batch) if batch.layout in ("single", "list")
-                      else _out(torch.from_numpy(vecs), batch, False)),
+        masks=_grid_out(res.masks, grids, batch),
+        valid=_out(res.valid, batch, False),
+        seeds=_out(res.seeds, batch, False),
+        lambda2=_out(res.lambda2, batch, False),
+        lambda3=_out(res.lambda3, batch, False),
+        eigenvectors=_out(res.x, batch, True),
     )

@@ -320,6 +320,16 @@ def maskcut_decision(
     return partition, int(argmax(x)), x
 
 
+def subtract_earlier(masks: np.ndarray) -> np.ndarray:
+    """Spec §4 step 6 at token level: each mask minus the union of the earlier ones (so the masks are
+    disjoint; CutLER subtracts the earlier pixel masks after upsampling). ``masks``: bool ``(T, ...)``."""
+    out = np.asarray(masks, dtype=bool).copy()
+    taken = np.zeros(out.shape[1:], dtype=bool)
+    for t in range(out.shape[0]):
+        taken, out[t] = taken | out[t], out[t] & ~taken
+    return out
+
+
 @dataclass
 class MaskCutResult:
     """MaskCut on one image at token level (spec §4 steps 1-5).

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import reference
-from .api import TIE_RTOL
+from .decide import TIE_RTOL
 
 __all__ = [
     "TOLERANCES",

@@ -7,7 +7,7 @@ One documented difference: CutLER's corner rule depends on the arbitrary sign sc
 (CutLER #71), so its own output is not reproducible across LAPACK builds. This drop-in uses ncutfast's
 canonical sign rule (``ncutfast.maskcut(sign_rule="canonical")``): the seed's side unless it holds >= 3 of
 the 4 corners. Everything else (zeroed painted keys, signed-argmax seed, <= 1% / IoU > 0.5 filters,
-nearest-neighbour upsampling, subtraction of earlier masks) follows CutLER.
+nearest-neighbour upsampling, disjoint masks: each minus the earlier ones) follows CutLER.
 """
 
 from __future__ import annotations
@@ -60,15 +60,10 @@ def maskcut_forward_batch(
     vecs = res.eigenvectors.cpu().numpy()
     out = []
     for i in range(len(toks)):
-        bipartitions, eigvecs = [], []
-        for t in range(n_masks):
-            # spec §4 step 6: upsample, subtract earlier masks, clip at 0.
-            up = _upsample(masks[i, t].astype(np.float64), init_image_size)
-            masked_out = np.sum(bipartitions, axis=0) if bipartitions else 0
-            up = up - masked_out
-            up[up <= 0] = 0
-            bipartitions.append(up)
-            eigvecs.append(_upsample(vecs[i, t].reshape(h, w), init_image_size))
+        # spec §4 step 6: the token masks are already disjoint (ncutfast.maskcut subtracts the earlier
+        # masks), and nearest upsampling keeps them so: CutLER's pixel subtraction changes nothing.
+        bipartitions = [_upsample(masks[i, t].astype(np.float64), init_image_size) for t in range(n_masks)]
+        eigvecs = [_upsample(vecs[i, t].reshape(h, w), init_image_size) for t in range(n_masks)]
         out.append((np.int64(seeds[i, -1]), bipartitions, eigvecs))
     return out
 

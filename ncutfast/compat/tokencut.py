@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .. import reference
+from .. import decide
 from .._arrays import as_batch
 from .._validate import check_eps, check_tau
 from ..api import _solve
@@ -30,17 +30,6 @@ def _features(feats: torch.Tensor, name: str) -> torch.Tensor:
     if feats.ndim != 3 or feats.shape[0] != 1 or feats.shape[1] < 2:
         raise ValueError(f"{name}: expected shape (1, 1 + N, C) with N >= 1, got {tuple(feats.shape)}")
     return feats[0, 1:, :]
-
-
-def _result(x, partition, seed, dims, scales, init_image_size):
-    """TokenCut's post-processing: detect_box on the bipartition, then the 6-tuple it returns."""
-    dims = (int(dims[0]), int(dims[1]))
-    bipartition = partition.reshape(dims).astype(float)
-    objects, mask_b = reference.seed_component(bipartition, seed, dims)
-    pred = reference.box_from_mask(mask_b, (scales[0], scales[1]), tuple(init_image_size[1:]))
-    mask = np.zeros(dims)
-    mask[mask_b] = 1
-    return np.asarray(pred), objects, mask, np.int64(seed), None, x.reshape(dims)
 
 
 def ncut_batch(
@@ -69,12 +58,21 @@ def ncut_batch(
     # TokenCut's similarity is a torch matmul in the features' own dtype (float32 from the ViT).
     precision = "float64" if batch.feats.dtype == torch.float64 else "float32"
     cut = _solve(batch.feats, batch.lengths, SolveParams(tau, eps, not no_binary_graph, precision), "auto")
+    # TokenCut's detect_box for the whole batch on the solve's device, then one copy of each field.
+    grids = torch.tensor([[int(d[0]), int(d[1])] for d in dims], dtype=torch.int64)
+    labels = decide.token_components(cut.partition, grids)
+    mask = decide.same_component(labels, cut.seed)
+    sizes = torch.tensor([[int(s[1]), int(s[2])] for s in init_image_size], dtype=torch.int64)
+    boxes = decide.boxes(mask, grids, (int(scales[0]), int(scales[1])), sizes).cpu().numpy()
+    objects = decide.label_numbers(labels).cpu().numpy()
+    mask = mask.cpu().numpy()
     x = cut.x.cpu().numpy()
-    part = cut.partition.cpu().numpy()
-    seeds = cut.seed.cpu().tolist()
+    seeds = cut.seed.cpu().numpy()
     out = []
-    for i, n in enumerate(batch.lengths.tolist()):
-        out.append(_result(x[i, :n], part[i, :n], seeds[i], dims[i], scales, init_image_size[i]))
+    for i, (h, w) in enumerate(grids.tolist()):
+        n = h * w
+        out.append((boxes[i], objects[i, :n].reshape(h, w), mask[i, :n].reshape(h, w).astype(np.float64),
+                    seeds[i], None, x[i, :n].reshape(h, w)))
     return out
 
 

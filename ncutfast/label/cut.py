@@ -32,8 +32,8 @@ class ImageCut:
     """The cut of one image at token level.
 
     Attributes:
-        masks: bool ``(M, h, w)``: M = ``n_masks`` for MaskCut (rejected steps all False), 1 for TokenCut (the
-            seed's 4-connected component).
+        masks: bool ``(M, h, w)``: M = ``n_masks`` for MaskCut (disjoint: each minus the earlier ones; rejected
+            steps all False), 1 for TokenCut (the seed's 4-connected component).
         lambda2, lambda3: float64 ``(M,)`` eigenvalues of each cut (NaN where undefined).
         tau: the threshold that produced this cut.
         eigenvector: float64 ``(h, w)``, the 2nd eigenvector of the first cut as its foreground rule saw it
@@ -54,8 +54,10 @@ def relative_gap(lambda2: float, lambda3: float) -> float:
     return float(min(1.0, max(0.0, 1.0 - lambda2 / lambda3)))
 
 
-def _np(x: object) -> np.ndarray:
-    """A torch tensor or array-like -> NumPy on the CPU."""
+def _np(x: object) -> np.ndarray | list[np.ndarray]:
+    """A torch tensor or array-like -> NumPy on the CPU (a list of them for a list)."""
+    if isinstance(x, list):
+        return [_np(v) for v in x]
     if isinstance(x, torch.Tensor):
         return x.detach().cpu().numpy()
     return np.asarray(x)
@@ -67,7 +69,8 @@ def _reference_cut(feats: list[torch.Tensor], grids: list[tuple[int, int]], mode
     for f, grid in zip(feats, grids, strict=True):
         if mode == "maskcut":
             r = reference.maskcut(_np(f), grid, n_masks=n_masks, tau=tau, eps=eps, sign_rule=sign_rule)
-            out.append(ImageCut(r.masks, r.lambda2, r.lambda3, tau, r.eigenvectors[0].reshape(grid)))
+            out.append(ImageCut(reference.subtract_earlier(r.masks), r.lambda2, r.lambda3, tau,
+                                r.eigenvectors[0].reshape(grid)))
         else:
             t = reference.tokencut(_np(f), grid, patch=patch, tau=tau, eps=eps)
             out.append(ImageCut(t.mask[None], np.array([t.ncut.lambda2]), np.array([t.ncut.lambda3]), tau,
@@ -83,20 +86,23 @@ def _api_cut(feats: list[torch.Tensor], grids: list[tuple[int, int]], mode: str,
     x = torch.stack(feats) if same else feats  # a padded batch, or the ragged list API
     g = grids[0] if same else grids
     out = []
+    # Each field comes to the host in one copy (a list of per-image arrays only for ragged grids).
     if mode == "maskcut":
         r = api.maskcut(x, g, n_masks=n_masks, tau=tau, eps=eps, sign_rule=sign_rule, precision=precision,
                         backend=backend)
+        masks, lam2, lam3 = _np(r.masks), _np(r.lambda2), _np(r.lambda3)
+        vecs = _np(r.eigenvectors)
         for b, (h, w) in enumerate(grids):
-            out.append(ImageCut(_np(r.masks[b]).astype(bool), _np(r.lambda2[b]).astype(np.float64),
-                                _np(r.lambda3[b]).astype(np.float64), tau,
-                                _np(r.eigenvectors[b])[0, : h * w].reshape(h, w)))
+            out.append(ImageCut(np.asarray(masks[b], dtype=bool), lam2[b].astype(np.float64),
+                                lam3[b].astype(np.float64), tau, vecs[b][0, : h * w].reshape(h, w)))
         return out
     r = api.tokencut(x, g, patch=patch, tau=tau, eps=eps, precision=precision, backend=backend)
     nc = r.ncut
+    masks, lam2, lam3 = _np(r.masks), _np(nc.lambda2), _np(nc.lambda3)
+    vecs = _np(nc.eigenvector)
     for b, (h, w) in enumerate(grids):
-        out.append(ImageCut(_np(r.masks[b]).astype(bool)[None], np.array([float(_np(nc.lambda2[b]))]),
-                            np.array([float(_np(nc.lambda3[b]))]), tau,
-                            _np(nc.eigenvector[b])[: h * w].reshape(h, w)))
+        out.append(ImageCut(np.asarray(masks[b], dtype=bool)[None], np.array([float(lam2[b])]),
+                            np.array([float(lam3[b])]), tau, vecs[b][: h * w].reshape(h, w)))
     return out
 
 

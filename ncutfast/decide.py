@@ -1,0 +1,369 @@
+"""The decisions after the eigen-solve, batched in torch on the solve's device.
+
+TokenCut (spec §2 steps 6-9): orientation, partition and seed (``tokencut_cut``), the seed's 4-connected
+component (``seed_component``) and its box (``boxes``). MaskCut (spec §4 steps 3-5): one step's side and
+seed under the corner rule (``maskcut_side``), the <= 1% / IoU > 0.5 filters (``maskcut_filter``), and the
+disjoint masks (``disjoint``). ``ncutfast.reference`` holds the same rules one image at a time in NumPy and
+SciPy (the specification these functions are tested against); ``ncutfast.api`` chains them.
+
+Everything works on padded batches: ``x`` / masks ``(B, N_max)`` with the tokens of image b row-major over
+its grid ``grids[b] = (h_b, w_b)`` in its first ``lengths[b] = h_b * w_b`` entries. No function copies data
+to the host or loops over images; the connected components read one convergence flag per few rounds.
+
+Tie rules (``TIE_RTOL``, documented in ``ncutfast.api``): the seed is the lowest index among the entries
+within ``TIE_RTOL * max|x|`` of the maximum, and tokens within ``TIE_RTOL * max|x|`` of the mean stay
+outside TokenCut's ``x > mean`` side.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+__all__ = ["TIE_RTOL", "MaskCutSide", "MaskCutSteps", "TokenCutCut", "boxes", "components", "disjoint",
+           "label_numbers", "maskcut", "maskcut_filter", "maskcut_side", "same_component", "seed_component",
+           "tie_argmax", "token_components", "tokencut_cut"]
+
+#: Relative tie tolerance (times max|x|): for the seed (ties with max|x|) and for the mean (ties with it).
+TIE_RTOL = 1e-6
+
+
+def _valid(lengths: torch.Tensor, n_max: int) -> torch.Tensor:
+    """bool ``(B, n_max)``: the entries that are tokens (not padding)."""
+    return torch.arange(n_max, device=lengths.device)[None, :] < lengths[:, None]
+
+
+def tie_argmax(v: torch.Tensor, valid: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """int64 ``(B,)``: per row, the lowest valid index with ``v >= max(v) - TIE_RTOL * scale``.
+
+    ``v``: float64 ``(B, N)``; ``valid``: bool ``(B, N)``; ``scale``: float64 ``(B,)`` (max|x| of the row).
+    """
+    low = torch.finfo(v.dtype).min
+    vm = torch.where(valid, v, low)
+    top = vm.max(-1).values
+    cand = (vm >= (top - TIE_RTOL * scale)[:, None]) & valid
+    return cand.to(torch.int8).argmax(-1)
+
+
+@dataclass
+class TokenCutCut:
+    """TokenCut's cut of a batch (spec §2 steps 6-7), on the eigenvectors' device.
+
+    Attributes:
+        x: float64 ``(B, N_max)``, oriented so that the seed's entry is positive (0 on padding).
+        partition: bool ``(B, N_max)``, the foreground side (False on padding).
+        seed: int64 ``(B,)``.
+    """
+
+    x: torch.Tensor
+    partition: torch.Tensor
+    seed: torch.Tensor
+
+
+def tokencut_cut(x: torch.Tensor, lengths: torch.Tensor) -> TokenCutCut:
+    """TokenCut's seed, orientation and partition of each eigenvector (spec §2 steps 6-7, tie rules above).
+
+    Args:
+        x: float64 ``(B, N_max)``, any sign, 0 on padding.
+        lengths: int64 ``(B,)`` token counts, on ``x``'s device.
+    """
+    valid = _valid(lengths, x.shape[1])
+    ax = x.abs()
+    amax = ax.max(-1).values
+    seed = tie_argmax(ax, valid, amax)  # spec §2 step 7, lowest index among the tied maxima
+    # Orient x so that the seed's entry is positive; the partition is then TokenCut's for that sign, and
+    # tokens tied with the mean (|x - mean| <= TIE_RTOL max|x|: exact in theory, decided by rounding
+    # otherwise) stay outside it, as x > mean says in exact arithmetic.
+    sign = torch.where(x.gather(1, seed[:, None]) < 0, -1.0, 1.0).to(x.dtype)
+    xs = x * sign
+    mean = xs.sum(-1) / lengths  # spec §2 step 6: unweighted mean over the image's tokens
+    part = (xs > (mean + TIE_RTOL * amax)[:, None]) & valid
+    flip = ~part.gather(1, seed[:, None])[:, 0]  # only when all entries tie (e.g. N = 1): complement
+    part = torch.where(flip[:, None], ~part & valid, part)
+    return TokenCutCut(torch.where(flip[:, None], -xs, xs), part, seed)
+
+
+def _canvas_index(grids: torch.Tensor, n_max: int, device: torch.device) -> tuple[torch.Tensor, int, int]:
+    """Where token j of image b sits on a shared ``(H, W)`` canvas (the largest grid sides): int64
+    ``(B, n_max)`` flat canvas positions on ``device``, ``H * W`` (a spare slot) for padding."""
+    h_max, w_max = (int(v) for v in grids.max(0).values)
+    g = grids.to(device)
+    j = torch.arange(n_max, device=device)[None, :]
+    w = g[:, 1:2]
+    pos = (j // w) * w_max + j % w
+    return torch.where(j < g[:, 0:1] * w, pos, h_max * w_max), h_max, w_max
+
+
+def components(fg: torch.Tensor) -> torch.Tensor:
+    """4-connected components of each ``(H, W)`` grid of ``fg``, as ``scipy.ndimage.label`` finds them.
+
+    Label propagation with pointer jumping: every cell points to a cell of its component with no larger
+    flat index, at first itself (background cells keep pointing at themselves). Each round finds, for every
+    foreground cell, the smallest pointer among it and its foreground 4-neighbours and lowers the pointer of
+    the cell it points to ("hooks" that tree) to it (a scatter-min), then jumps pointers twice (p := p[p]).
+    Pointers only decrease and stay inside their component, so no cycle forms; a round that changes nothing
+    leaves every pair of 4-neighbours with one root, the smallest flat index of their component.
+
+    Args:
+        fg: bool ``(B, H, W)``.
+
+    Returns:
+        int64 ``(B, H, W)``: for a foreground cell, the flat index ``r * W + c`` of the first cell (row-major)
+        of its component; -1 for background.
+    """
+    b, h, w = fg.shape
+    hw = h * w
+    dtype = torch.int32 if b * hw < 2**31 - 1 else torch.int64  # int32 gathers are about twice as fast
+    big = torch.iinfo(dtype).max  # "no neighbour"
+    p = torch.arange(b * hw, dtype=dtype, device=fg.device)
+    check_every = 1 if fg.device.type == "cpu" else 4  # a convergence check reads one flag from the device
+    rounds = 0
+    while True:
+        old = p
+        lab = torch.where(fg, p.view(b, h, w), big)
+        m = lab.clone()
+        m[:, 1:] = torch.minimum(m[:, 1:], lab[:, :-1])
+        m[:, :-1] = torch.minimum(m[:, :-1], lab[:, 1:])
+        m[:, :, 1:] = torch.minimum(m[:, :, 1:], lab[:, :, :-1])
+        m[:, :, :-1] = torch.minimum(m[:, :, :-1], lab[:, :, 1:])
+        p = p.scatter_reduce(0, p.long(), torch.where(fg, m, big).view(-1), reduce="amin")
+        for _ in range(2):
+            p = p.index_select(0, p)
+        rounds += 1
+        if rounds % check_every == 0 and torch.equal(p, old):
+            break
+    base = torch.arange(b, device=fg.device)[:, None, None] * hw
+    return torch.where(fg, p.view(b, h, w).to(torch.int64) - base, -1)
+
+
+def token_components(mask: torch.Tensor, grids: torch.Tensor) -> torch.Tensor:
+    """4-connected components of each image's token mask on its grid (``components`` on a shared canvas).
+
+    Args:
+        mask: bool ``(B, N_max)``, False on padding.
+        grids: int64 CPU ``(B, 2)``, (h, w) per image, ``h * w`` its token count.
+
+    Returns:
+        int64 ``(B, N_max)`` on ``mask``'s device: the token index of the first token (row-major) of the
+        token's component; -1 for tokens outside the mask, -2 for padding.
+    """
+    bsz, n_max = mask.shape
+    pos, h, w = _canvas_index(grids, n_max, mask.device)
+    canvas = torch.zeros(bsz, h * w + 1, dtype=torch.bool, device=mask.device)
+    canvas.scatter_(1, pos, mask)
+    lab = components(canvas[:, :-1].view(bsz, h, w)).view(bsz, -1)
+    lab = torch.cat([lab, lab.new_full((bsz, 1), -2)], 1).gather(1, pos)
+    gw = grids[:, 1:2].to(mask.device)
+    return torch.where(lab >= 0, lab // w * gw + lab % w, lab)  # canvas index -> the image's token index
+
+
+def label_numbers(labels: torch.Tensor) -> torch.Tensor:
+    """``token_components``' labels numbered as ``scipy.ndimage.label`` numbers them: 1, 2, ... in the
+    row-major order of each component's first token, 0 outside the mask and on padding.
+
+    ``labels``: int64 ``(B, N_max)``. Returns int32 ``(B, N_max)``.
+    """
+    j = torch.arange(labels.shape[1], device=labels.device)
+    rank = (labels == j).cumsum(-1)
+    return torch.where(labels >= 0, rank.gather(1, labels.clamp_min(0)), 0).to(torch.int32)
+
+
+def seed_component(mask: torch.Tensor, seed: torch.Tensor, grids: torch.Tensor) -> torch.Tensor:
+    """The seed's 4-connected component of each image's token mask (spec §2 step 8 / §4 step 4).
+
+    As ``reference.seed_component`` (``scipy.ndimage.label``'s background label 0): a seed outside the mask
+    selects every token outside it.
+
+    Args:
+        mask: bool ``(B, N_max)``, False on padding.
+        seed: int64 ``(B,)``, on ``mask``'s device.
+        grids: int64 CPU ``(B, 2)``, (h, w) per image, ``h * w`` its token count.
+
+    Returns:
+        bool ``(B, N_max)``, False on padding.
+    """
+    return same_component(token_components(mask, grids), seed)
+
+
+def same_component(labels: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
+    """bool ``(B, N_max)``: the tokens labelled as ``seed`` (``token_components``' labels; a seed outside the
+    mask selects every token outside it, padding never)."""
+    return (labels == labels.gather(1, seed[:, None])) & (labels != -2)
+
+
+def boxes(mask: torch.Tensor, grids: torch.Tensor, patch: tuple[int, int], image_sizes: torch.Tensor) -> torch.Tensor:
+    """Pixel boxes of token masks (spec §2 step 9, ``reference.box_from_mask``).
+
+    Args:
+        mask: bool ``(B, N_max)``, non-empty per image, row-major over ``grids``.
+        grids: int64 CPU ``(B, 2)`` (h, w).
+        patch: (rows, cols) of a patch in pixels.
+        image_sizes: int64 CPU ``(B, 2)`` (H, W) to clip to.
+
+    Returns:
+        int64 ``(B, 4)`` on ``mask``'s device: (x1, y1, x2, y2), the token box's min and max + 1 times the
+        patch size, x2 <= W, y2 <= H.
+    """
+    image_sizes = image_sizes.to(mask.device)
+    j = torch.arange(mask.shape[1], device=mask.device)[None, :]
+    w = grids[:, 1:2].to(mask.device)
+    rows, cols = j // w, j % w
+    hi, lo = torch.iinfo(torch.int64).max, -1
+    r0 = torch.where(mask, rows, hi).amin(-1)
+    c0 = torch.where(mask, cols, hi).amin(-1)
+    r1 = torch.where(mask, rows, lo).amax(-1) + 1
+    c1 = torch.where(mask, cols, lo).amax(-1) + 1
+    pr, pc = patch
+    x2 = torch.minimum(pc * c1, image_sizes[:, 1])
+    y2 = torch.minimum(pr * r1, image_sizes[:, 0])
+    return torch.stack([pc * c0, pr * r0, x2, y2], dim=-1)
+
+
+@dataclass
+class MaskCutSide:
+    """One MaskCut step's decision (spec §4 step 3) for a batch.
+
+    Attributes:
+        partition: bool ``(B, N_max)``, the foreground side (False on padding).
+        seed: int64 ``(B,)``.
+        x: float64 ``(B, N_max)``, the vector the rule saw (canonical orientation, or as given for
+            "cutler"), before any reversal.
+    """
+
+    partition: torch.Tensor
+    seed: torch.Tensor
+    x: torch.Tensor
+
+
+def maskcut_side(x: torch.Tensor, lengths: torch.Tensor, grids: torch.Tensor, sign_rule: str) -> MaskCutSide:
+    """MaskCut's foreground side and seed (spec §4 step 3; ``reference.maskcut_decision`` with the tie
+    rules above): P = {x > mean}; reverse when P holds >= 3 of the 4 corner tokens, else when the
+    largest-|x| token is outside P; the seed is the signed argmax of x on the chosen side.
+
+    Args:
+        x: float64 ``(B, N_max)``, the solver's eigenvectors (0 on padding).
+        lengths: int64 ``(B,)`` on ``x``'s device; grids: int64 CPU ``(B, 2)`` (h, w), h * w = lengths.
+        sign_rule: "canonical" (orient x so that its largest-|x| entry is positive first) or "cutler".
+    """
+    valid = _valid(lengths, x.shape[1])
+    grids = grids.to(x.device)
+    scale = x.abs().max(-1).values
+    s = tie_argmax(x.abs(), valid, scale)
+    if sign_rule == "canonical":
+        x = x * torch.where(x.gather(1, s[:, None]) < 0, -1.0, 1.0).to(x.dtype)
+    mean = x.sum(-1) / lengths.to(x.dtype)
+    part = (x > (mean + TIE_RTOL * scale)[:, None]) & valid
+    h, w = grids[:, 0], grids[:, 1]
+    corners = torch.stack([torch.zeros_like(w), w - 1, (h - 1) * w, h * w - 1], dim=-1)
+    nc = part.gather(1, corners).sum(-1)
+    reverse = (nc >= 3) | ~part.gather(1, s[:, None])[:, 0]
+    seed = torch.where(reverse, tie_argmax(-x, valid, scale), tie_argmax(x, valid, scale))
+    part = torch.where(reverse[:, None], ~part & valid, part)
+    return MaskCutSide(part, seed, x)
+
+
+def maskcut_filter(mask: torch.Tensor, prev: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Spec §4 step 5 for steps t >= 1: all-False where the mask holds <= 1% of the tokens or its IoU with
+    the previous step's mask exceeds 0.5 (``reference.token_iou``: no overlap when both are empty).
+
+    ``mask``, ``prev``: bool ``(B, N_max)``; ``lengths``: int64 ``(B,)``. Returns bool ``(B, N_max)``.
+    """
+    inter = (mask & prev).sum(-1).to(torch.float64)
+    union = (mask | prev).sum(-1).to(torch.float64)
+    overlap = (union > 0) & (inter / union.clamp_min(1.0) > 0.5)
+    tiny = mask.sum(-1).to(torch.float64) / lengths.to(torch.float64) <= 0.01
+    return mask & ~(overlap | tiny)[:, None]
+
+
+def disjoint(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each step's mask minus the masks of the earlier steps (CutLER subtracts earlier pixel masks, spec §4
+    step 6; here at token level), and whether anything is left.
+
+    Args:
+        masks: bool ``(B, T, N)``.
+
+    Returns:
+        ``(masks, valid)``: bool ``(B, T, N)``, pairwise disjoint along T, and bool ``(B, T)``, the step's
+        disjoint mask is non-empty (a rejected step, or one that found only tokens of earlier masks, is not).
+    """
+    taken = torch.zeros_like(masks[:, 0])
+    out = torch.empty_like(masks)
+    for t in range(masks.shape[1]):
+        out[:, t] = masks[:, t] & ~taken
+        taken |= masks[:, t]
+    return out, out.any(-1)
+
+
+class _Eigen(Protocol):
+    lambda2: torch.Tensor
+    lambda3: torch.Tensor
+    x: torch.Tensor
+
+
+@dataclass
+class MaskCutSteps:
+    """MaskCut's steps for a batch (spec §4), token level, on the features' device.
+
+    Attributes:
+        masks: bool ``(B, T, N_max)``, pairwise disjoint along T (``disjoint``); False on padding.
+        valid: bool ``(B, T)``, the step's mask is non-empty.
+        seeds: int64 ``(B, T)``.
+        lambda2, lambda3: float64 ``(B, T)``.
+        x: float64 ``(B, T, N_max)``, the vector each step's rule saw (``MaskCutSide.x``).
+    """
+
+    masks: torch.Tensor
+    valid: torch.Tensor
+    seeds: torch.Tensor
+    lambda2: torch.Tensor
+    lambda3: torch.Tensor
+    x: torch.Tensor
+
+
+def maskcut(solve: Callable[[torch.Tensor], _Eigen], feats: torch.Tensor, lengths: torch.Tensor,
+            grids: torch.Tensor, n_masks: int, sign_rule: str) -> MaskCutSteps:
+    """CutLER's MaskCut steps at token level (spec §4, ``reference.maskcut``) for a padded batch, then the
+    masks made disjoint.
+
+    Each step zeroes the keys of the tokens its predecessors cut (the zeroing accumulates), solves every
+    image in one call of ``solve`` (features ``(B, N_max, C)`` -> an object with ``lambda2``, ``lambda3``
+    ``(B,)`` and ``x`` ``(B, N_max)``, as ``backends.Spectrum``), chooses the side with the corner rule
+    (``maskcut_side``), keeps the seed's component and, from the second step on, rejects tiny or overlapping
+    masks (``maskcut_filter``, against the previous step's mask). The steps themselves see CutLER's masks;
+    the returned masks are those minus the earlier returned masks (``disjoint``), so no token belongs to two
+    masks and a step that found only tokens of earlier masks comes back empty and not ``valid``.
+
+    Args:
+        lengths: int64 ``(B,)`` on ``feats``' device; grids: int64 CPU ``(B, 2)``; sign_rule: as
+            ``maskcut_side``.
+    """
+    bsz, n_max = feats.shape[0], feats.shape[1]
+    dev = feats.device
+    painting = torch.zeros(bsz, n_max, dtype=torch.bool, device=dev)
+    prev = torch.zeros_like(painting)
+    masks = torch.zeros(bsz, n_masks, n_max, dtype=torch.bool, device=dev)
+    seeds = torch.zeros(bsz, n_masks, dtype=torch.int64, device=dev)
+    lam2, lam3 = (torch.zeros(bsz, n_masks, dtype=torch.float64, device=dev) for _ in range(2))
+    vecs = torch.zeros(bsz, n_masks, n_max, dtype=torch.float64, device=dev)
+    k = feats
+    for t in range(n_masks):
+        if t >= 1:
+            # spec §4 step 1: paint the previous mask and zero the painted keys (accumulating).
+            painting |= prev
+            k = k * (~painting)[:, :, None].to(k.dtype)
+        sp = solve(k)
+        side = maskcut_side(sp.x, lengths, grids, sign_rule)  # spec §4 steps 2-3
+        mask = seed_component(side.partition, side.seed, grids)  # spec §4 step 4
+        if t >= 1:
+            mask = maskcut_filter(mask, prev, lengths)  # spec §4 step 5
+        prev = mask
+        masks[:, t] = mask
+        seeds[:, t] = side.seed
+        vecs[:, t] = side.x
+        lam2[:, t] = sp.lambda2
+        lam3[:, t] = sp.lambda3
+    out, valid = disjoint(masks)  # spec §4 step 6, at token level
+    return MaskCutSteps(out, valid, seeds, lam2, lam3, vecs)
