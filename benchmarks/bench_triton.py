@@ -14,12 +14,13 @@ padded batch of planted-object scenes (ncutfast.testing):
 and at precision "fast" (else the first one) also
 
 - ``step-matvec`` / ``step-matvec-int8`` / ``step-reorth`` / ``step``: one fused Lanczos step
-  (kernels/lanczos.py, FusedSteps) at step 16 for the whole batch: its mat-vec (fp64 or int8 tensor cores),
+  (kernels/lanczos.py, launched by kernels/operator.py's FusedSteps) at step 16 for the whole batch: its
+  mat-vec (fp64 or int8 tensor cores),
   its reorthogonalization + bookkeeping launch, both
   (with ``--sweep``, also the first two at other launch settings, at the largest N);
 
 - ``matvec`` / ``matvec-int8``: one application of the bitmask operator D^-1/2 W D^-1/2 to the whole
-  batch, fp64 FMA kernel / int8 tensor-core kernel (kernels/lanczos.py);
+  batch, fp64 FMA kernel / int8 tensor-core kernel (kernels/matvec.py);
 - ``ncut-<mode>``: the whole solve with the Lanczos steps run another way (launch setting "lanczos"
   ``solve``, ``--modes``): "steps" (two fused launches per step, the default), "graph" (the same launches
   replayed from a CUDA graph), "persistent" (one launch per Lanczos cycle: it tests convergence itself), "torch"
@@ -163,7 +164,7 @@ def _fused_step_rows(args: argparse.Namespace, timed, op, lengths, n: int, preci
     from ncutfast.backends import lanczos as _lanczos
     from ncutfast.backends.contract import KRYLOV_DIM
     from ncutfast.kernels._utils import override, words_per_row
-    from ncutfast.kernels.lanczos import FusedSteps
+    from ncutfast.kernels.operator import FusedSteps
 
     b, j, w = lengths.shape[0], _STEP_AT, words_per_row(n)
     sd = op.degrees.sqrt()
@@ -219,7 +220,7 @@ def _measure(args: argparse.Namespace, device, n: int, emit) -> None:
     from ncutfast.bench.providers import TorchEigh
     from ncutfast.kernels._utils import block_sizes, override, words_per_row
     from ncutfast.kernels.affinity import affinity_fwd
-    from ncutfast.kernels.lanczos import BitmaskOperator
+    from ncutfast.kernels.operator import BitmaskOperator
 
     timed = _timer(args)
     rng = np.random.default_rng(n)

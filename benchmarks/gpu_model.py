@@ -710,7 +710,7 @@ class Workload:
                       self.b * k_steps * 8 * (3 + 6), ("problem", self.b))
 
     def residual_matvec(self) -> Launch:
-        from ncutfast.kernels.lanczos import _bitmask_matvec_kernel
+        from ncutfast.kernels.matvec import _bitmask_matvec_kernel
 
         cfg, n, b = self.cfg["matvec"], self.n, self.b
         sig = {"mask_ptr": ("*i32", 0), "s_ptr": ("*fp64", 0), "len_ptr": ("*i32", 0), "eps_ptr": ("*fp64", 0),
@@ -724,7 +724,7 @@ class Workload:
 
     # -- alternatives of the default path (launch settings matvec.int8 = 1, lanczos.solve = "persistent") ---
     def int8_matvec(self, active: int) -> list[Launch]:
-        from ncutfast.kernels.lanczos import _bitmask_matvec_i8_kernel, _digits_kernel
+        from ncutfast.kernels.matvec import _bitmask_matvec_i8_kernel, _digits_kernel
 
         i8, n = self.cfg["matvec_int8"], self.n
         flags = {"step_ptr": ("*i32", 0), "done_ptr": ("*i8", 0), "stalled_ptr": ("*i8", 0)}

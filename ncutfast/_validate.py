@@ -22,6 +22,9 @@ __all__ = [
     "check_positive_int",
     "check_choice",
     "FLOAT_DTYPE_NAMES",
+    "check_positive_real",
+    "check_rgb_image",
+    "check_target",
 ]
 
 #: Floating dtypes accepted as features (by name, so the same table serves NumPy, torch and CuPy).
@@ -114,3 +117,37 @@ def check_choice(value: object, name: str, choices: Sequence[str]) -> str:
     if not isinstance(value, str) or value not in choices:
         raise ValueError(f"{name}: expected one of {tuple(choices)}, got {value!r}")
     return value
+
+
+def check_positive_real(v: object, name: str, *, allow_zero: bool = False) -> float:
+    """A finite real number > 0 (>= 0 with ``allow_zero``)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float, np.floating, np.integer)):
+        raise TypeError(f"{name}: expected a real number, got {type(v).__name__}")
+    v = float(v)
+    if not np.isfinite(v) or v < 0.0 or (v == 0.0 and not allow_zero):
+        raise ValueError(f"{name}: must be finite and {'>=' if allow_zero else '>'} 0, got {v!r}")
+    return v
+
+
+def check_rgb_image(image: object, name: str = "image") -> tuple[int, int]:
+    """An RGB image is a uint8 ``(H, W, 3)`` array with H, W >= 1; returns (H, W)."""
+    if not hasattr(image, "ndim") or not hasattr(image, "shape") or not hasattr(image, "dtype"):
+        raise TypeError(f"{name}: expected an array (torch or NumPy), got {type(image).__name__}")
+    if image.ndim != 3 or int(image.shape[2]) != 3 or int(image.shape[0]) == 0 or int(image.shape[1]) == 0:
+        raise ValueError(f"{name}: expected a non-empty (H, W, 3) RGB array, got shape {tuple(image.shape)}")
+    if dtype_name(image.dtype) != "uint8":
+        raise TypeError(f"{name}: expected dtype uint8 (0..255 RGB), got {dtype_name(image.dtype)}")
+    return int(image.shape[0]), int(image.shape[1])
+
+
+def check_target(target: object, size: tuple[int, int], name: str = "target", *, all_finite: bool) -> None:
+    """A per-pixel target is a real ``(H, W)`` array of the image's size; ``all_finite`` False raises."""
+    if not hasattr(target, "ndim") or not hasattr(target, "shape") or not hasattr(target, "dtype"):
+        raise TypeError(f"{name}: expected an array (torch or NumPy), got {type(target).__name__}")
+    if tuple(int(s) for s in target.shape) != tuple(size):
+        raise ValueError(f"{name}: expected shape {tuple(size)} (the image's H, W), got {tuple(target.shape)}")
+    kind = dtype_name(target.dtype)
+    if kind not in FLOAT_DTYPE_NAMES and kind != "bool" and not kind.startswith(("int", "uint")):
+        raise TypeError(f"{name}: expected a real dtype, got {kind}")
+    if not all_finite:
+        raise ValueError(f"{name}: contains NaN or inf")

@@ -7,8 +7,9 @@ disjoint masks (``disjoint``). ``ncutfast.reference`` holds the same rules one i
 SciPy (the specification these functions are tested against); ``ncutfast.api`` chains them.
 
 Everything works on padded batches: ``x`` / masks ``(B, N_max)`` with the tokens of image b row-major over
-its grid ``grids[b] = (h_b, w_b)`` in its first ``lengths[b] = h_b * w_b`` entries. No function copies data
-to the host or loops over images; the connected components read one convergence flag per few rounds.
+its grid ``grids[b] = (h_b, w_b)`` in its first ``lengths[b] = h_b * w_b`` entries (ragged grids share a
+canvas of the largest sides). No function copies data between devices or loops over images; on a GPU the
+connected components read one convergence flag every few rounds (``components_torch``).
 
 Tie rules (``TIE_RTOL``, documented in ``ncutfast.api``): the seed is the lowest index among the entries
 within ``TIE_RTOL * max|x|`` of the maximum, and tokens within ``TIE_RTOL * max|x|`` of the mean stay
@@ -21,11 +22,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 import torch
+from scipy import ndimage
 
-__all__ = ["TIE_RTOL", "MaskCutSide", "MaskCutSteps", "TokenCutCut", "boxes", "components", "disjoint",
-           "label_numbers", "maskcut", "maskcut_filter", "maskcut_side", "same_component", "seed_component",
-           "tie_argmax", "token_components", "tokencut_cut"]
+__all__ = ["TIE_RTOL", "MaskCutSide", "MaskCutSteps", "TokenCutCut", "boxes", "components", "components_torch",
+           "disjoint", "label_numbers", "maskcut", "maskcut_filter", "maskcut_side", "same_component",
+           "seed_component", "tie_argmax", "token_components", "tokencut_cut"]
 
 #: Relative tie tolerance (times max|x|): for the seed (ties with max|x|) and for the mean (ties with it).
 TIE_RTOL = 1e-6
@@ -100,6 +103,35 @@ def _canvas_index(grids: torch.Tensor, n_max: int, device: torch.device) -> tupl
 def components(fg: torch.Tensor) -> torch.Tensor:
     """4-connected components of each ``(H, W)`` grid of ``fg``, as ``scipy.ndimage.label`` finds them.
 
+    CPU tensors go to ``scipy.ndimage.label`` itself, once for the whole batch (a 3-D structure with no
+    connection between images; it is the fastest there); other devices to ``components_torch``.
+
+    Args:
+        fg: bool ``(B, H, W)``.
+
+    Returns:
+        int64 ``(B, H, W)``: for a foreground cell, the flat index ``r * W + c`` of the first cell (row-major)
+        of its component; -1 for background.
+    """
+    if fg.device.type != "cpu":
+        return components_torch(fg)
+    b, h, w = fg.shape
+    structure = np.zeros((3, 3, 3), dtype=bool)
+    structure[1] = ndimage.generate_binary_structure(2, 1)
+    labels, count = ndimage.label(fg.numpy(), structure=structure)
+    flat = labels.reshape(-1)
+    # scipy numbers components in row-major order of their first cell: write each label's first cell.
+    first = np.full(count + 1, -1, dtype=np.int64)
+    order = np.arange(flat.size - 1, -1, -1)
+    first[flat[order]] = order  # the last write of a repeated index wins: the first cell
+    base = (np.arange(b, dtype=np.int64) * (h * w))[:, None, None]
+    out = np.where(labels > 0, first[labels] - base, -1)
+    return torch.from_numpy(out)
+
+
+def components_torch(fg: torch.Tensor) -> torch.Tensor:
+    """``components`` in torch on any device (used for non-CPU tensors; tested on the CPU against SciPy).
+
     Label propagation with pointer jumping: every cell points to a cell of its component with no larger
     flat index, at first itself (background cells keep pointing at themselves). Each round finds, for every
     foreground cell, the smallest pointer among it and its foreground 4-neighbours and lowers the pointer of
@@ -151,6 +183,9 @@ def token_components(mask: torch.Tensor, grids: torch.Tensor) -> torch.Tensor:
         token's component; -1 for tokens outside the mask, -2 for padding.
     """
     bsz, n_max = mask.shape
+    h, w = (int(v) for v in grids[0])
+    if n_max == h * w and bool((grids == grids[0]).all()):  # one grid for the whole batch: no canvas
+        return components(mask.view(bsz, h, w)).view(bsz, n_max)
     pos, h, w = _canvas_index(grids, n_max, mask.device)
     canvas = torch.zeros(bsz, h * w + 1, dtype=torch.bool, device=mask.device)
     canvas.scatter_(1, pos, mask)

@@ -1,4 +1,5 @@
-"""The specification: TokenCut's ncut and CutLER's MaskCut in plain float64 NumPy/SciPy.
+"""The specification: TokenCut's ncut, CutLER's MaskCut and TokenCut's bilateral solver in plain float64
+NumPy/SciPy.
 
 Every fast path in ncutfast is tested against this file. It follows ``shared/spec/tokencut.md`` step by
 step (section numbers in the comments) and makes no attempt to be fast: it builds the dense N x N graph and
@@ -21,6 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import scipy.linalg
+import scipy.sparse
+import scipy.sparse.linalg
 from scipy import ndimage
 
 from ._validate import (
@@ -31,6 +34,9 @@ from ._validate import (
     check_image_size,
     check_patch,
     check_positive_int,
+    check_positive_real,
+    check_rgb_image,
+    check_target,
     check_tau,
 )
 
@@ -56,6 +62,26 @@ __all__ = [
     "SIGN_RULES",
     "maskcut_decision",
     "maskcut",
+    "BS_SIGMA_SPATIAL",
+    "BS_SIGMA_LUMA",
+    "BS_SIGMA_CHROMA",
+    "BS_LAM",
+    "BS_CONFIDENCE",
+    "BS_A_DIAG_MIN",
+    "BS_CG_TOL",
+    "BS_CG_MAXITER",
+    "BS_BISTOCHASTIC_ITERS",
+    "BS_HASH_BASE",
+    "BS_DIMS",
+    "RGB_TO_YUV",
+    "YUV_OFFSET",
+    "rgb_to_yuv",
+    "bilateral_coords",
+    "bilateral_hash",
+    "BilateralGrid",
+    "bistochastize",
+    "bilateral_solve",
+    "bilateral_binary",
 ]
 
 TOKENCUT_TAU = 0.2  # every TokenCut CLI passes 0.2 (spec §2)
@@ -189,6 +215,16 @@ def corner_count(partition: np.ndarray, grid: tuple[int, int]) -> int:
     """Spec §4 step 3: how many of the 4 corner tokens lie in the partition (a 1-token grid counts 4x)."""
     p = np.asarray(partition, dtype=bool).reshape(grid)
     return int(p[0, 0]) + int(p[0, -1]) + int(p[-1, 0]) + int(p[-1, -1])
+
+
+def relative_gap(lambda2: float, lambda3: float) -> float:
+    """The relative eigengap ``(lambda3 - lambda2) / lambda3`` clipped to [0, 1]: 1 when the 2nd eigenvector
+    is far from the 3rd (a stable cut), 0 for a degenerate spectrum. Where it is undefined (a NaN or
+    infinite eigenvalue, e.g. lambda3 for N < 3, or lambda3 <= 0) it is 0 as well: no measured gap counts as
+    no gap, so a threshold on it never accepts such a cut and a confidence score stays a number."""
+    if not (np.isfinite(lambda2) and np.isfinite(lambda3)) or lambda3 <= 0:
+        return 0.0
+    return float(min(1.0, max(0.0, (lambda3 - lambda2) / lambda3)))
 
 
 def token_iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -394,3 +430,195 @@ def maskcut(
         lam2s.append(lam2)
         lam3s.append(lam3)
     return MaskCutResult(np.stack(masks), seeds, np.stack(vecs), np.array(lam2s), np.array(lam3s))
+
+
+# --- Bilateral solver (spec §3): TokenCut's saliency refinement, a port of the Barron-Poole solver ---------
+
+BS_SIGMA_SPATIAL = 16.0  # the README command's values (the original function's defaults are 24 / 4 / 4)
+BS_SIGMA_LUMA = 16.0
+BS_SIGMA_CHROMA = 8.0
+BS_LAM = 256.0  # strength of the smoothness term
+BS_CONFIDENCE = 0.999  # per-pixel confidence of the TokenCut mask
+BS_A_DIAG_MIN = 1e-5  # clamp of diag(A) in the Jacobi preconditioner
+BS_CG_TOL = 1e-5  # relative residual tolerance of the conjugate gradient (SciPy's rtol, atol = 0)
+BS_CG_MAXITER = 25
+BS_BISTOCHASTIC_ITERS = 10
+BS_HASH_BASE = 255  # vertex hash: sum_d coord_d * 255**d (unique while every coordinate is < 255)
+BS_DIMS = 5  # grid dimensions: x, y, Y, U, V
+#: RGB -> YUV (rows Y, U, V) and the offset added afterwards (JPEG's full-range YCbCr).
+RGB_TO_YUV = ((0.299, 0.587, 0.114), (-0.168736, -0.331264, 0.5), (0.5, -0.418688, -0.081312))
+YUV_OFFSET = (0.0, 128.0, 128.0)
+
+
+def _check_bilateral(image: np.ndarray, target: np.ndarray, confidence: float, sigmas: tuple[float, float, float],
+                     lam: float) -> tuple[int, int]:
+    size = check_rgb_image(image)
+    target_arr = np.asarray(target)
+    check_target(target, size, all_finite=bool(np.isfinite(target_arr.astype(np.float64)).all()))
+    check_positive_real(confidence, "confidence")
+    for value, name in zip(sigmas, ("sigma_spatial", "sigma_luma", "sigma_chroma"), strict=True):
+        check_positive_real(value, name)
+    check_positive_real(lam, "lam", allow_zero=True)
+    return size
+
+
+def rgb_to_yuv(image: np.ndarray) -> np.ndarray:
+    """Spec §3: YUV of a uint8 ``(H, W, 3)`` RGB image, float64 ``(H, W, 3)``.
+
+    Each channel is evaluated left to right in float64, ``(c0 * R + c1 * G) + c2 * B``, then the offset is
+    added. TokenCut uses ``np.tensordot``, i.e. a BLAS product whose use of fused multiply-adds depends on
+    the BLAS build; on the rare colours where the two roundings fall on different sides of a grid-cell
+    boundary the vertex differs (measured: 207 of the 16.7 M colours at sigma 16 / 8 / 8 with OpenBLAS).
+    This file fixes the order so that every implementation can match it exactly.
+    """
+    f = np.asarray(image).astype(np.float64)
+    r, g, b = f[..., 0], f[..., 1], f[..., 2]
+    return np.stack([r * c[0] + g * c[1] + b * c[2] + o for c, o in zip(RGB_TO_YUV, YUV_OFFSET, strict=True)],
+                    axis=-1)
+
+
+def bilateral_coords(
+    image: np.ndarray,
+    sigma_spatial: float = BS_SIGMA_SPATIAL,
+    sigma_luma: float = BS_SIGMA_LUMA,
+    sigma_chroma: float = BS_SIGMA_CHROMA,
+) -> np.ndarray:
+    """Spec §3: integer grid coordinates (x, y, Y, U, V) of every pixel, int64 ``(H * W, 5)`` row-major.
+
+    Truncation toward zero (``astype(int)``) of (col / sigma_spatial, row / sigma_spatial, Y / sigma_luma,
+    U / sigma_chroma, V / sigma_chroma); every value is >= 0.
+    """
+    h, w = check_rgb_image(image)
+    yuv = rgb_to_yuv(image)
+    rows, cols = np.mgrid[:h, :w]
+    coords = (cols / sigma_spatial, rows / sigma_spatial, yuv[..., 0] / sigma_luma, yuv[..., 1] / sigma_chroma,
+              yuv[..., 2] / sigma_chroma)
+    return np.stack([c.astype(np.int64) for c in coords], axis=-1).reshape(-1, BS_DIMS)
+
+
+def bilateral_hash(coords: np.ndarray) -> np.ndarray:
+    """The vertex hash sum_d coord_d * 255**d of int64 ``(..., 5)`` coordinates (int64 ``(...)``)."""
+    return np.asarray(coords, dtype=np.int64) @ (BS_HASH_BASE ** np.arange(BS_DIMS, dtype=np.int64))
+
+
+@dataclass
+class BilateralGrid:
+    """The bilateral grid of one image (spec §3): splat, [1 2 1] blur and slice as sparse matrices.
+
+    Attributes:
+        splat_matrix: ``(V, P)`` CSR, 1 where pixel p falls on vertex v (vertices in ascending hash order).
+        blurs: 5 ``(V, V)`` CSR matrices, one per dimension: 1 at (v, u) when u is v's neighbour at offset -1
+            or +1 in that dimension (the blur's off-centre taps; only neighbours that exist as vertices).
+    """
+
+    splat_matrix: scipy.sparse.csr_matrix
+    blurs: list[scipy.sparse.csr_matrix]
+
+    @classmethod
+    def from_coords(cls, coords: np.ndarray) -> BilateralGrid:
+        """Build the grid from ``bilateral_coords``' int64 ``(P, 5)`` output."""
+        hashes = bilateral_hash(coords)
+        uniq, inverse = np.unique(hashes, return_inverse=True)
+        nv, npix = uniq.shape[0], hashes.shape[0]
+        splat = scipy.sparse.csr_matrix((np.ones(npix), (inverse.ravel(), np.arange(npix))), shape=(nv, npix))
+        blurs = []
+        for d in range(BS_DIMS):
+            blur = scipy.sparse.csr_matrix((nv, nv))
+            for offset in (-1, 1):
+                # A neighbour's hash is the vertex's hash +- 255**d; it counts only if that vertex exists.
+                wanted = uniq + offset * BS_HASH_BASE**d
+                loc = np.clip(np.searchsorted(uniq, wanted), 0, nv - 1)
+                found = np.flatnonzero(uniq[loc] == wanted)
+                blur = blur + scipy.sparse.csr_matrix((np.ones(found.shape[0]), (found, loc[found])),
+                                                      shape=(nv, nv))
+            blurs.append(blur)
+        return cls(splat, blurs)
+
+    @property
+    def n_vertices(self) -> int:
+        return self.splat_matrix.shape[0]
+
+    def splat(self, x: np.ndarray) -> np.ndarray:
+        """Pixels ``(P,)`` -> vertices ``(V,)``: the sum over each vertex's pixels."""
+        return self.splat_matrix @ x
+
+    def slice(self, y: np.ndarray) -> np.ndarray:
+        """Vertices ``(V,)`` -> pixels ``(P,)``: each pixel reads its vertex."""
+        return self.splat_matrix.T @ y
+
+    def blur(self, x: np.ndarray | scipy.sparse.spmatrix) -> np.ndarray | scipy.sparse.spmatrix:
+        """[1 2 1] in every dimension: 2 * 5 * x + the sum of the existing neighbours (vector or matrix)."""
+        out = 2 * BS_DIMS * x
+        for blur in self.blurs:
+            out = out + blur @ x
+        return out
+
+
+def bistochastize(grid: BilateralGrid, iters: int = BS_BISTOCHASTIC_ITERS) -> tuple[np.ndarray, np.ndarray]:
+    """Spec §3: the diagonals ``(n, m)`` (float64 ``(V,)`` each) that make Dn B Dn close to bistochastic.
+
+    m = splat(1); n = 1; ``iters`` times n = sqrt(n * m / blur(n)); finally m = n * blur(n).
+    """
+    m = grid.splat(np.ones(grid.splat_matrix.shape[1]))
+    n = np.ones(grid.n_vertices)
+    for _ in range(iters):
+        n = np.sqrt(n * m / grid.blur(n))
+    return n, n * grid.blur(n)
+
+
+def bilateral_solve(
+    image: np.ndarray,
+    target: np.ndarray,
+    *,
+    confidence: float = BS_CONFIDENCE,
+    sigma_spatial: float = BS_SIGMA_SPATIAL,
+    sigma_luma: float = BS_SIGMA_LUMA,
+    sigma_chroma: float = BS_SIGMA_CHROMA,
+    lam: float = BS_LAM,
+) -> np.ndarray:
+    """TokenCut's bilateral solver on one image, spec §3: the soft refined mask, float64 ``(H, W)``.
+
+    Args:
+        image: uint8 ``(H, W, 3)`` RGB, the **original** image file (not the ViT's resized input).
+        target: ``(H, W)`` real, the TokenCut mask at the original size (0/1).
+        confidence: the weight of every pixel's target (TokenCut: 0.999 everywhere).
+        sigma_spatial, sigma_luma, sigma_chroma: grid cell sizes in pixels and YUV units.
+        lam: weight of the smoothness term.
+
+    Solves A y = b on the grid's vertices with A = lam * (Dm - Dn B Dn) + diag(splat(c)) and
+    b = splat(t * c) by SciPy's conjugate gradient (rtol 1e-5, atol 0, at most 25 iterations, Jacobi
+    preconditioner 1 / max(diag(A), 1e-5)) from y0 = splat(t * c) / splat(c), and returns slice(y).
+    """
+    h, w = _check_bilateral(image, target, confidence, (sigma_spatial, sigma_luma, sigma_chroma), lam)
+    grid = BilateralGrid.from_coords(bilateral_coords(image, sigma_spatial, sigma_luma, sigma_chroma))
+    n, m = bistochastize(grid)
+    dn, dm = scipy.sparse.diags(n, 0), scipy.sparse.diags(m, 0)
+    t = np.asarray(target, dtype=np.float64).reshape(-1)
+    c = np.full(h * w, float(confidence))
+    c_splat = grid.splat(c)
+    a = lam * (dm - dn @ grid.blur(dn)) + scipy.sparse.diags(c_splat, 0)
+    b = grid.splat(t * c)
+    precond = scipy.sparse.diags(1.0 / np.maximum(a.diagonal(), BS_A_DIAG_MIN), 0)
+    y0 = grid.splat(t * c) / c_splat
+    y, _ = scipy.sparse.linalg.cg(a, b, x0=y0, rtol=BS_CG_TOL, atol=0.0, maxiter=BS_CG_MAXITER, M=precond)
+    return grid.slice(y).reshape(h, w)
+
+
+def bilateral_binary(soft: np.ndarray, tokencut_mask: np.ndarray) -> np.ndarray:
+    """Spec §3: TokenCut's binary BS output (for overlays only), bool ``(H, W)``.
+
+    Fill the holes of ``soft > 0.5``; label its 4-connected components; keep the label with the
+    second-largest pixel count (label 0, the background, is normally the largest; equal counts keep the
+    order of a stable sort); with no component at all, everything is foreground. Then, when its IoU with
+    ``tokencut_mask`` (bool ``(H, W)``) is < 0.5, TokenCut negates it for display: here the complement.
+    """
+    binary = ndimage.binary_fill_holes(np.asarray(soft) > 0.5)
+    labels, n_objects = ndimage.label(binary)
+    if n_objects == 0:
+        binary = np.ones_like(binary)
+    else:
+        order = np.argsort(np.bincount(labels.ravel(), minlength=n_objects + 1), kind="stable")
+        binary = labels == order[-2]
+    if token_iou(tokencut_mask, binary) < 0.5:
+        binary = ~binary
+    return binary

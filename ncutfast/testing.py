@@ -19,13 +19,13 @@ __all__ = [
     "Scene",
     "grid_for",
     "planted_scene",
-    "relative_gap",
     "d_alignment",
     "tied_tokens",
     "mean_tied_tokens",
     "Agreement",
     "compare_to_reference",
     "flip_rate",
+    "synthetic_photo",
 ]
 
 #: Minimum |<x, x_ref>_D| (unit D-norm vectors) per similarity precision (issue #2's agreement rules).
@@ -110,13 +110,6 @@ def planted_scene(
     return Scene(feats.astype(np.float32), (h, w), labels)
 
 
-def relative_gap(lambda2: float, lambda3: float) -> float:
-    """(lambda3 - lambda2) / lambda3; NaN where lambda3 does not exist or is 0."""
-    if not np.isfinite(lambda3) or lambda3 == 0:
-        return float("nan")
-    return float((lambda3 - lambda2) / lambda3)
-
-
 def d_alignment(x: np.ndarray, x_ref: np.ndarray, d: np.ndarray) -> float:
     """|<x, x_ref>_D| / (||x||_D ||x_ref||_D): 1 means the same eigenvector up to sign and scale."""
     x = np.asarray(x, dtype=np.float64)
@@ -159,7 +152,7 @@ def compare_to_reference(
     d_ref: np.ndarray,
 ) -> Agreement:
     """Agreement of one image's (x, partition, seed, lambda2) with the reference's NcutResult."""
-    gap = relative_gap(ref.lambda2, ref.lambda3)
+    gap = reference.relative_gap(ref.lambda2, ref.lambda3)
     untied = ~mean_tied_tokens(ref.eigenvector)
     part = np.asarray(partition, bool)[untied]
     same = np.array_equal(part, ref.partition[untied])
@@ -168,7 +161,7 @@ def compare_to_reference(
         # max|x| is tied across signs: which side TokenCut keeps is decided by the tie-break.
         same = np.array_equal(~part, ref.partition[untied])
     return Agreement(
-        well_defined=bool(np.isfinite(gap) and gap >= GAP_MIN),
+        well_defined=gap >= GAP_MIN,
         alignment=d_alignment(x, ref.eigenvector, d_ref) if np.any(ref.eigenvector) else 1.0,
         same_partition=bool(same),
         seed_tied=bool(int(seed) in set(tied_tokens(ref.eigenvector).tolist())),
@@ -195,3 +188,35 @@ def flip_rate(features: np.ndarray, tau: float = reference.TOKENCUT_TAU, precisi
     with matmul_precision(f.device, precision):
         s = torch.bmm(f, f.transpose(1, 2))
     return float((ref != (s > tau)).to(torch.float64).mean())
+
+
+def synthetic_photo(rng: np.random.Generator, height: int, width: int, *, gray: bool = False,
+                    patch: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """A photo-like image and a TokenCut-like mask of its object, for the bilateral solver.
+
+    The image: a smooth colour gradient background, an elliptic object of another colour with a textured
+    stripe, sensor noise; ``gray`` repeats one channel three times. The mask: the object's patches
+    (``patch`` x ``patch`` blocks more than half inside it), the blocky shape a TokenCut mask has at the
+    original resolution, plus a stray wrong block; never empty.
+
+    Returns ``(image, mask)``: uint8 ``(height, width, 3)`` and bool ``(height, width)``.
+    """
+    yy, xx = np.mgrid[:height, :width].astype(np.float64)
+    base = rng.uniform(40, 200, size=3)
+    slope = rng.uniform(-60, 60, size=(2, 3))
+    img = base + slope[0] * yy[..., None] / max(height, 1) + slope[1] * xx[..., None] / max(width, 1)
+    cy, cx = rng.uniform(0.3, 0.7) * height, rng.uniform(0.3, 0.7) * width
+    ry, rx = max(rng.uniform(0.15, 0.35) * height, 0.6), max(rng.uniform(0.15, 0.35) * width, 0.6)
+    inside = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 < 1.0
+    img[inside] = rng.uniform(0, 255, size=3) + 20.0 * np.sin(xx[inside] / 3.0)[:, None]
+    img += rng.normal(0.0, 6.0, size=img.shape)
+    if gray:
+        img = np.repeat(img[..., :1], 3, axis=-1)
+    image = np.clip(np.rint(img), 0, 255).astype(np.uint8)
+    gh, gw = -(-height // patch), -(-width // patch)
+    pad = np.zeros((gh * patch, gw * patch))
+    pad[:height, :width] = inside
+    blocks = pad.reshape(gh, patch, gw, patch).mean(axis=(1, 3)) > 0.5 * min(1.0, height * width / patch**2)
+    blocks[rng.integers(gh), rng.integers(gw)] = True
+    mask = np.repeat(np.repeat(blocks, patch, axis=0), patch, axis=1)[:height, :width]
+    return image, mask

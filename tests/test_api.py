@@ -8,7 +8,8 @@ import torch
 
 import ncutfast
 from ncutfast import backends, reference
-from ncutfast.testing import GAP_MIN, mean_tied_tokens, planted_scene, relative_gap
+from ncutfast.reference import relative_gap
+from ncutfast.testing import GAP_MIN, mean_tied_tokens, planted_scene
 
 
 def test_numpy_in_numpy_out_torch_in_torch_out(rng) -> None:

@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from ncutfast import reference
 from ncutfast.compat import maskcut as cm
 from ncutfast.compat import tokencut as ct
-from ncutfast.testing import GAP_MIN, mean_tied_tokens, planted_scene, relative_gap, tied_tokens
+from ncutfast.reference import relative_gap
+from ncutfast.testing import GAP_MIN, mean_tied_tokens, planted_scene, tied_tokens
 
 
 def _with_cls(features: np.ndarray, rng) -> torch.Tensor:

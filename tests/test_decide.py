@@ -61,13 +61,15 @@ def test_spiral_is_one_long_component() -> None:
     assert count == 1 and g.sum() > 400
 
 
+@pytest.mark.parametrize("fn", [decide.components, decide.components_torch])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_components_equal_scipy_label(rng: np.random.Generator, batch: int) -> None:
-    """Every test grid alone and in batches of equal shapes: the same components as scipy.ndimage.label."""
+def test_components_equal_scipy_label(rng: np.random.Generator, batch: int, fn) -> None:
+    """Every test grid alone and in batches of equal shapes: the same components as scipy.ndimage.label,
+    per image (the torch propagation the GPU runs, and the whole-batch SciPy call of CPU tensors)."""
     grids = _grids(rng)
     for g in grids:
         stack = np.stack([g] + [rng.uniform(size=g.shape) < 0.5 for _ in range(batch - 1)])
-        got = decide.components(torch.from_numpy(stack)).numpy()
+        got = fn(torch.from_numpy(stack)).numpy()
         for b in range(batch):
             np.testing.assert_array_equal(got[b], _canonical(ndimage.label(stack[b])[0]), err_msg=str(g.shape))
 

@@ -8,7 +8,8 @@ import torch
 
 import ncutfast
 from ncutfast import reference
-from ncutfast.testing import GAP_MIN, flip_rate, planted_scene, relative_gap
+from ncutfast.reference import relative_gap
+from ncutfast.testing import GAP_MIN, flip_rate, planted_scene
 
 pytestmark = pytest.mark.gpu
 

@@ -15,7 +15,7 @@ triton = pytest.importorskip("triton")
 from ncutfast import reference, testing  # noqa: E402
 from ncutfast.kernels import _utils  # noqa: E402
 from ncutfast.kernels.affinity import affinity_fwd, normalize_fwd  # noqa: E402
-from ncutfast.kernels.lanczos import degrees_from_counts  # noqa: E402
+from ncutfast.kernels.matvec import degrees_from_counts  # noqa: E402
 
 DEVICE = "cpu" if _utils.interpreting() else "cuda"
 

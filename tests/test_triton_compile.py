@@ -24,14 +24,8 @@ def _variants() -> list[tuple[str, object, dict, dict, dict]]:
 
     from ncutfast.kernels import _utils
     from ncutfast.kernels.affinity import _PRECISIONS, _affinity_kernel, _normalize_kernel
-    from ncutfast.kernels.lanczos import (
-        _bitmask_matvec_i8_kernel,
-        _bitmask_matvec_kernel,
-        _digits_kernel,
-        _lanczos_matvec_kernel,
-        _lanczos_persistent_kernel,
-        _lanczos_step_kernel,
-    )
+    from ncutfast.kernels.lanczos import _lanczos_matvec_kernel, _lanczos_persistent_kernel, _lanczos_step_kernel
+    from ncutfast.kernels.matvec import _bitmask_matvec_i8_kernel, _bitmask_matvec_kernel, _digits_kernel
     from ncutfast.kernels.ritz import _ritz_top2_kernel
 
     tl_name = {"torch.float16": "fp16", "torch.float32": "fp32", "torch.float64": "fp64"}

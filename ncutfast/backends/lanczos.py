@@ -22,7 +22,7 @@ compacted once half of it has). Problems that have not converged when the Krylov
 restarted from their current Ritz vector, until ``max_iter`` steps are spent.
 
 A backend may replace the op-by-op step between two checks with fused kernels (``Steps``: the Triton
-backend's ``kernels.lanczos.FusedSteps``), which also supply the Ritz pairs of the checks and of the end of
+backend's ``kernels.operator.FusedSteps``), which also supply the Ritz pairs of the checks and of the end of
 a cycle without an eigensolver (``kernels.ritz``; torch's batched ``eigh`` on CUDA loops over the batch
 once T is larger than 32 x 32).
 """

@@ -2,8 +2,8 @@
 
 Per padded batch: ``kernels.affinity.affinity_fwd`` builds the thresholded graph as a bitmask with row
 popcounts in one launch (never an N x N float matrix), degrees follow exactly from the popcounts, and the
-batched deflated Lanczos of ``backends.lanczos`` runs on ``kernels.lanczos.BitmaskOperator``: its steps
-between two convergence checks are fused (``kernels.lanczos.FusedSteps``: two launches per step, optionally
+batched deflated Lanczos of ``backends.lanczos`` runs on ``kernels.operator.BitmaskOperator``: its steps
+between two convergence checks are fused (``kernels.operator.FusedSteps``: two launches per step, optionally
 replayed from a CUDA graph, or one persistent launch per cycle; launch setting "lanczos" ``solve``), the
 convergence checks run on the device (``kernels.ritz``), and the host synchronizes once per check. Every
 problem of the batch shares each launch, whatever its length.
@@ -47,7 +47,7 @@ def solve(feats: torch.Tensor, lengths: torch.Tensor, params: SolveParams) -> Sp
         return torch_solve(feats, lengths, params)
     from ..kernels._utils import block_sizes, interpreting
     from ..kernels.affinity import affinity_fwd
-    from ..kernels.lanczos import BitmaskOperator, FusedSteps
+    from ..kernels.operator import BitmaskOperator, FusedSteps
 
     lengths = check_batch(feats, lengths)
     device = feats.device

@@ -26,8 +26,8 @@ __all__ = ["interpreting", "block_sizes", "override", "popc32", "words_per_row"]
 #         vectors so that the (BM, BN, K) fp64 accumulator stays in registers (32 per thread by default);
 #         int8 = 1 selects the tensor-core variant (fixed-point digits, int8 tl.dot) with the matvec_int8
 #         settings (BR: digit rows per step of the digits kernel).
-# lanczos: how the Triton backend runs the Lanczos steps between convergence checks (kernels/lanczos.py,
-#          FusedSteps): solve = "torch" (op by op, the shared driver's torch step around the matvec
+# lanczos: how the Triton backend runs the Lanczos steps between convergence checks (kernels/operator.py
+#          FusedSteps, kernels/lanczos.py): solve = "torch" (op by op, the shared driver's torch step around the matvec
 #          kernel), "steps" (two fused launches per step), "graph" (those launches replayed from a CUDA
 #          graph, captured once per Lanczos cycle), "persistent" (one launch per cycle, convergence tested
 #          inside with kernels/ritz.py; it always uses the fp64 mat-vec, the others follow matvec's

@@ -152,6 +152,15 @@ def _add_label(sub: argparse._SubParsersAction) -> None:
                    help="write PNG overlays (masks, boxes, eigenvector heat-map) of the first images to DIR")
     p.add_argument("--visualize-count", type=_nonnegative, default=16, metavar="K",
                    help="how many images --visualize draws (the first K of the dataset); default %(default)s")
+    p.add_argument("--masks-dir", type=Path, default=None, metavar="DIR",
+                   help="saliency only: also write DIR/tokencut/<path>/<stem>.png (the TokenCut mask at the "
+                        "original size, 0/255), and with --refine bilateral DIR/bilateral/<path>/<stem>.png "
+                        "(the bilateral solver's soft output, 0..255); resumable, never overwrites a file it "
+                        "did not write")
+    p.add_argument("--refine", choices=("none", "bilateral"), default="none",
+                   help="saliency refinement written to --masks-dir: 'bilateral' runs TokenCut's bilateral "
+                        "solver (sigmas 16/16/8, lambda 256) on the original image, batched; its binary "
+                        "output is drawn in the --visualize overlays. Default: %(default)s")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     p.set_defaults(func=_run_label)
 
@@ -199,7 +208,7 @@ def _run_label(args: argparse.Namespace) -> int:
         sign_rule=args.sign_rule, batch_size=args.batch_size, workers=args.workers,
         post_workers=args.post_workers, device=args.device, amp=args.amp, precision=args.precision,
         backend=args.backend, crf=args.crf, visualize=args.visualize, visualize_count=args.visualize_count,
-        progress=not args.no_progress, overwrite=args.overwrite,
+        progress=not args.no_progress, overwrite=args.overwrite, masks_dir=args.masks_dir, refine=args.refine,
     )
     try:
         summary = run(cfg)

@@ -16,13 +16,13 @@ first cut has the highest ``score`` (ties: the earliest tau in the list).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from .. import reference
+from ..reference import relative_gap
 
 __all__ = ["ImageCut", "relative_gap", "cut_batch"]
 
@@ -45,13 +45,6 @@ class ImageCut:
     lambda3: np.ndarray
     tau: float
     eigenvector: np.ndarray | None = None
-
-
-def relative_gap(lambda2: float, lambda3: float) -> float:
-    """``1 - lambda2 / lambda3`` clipped to [0, 1]; 0 where it is undefined (NaN values or lambda3 <= 0)."""
-    if not (math.isfinite(lambda2) and math.isfinite(lambda3)) or lambda3 <= 0:
-        return 0.0
-    return float(min(1.0, max(0.0, 1.0 - lambda2 / lambda3)))
 
 
 def _np(x: object) -> np.ndarray | list[np.ndarray]:

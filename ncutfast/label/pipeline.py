@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image
@@ -33,7 +34,8 @@ from ._procs import die_with_parent
 from .cut import ImageCut, cut_batch
 from .errors import LabelError
 from .geometry import MODES, Prepared, prepare, to_pixels, to_rgb
-from .post import PostConfig, annotations_for, crf_available, overlay
+from .masks import REFINES, MasksError, MaskWriter
+from .post import PostConfig, annotations_for, crf_available, overlay, pixel_masks
 from .records import (
     ShardWriter,
     check_manifest,
@@ -94,6 +96,8 @@ class LabelConfig:
     visualize_count: int = 16
     progress: bool = True
     overwrite: bool = False
+    masks_dir: Path | None = None
+    refine: str = "none"
 
 
 @dataclass
@@ -109,7 +113,7 @@ class RunSummary:
     already_done: int = 0
     annotations: int = 0
     seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(
-        ("decode", "wait", "vit", "cut", "post", "write", "total"), 0.0))
+        ("decode", "wait", "vit", "cut", "masks", "post", "write", "total"), 0.0))
     out: Path | None = None
     out_images: int = 0
     out_annotations: int = 0
@@ -199,7 +203,7 @@ def _manifest(cfg: LabelConfig, files: list[str]) -> dict:
         "arch": cfg.arch, "mode": cfg.mode, "taus": list(cfg.taus), "n_masks": cfg.n_masks,
         "fixed_size": cfg.fixed_size, "eps": cfg.eps, "sign_rule": cfg.sign_rule,
         "batch_size": cfg.batch_size, "amp": cfg.amp, "precision": cfg.precision, "backend": cfg.backend,
-        "crf": cfg.crf,
+        "crf": cfg.crf, "masks": cfg.masks_dir is not None, "refine": cfg.refine,
     }
 
 
@@ -248,6 +252,7 @@ def _check_options(cfg: LabelConfig) -> None:
         raise LabelError("--crf needs a DenseCRF package: pip install pydensecrf2")
     if cfg.crf and cfg.mode != "maskcut":
         raise LabelError("--crf applies to --mode maskcut only")
+    _check_masks_options(cfg)
     if not 1 <= cfg.fixed_size <= MAX_FIXED_SIZE:
         raise LabelError(f"--fixed-size must lie in [1, {MAX_FIXED_SIZE}], got {cfg.fixed_size}")
     if cfg.batch_size < 1:
@@ -326,6 +331,57 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _check_masks_options(cfg: LabelConfig) -> None:
+    if cfg.refine not in REFINES:
+        raise LabelError(f"unknown --refine {cfg.refine!r}; choose one of {', '.join(REFINES)}")
+    if cfg.masks_dir is not None and cfg.mode != "saliency":
+        raise LabelError("--masks-dir applies to --mode saliency only")
+    if cfg.refine != "none" and cfg.masks_dir is None:
+        raise LabelError("--refine bilateral writes DIR/bilateral/: give --masks-dir DIR")
+
+
+def _open_masks(cfg: LabelConfig, files: list[str], manifest: dict, rank: int) -> MaskWriter | None:
+    """The ``--masks-dir`` writer (rank 0 claims the folder first, the other ranks then join it)."""
+    if cfg.masks_dir is None:
+        return None
+    try:
+        if rank == 0:
+            writer = MaskWriter.open(cfg.masks_dir, cfg.refine, files, manifest)
+        _barrier()
+        if rank != 0:
+            writer = MaskWriter.open(cfg.masks_dir, cfg.refine, files, manifest)
+    except MasksError as exc:
+        raise LabelError(str(exc)) from exc
+    return writer
+
+
+def _write_masks(masks: MaskWriter, root: Path, files: list[str], items: list[dict], cuts: list[ImageCut],
+                 patch: int, device: torch.device, cfg: LabelConfig) -> dict[int, np.ndarray]:
+    """The ``--masks-dir`` stage of one batch; returns the soft bilateral outputs of the images to draw."""
+    post_cfg = PostConfig(cfg.mode, patch)
+    tokencut = [pixel_masks(cut, it["prep"].size, post_cfg)[0] for it, cut in zip(items, cuts, strict=True)]
+    softs = masks.write(root, [it["index"] for it in items], files, tokencut, device)
+    drawn = cfg.visualize_count if cfg.visualize is not None else 0
+    return {i: s for i, s in softs.items() if i < drawn}
+
+
+def _bilateral_overlay_ann(soft: np.ndarray, anns: list[dict]) -> dict:
+    """The binary bilateral output (TokenCut's rule, against the image's TokenCut mask) as an overlay-only
+    annotation."""
+    from pycocotools import mask as mask_util
+
+    from ..refine import bilateral_binary
+
+    h, w = soft.shape
+    tokencut = np.zeros((h, w), dtype=bool)
+    for ann in anns:
+        tokencut |= mask_util.decode({"size": [h, w], "counts": ann["segmentation"]["counts"].encode("ascii")}
+                                     ).astype(bool)
+    rle = mask_util.encode(np.asfortranarray(bilateral_binary(soft, tokencut).astype(np.uint8)))
+    return {"segmentation": {"size": [h, w], "counts": rle["counts"].decode("ascii")},
+            "bbox": [float(v) for v in mask_util.toBbox(rle)]}
+
+
 @dataclass
 class _Job:
     """What the stages of one run share (built by :func:`_open`)."""
@@ -340,6 +396,8 @@ class _Job:
     world: int
     manifest: dict
     overlays: dict[int, str]
+    masks: MaskWriter | None
+    softs: dict[int, np.ndarray] = field(default_factory=dict)  # bilateral outputs still to be drawn
 
     @property
     def parts(self) -> Path:
@@ -374,14 +432,14 @@ def _open(cfg: LabelConfig) -> _Job:
     except (WeightsError, ValueError) as exc:
         raise LabelError(str(exc)) from exc
     rank, world = _setup_distributed(device)
-    job = _Job(cfg, root, files, model.to(device), patch, device, rank, world, manifest,
-               overlay_names(files, cfg.visualize_count) if cfg.visualize is not None else {})
     if rank == 0:
-        write_manifest(job.parts, manifest)
+        write_manifest(parts_dir_for(cfg.out), manifest)
     _barrier()
     if rank != 0:
-        check_manifest(job.parts, manifest)
-    return job
+        check_manifest(parts_dir_for(cfg.out), manifest)
+    return _Job(cfg, root, files, model.to(device), patch, device, rank, world, manifest,
+                overlay_names(files, cfg.visualize_count) if cfg.visualize is not None else {},
+                _open_masks(cfg, files, manifest, rank))
 
 
 def _todo(job: _Job, summary: RunSummary) -> list[int]:
@@ -415,7 +473,8 @@ def _keys(model: torch.nn.Module, preps: list[Prepared], patch: int, device: tor
 
 
 def _keys_and_cuts(job: _Job, batch_id: int, items: list[dict], summary: RunSummary) -> list[ImageCut]:
-    """ViT keys then the batched cut of the decoded ``items`` (checked against the memory available)."""
+    """ViT keys then the batched cut of the decoded ``items`` (checked against the memory available), and
+    the ``--masks-dir`` files of the batch."""
     if not items:
         return []
     cfg, sec = job.cfg, summary.seconds
@@ -435,6 +494,10 @@ def _keys_and_cuts(job: _Job, batch_id: int, items: list[dict], summary: RunSumm
                      eps=cfg.eps, sign_rule=cfg.sign_rule, patch=job.patch, precision=cfg.precision,
                      backend=cfg.backend)
     sec["cut"] += time.perf_counter() - t0
+    if job.masks is not None:
+        t0 = time.perf_counter()
+        job.softs.update(_write_masks(job.masks, job.root, job.files, items, cuts, job.patch, job.device, cfg))
+        sec["masks"] += time.perf_counter() - t0
     return cuts
 
 
@@ -482,7 +545,9 @@ def _write_batch(job: _Job, batch: _Pending, writer: ShardWriter, bar, summary: 
                        "annotations": anns})
         summary.annotations += len(anns)
         if i in job.overlays:
-            _visualize(job.cfg.visualize / job.overlays[i], job.root / job.files[i], anns, cut)
+            soft = job.softs.pop(i, None)
+            extra = [] if soft is None else [_bilateral_overlay_ann(soft, anns)]
+            _visualize(job.cfg.visualize / job.overlays[i], job.root / job.files[i], anns + extra, cut)
         bar.update(1)
     summary.seconds["post"] += time.perf_counter() - t0
     t0 = time.perf_counter()

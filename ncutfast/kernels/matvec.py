@@ -1,0 +1,291 @@
+"""The mat-vec of the ncut problem's Lanczos operator, applied straight from the bitmask.
+
+With W = eps 11^T + (1 - eps) B (B the 0/1 bitmask, self-loops included), d = W 1 and s = d^-1/2, the
+symmetric operator whose 2nd largest eigenvector gives the cut is
+
+    M v = s * (eps * (s . v) 1 + (1 - eps) * B (s * v))
+
+(see ../shared/spec/numerics.md). Two implementations, chosen by the ``int8`` launch setting of "matvec":
+
+- ``_bitmask_matvec_kernel`` (default): one launch; the D^-1/2 scaling on both sides and the rank-one eps
+  term are fused into the pass over the bits, which are expanded in registers and accumulated in fp64.
+- ``_digits_kernel`` + ``_bitmask_matvec_i8_kernel``: tensor cores. u = s * v is written in fixed point,
+  ``u = scale * sum_d digit_d 128^d`` with 8 balanced base-128 digits in int8 (56 bits, scale = max|u| /
+  2^54), so ``B u`` is an exact int8 x int8 -> int32 ``tl.dot`` of the 0/1 bits with the digits (|sum| <=
+  64 n < 2^31) followed by an fp64 recombination; the only error is u's truncation to 2^-54 max|u|. This
+  moves the multiply-adds off the ALUs (a candidate for the GPU; the benchmark measures both).
+
+Either way a Lanczos step reads N^2 / 8 bytes of mask per image instead of an N x N float matrix.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import block_sizes, words_per_row
+
+__all__ = ["bitmask_matvec_fwd", "degrees_from_counts", "launch_matvec"]
+
+
+@triton.jit
+def _matvec_rows(
+    mask_ptr, s_ptr, eps, b, n, N_max, W, rows, v_base, stride_vn, stride_vk, K, n_cols,
+    BM: tl.constexpr, BN: tl.constexpr, KP: tl.constexpr,
+):
+    """Rows ``rows`` (BM,) of M v for image b (n tokens), all K vectors of the block at ``v_base`` at once:
+    a (BM, KP) fp64 tensor, zero on rows >= n. ``n_cols`` is n, or 0 to skip the work (rows past n).
+
+    It walks the columns in steps of BN: loads u = s * v for those columns (BN, KP), expands the
+    (BM, BN / 32) mask words to bits and adds the selected u into a (BM, BN, KP) fp64 accumulator; the
+    column sums of u (for the eps term) build up the same way. Both are reduced over BN once, after the
+    loop, so the loop body has no cross-thread reduction."""
+    kk = tl.arange(0, KP)
+    k_ok = kk[None, :] < K  # KP is K rounded up to a power of two
+    sh = tl.arange(0, 32)
+    wi = tl.arange(0, BN // 32)
+    row_ok = rows < n  # padding rows (and rows past N_max in the last block) are not graph nodes
+    mrow = mask_ptr + (b * N_max + rows[:, None]).to(tl.int64) * W
+    acc = tl.zeros((BM, BN, KP), dtype=tl.float64)
+    tot = tl.zeros((BN, KP), dtype=tl.float64)
+    for c0 in range(0, n_cols, BN):
+        cols = c0 + tl.arange(0, BN)
+        col_ok = cols < n  # last column step; v may hold anything beyond n
+        s_c = tl.load(s_ptr + b * N_max + cols, mask=col_ok, other=0.0)
+        u = tl.load(v_base + cols[:, None] * stride_vn + kk[None, :] * stride_vk,
+                    mask=col_ok[:, None] & k_ok, other=0.0).to(tl.float64) * s_c[:, None]
+        tot += u
+        # words past W do not exist (the last step may overhang the row); their columns are >= n anyway
+        words = tl.load(mrow + c0 // 32 + wi[None, :], mask=row_ok[:, None] & (c0 // 32 + wi[None, :] < W),
+                        other=0)
+        bits = tl.reshape((words[:, :, None] >> sh[None, None, :]) & 1, (BM, BN))
+        acc += tl.where(bits[:, :, None] != 0, u[None, :, :], 0.0)
+    bu = tl.sum(acc, axis=1)
+    s_r = tl.load(s_ptr + b * N_max + rows, mask=row_ok, other=0.0)
+    return s_r[:, None] * (eps * tl.sum(tot, axis=0)[None, :] + (1.0 - eps) * bu)
+
+
+@triton.jit
+def _bitmask_matvec_kernel(
+    mask_ptr, s_ptr, len_ptr, eps_ptr, idx_ptr, v_ptr, y_ptr,
+    N_max, W, K,
+    stride_vb, stride_vn, stride_vk,
+    stride_yb, stride_yn, stride_yk,
+    BM: tl.constexpr, BN: tl.constexpr, KP: tl.constexpr,
+):
+    """One program computes BM rows of y = M v for one image, all K vectors at once: row p = program_id(1)
+    of v and y belongs to image b = idx[p] of the mask, so a subset of the batch (Lanczos restarts) runs
+    without gathering its masks. Row blocks entirely past n skip the column loop and store zeros."""
+    pid = tl.program_id(0)
+    p = tl.program_id(1)
+    b = tl.load(idx_ptr + p)
+    n = tl.load(len_ptr + b).to(tl.int32)
+    rows = pid * BM + tl.arange(0, BM)
+    kk = tl.arange(0, KP)
+    eps = tl.load(eps_ptr)  # fp64 from memory: a Python float argument would be rounded to fp32
+    y = _matvec_rows(mask_ptr, s_ptr, eps, b, n, N_max, W, rows, v_ptr + p * stride_vb, stride_vn, stride_vk,
+                     K, tl.where(pid * BM < n, n, 0), BM, BN, KP)
+    tl.store(y_ptr + p * stride_yb + rows[:, None] * stride_yn + kk[None, :] * stride_yk, y,
+             mask=(rows[:, None] < N_max) & (kk[None, :] < K))
+
+
+@triton.jit
+def _vector_block(v_ptr, p, stride_vb, step_ptr, stride_vr, done_ptr, stalled_ptr, STEPPED: tl.constexpr):
+    """Base pointer of vector block p and whether to compute with it. STEPPED (fused Lanczos steps): the
+    block is row step[p] + 1 of problem p's basis (row stride stride_vr), and done or stalled problems are
+    skipped; otherwise it is row p of v."""
+    base = v_ptr + p.to(tl.int64) * stride_vb
+    if STEPPED:
+        base += (tl.load(step_ptr + p) + 1) * stride_vr
+        active = (tl.load(done_ptr + p) == 0) & (tl.load(stalled_ptr + p) == 0)
+    else:
+        active = p >= 0
+    return base, active
+
+
+@triton.jit
+def _digits_kernel(
+    s_ptr, len_ptr, idx_ptr, v_ptr, dig_ptr, scale_ptr, tot_ptr, step_ptr, done_ptr, stalled_ptr,
+    N_max, K,
+    stride_vb, stride_vn, stride_vk, stride_vr,
+    BR: tl.constexpr, KP: tl.constexpr, STEPPED: tl.constexpr,
+):
+    """One program per vector block p = program_id(0) (image b = idx[p]) writes u = s * v in fixed point:
+    ``dig[p, j, 8 k + d]`` (int8) with ``u_jk ~= scale[p, k] * sum_d dig * 128^d``, and ``tot[p, k] =
+    sum_j u_jk`` (fp64) for the eps term. Pass 1 finds max |u| per vector, pass 2 writes the digits.
+    Rows >= n (padding) and vectors >= K (power-of-two padding) get zero digits: the mat-vec reads them.
+    STEPPED: see ``_vector_block`` (a skipped problem's digits are not written; the mat-vec skips it too)."""
+    p = tl.program_id(0)
+    b = tl.load(idx_ptr + p)
+    n = tl.load(len_ptr + b).to(tl.int32)
+    v_base, active = _vector_block(v_ptr, p, stride_vb, step_ptr, stride_vr, done_ptr, stalled_ptr, STEPPED)
+    n_rows = tl.where(active, N_max, 0)
+    kk = tl.arange(0, KP)
+    k_ok = kk[None, :] < K
+    amax = tl.zeros((KP,), dtype=tl.float64)
+    tot = tl.zeros((KP,), dtype=tl.float64)
+    for r0 in range(0, n_rows, BR):
+        rows = r0 + tl.arange(0, BR)
+        ok = rows < n
+        s_r = tl.load(s_ptr + b * N_max + rows, mask=ok, other=0.0)
+        u = tl.load(v_base + rows[:, None] * stride_vn + kk[None, :] * stride_vk,
+                    mask=ok[:, None] & k_ok, other=0.0).to(tl.float64) * s_r[:, None]
+        amax = tl.maximum(amax, tl.max(tl.abs(u), axis=0))
+        tot += tl.sum(u, axis=0)
+    # 2^54 / max|u|: |U| <= 2^54 fits the 8 balanced digits (range about +-2^55)
+    inv = tl.where(amax > 0, 18014398509481984.0 / tl.where(amax > 0, amax, 1.0), 0.0)
+    tl.store(scale_ptr + p * KP + kk, amax / 18014398509481984.0)
+    tl.store(tot_ptr + p * KP + kk, tot)
+    d_idx = tl.arange(0, 8)
+    for r0 in range(0, n_rows, BR):
+        rows = r0 + tl.arange(0, BR)
+        ok = rows < n
+        s_r = tl.load(s_ptr + b * N_max + rows, mask=ok, other=0.0)
+        u = tl.load(v_base + rows[:, None] * stride_vn + kk[None, :] * stride_vk,
+                    mask=ok[:, None] & k_ok, other=0.0).to(tl.float64) * s_r[:, None]
+        big = (u * inv[None, :]).to(tl.int64)  # truncation: error < 1 unit = 2^-54 max|u|
+        digits = tl.zeros((BR, KP, 8), dtype=tl.int64)
+        for d in tl.static_range(8):
+            dig = ((big + 64) & 127) - 64  # balanced digit in [-64, 63]
+            digits = tl.where(d_idx[None, None, :] == d, dig[:, :, None], digits)
+            big = (big - dig) >> 7  # exact: big - dig is a multiple of 128
+        cols = kk[:, None] * 8 + d_idx[None, :]
+        tl.store(dig_ptr + (p * N_max + rows[:, None, None]).to(tl.int64) * (KP * 8) + cols[None, :, :],
+                 digits.to(tl.int8), mask=(rows < N_max)[:, None, None])
+
+
+@triton.jit
+def _bitmask_matvec_i8_kernel(
+    mask_ptr, s_ptr, len_ptr, eps_ptr, idx_ptr, dig_ptr, scale_ptr, tot_ptr, y_ptr, step_ptr, done_ptr,
+    stalled_ptr, N_max, W, K,
+    stride_yb, stride_yn, stride_yk,
+    BM: tl.constexpr, BN: tl.constexpr, KP: tl.constexpr, STEPPED: tl.constexpr,
+):
+    """One program computes BM rows of y = M v for vector block p = program_id(1) (image b = idx[p]).
+
+    Per BN columns: bits (BM, BN) int8 from the mask words, digits (BN, 8 KP) int8, one exact int8 dot
+    into an int32 accumulator. At the end the digit columns are recombined in fp64 (sum_d acc 128^d,
+    times scale) and the eps term and the row scaling are applied. Row blocks past n skip the loop, and so
+    do problems that STEPPED (``_vector_block``) skips."""
+    pid = tl.program_id(0)
+    p = tl.program_id(1)
+    b = tl.load(idx_ptr + p)
+    n = tl.load(len_ptr + b).to(tl.int32)
+    rows = pid * BM + tl.arange(0, BM)
+    row_ok = rows < n  # padding rows (and rows past N_max in the last block) are not graph nodes
+    sh = tl.arange(0, 32)
+    wi = tl.arange(0, BN // 32)
+    dc = tl.arange(0, KP * 8)
+    mrow = mask_ptr + (b * N_max + rows[:, None]).to(tl.int64) * W
+    acc = tl.zeros((BM, KP * 8), dtype=tl.int32)
+    _, active = _vector_block(dig_ptr, p, 0, step_ptr, 0, done_ptr, stalled_ptr, STEPPED)
+    n_cols = tl.where(active & (pid * BM < n), n, 0)
+    for c0 in range(0, n_cols, BN):
+        cols = c0 + tl.arange(0, BN)
+        # words past W do not exist (the last step may overhang the row); their columns are >= n anyway
+        words = tl.load(mrow + c0 // 32 + wi[None, :], mask=row_ok[:, None] & (c0 // 32 + wi[None, :] < W),
+                        other=0)
+        bits = tl.reshape((words[:, :, None] >> sh[None, None, :]) & 1, (BM, BN)).to(tl.int8)
+        # digit rows past N_max are outside the buffer (rows in [n, N_max) hold zeros)
+        dig = tl.load(dig_ptr + (p * N_max + cols[:, None]).to(tl.int64) * (KP * 8) + dc[None, :],
+                      mask=(cols < N_max)[:, None], other=0)
+        acc = tl.dot(bits, dig, acc, out_dtype=tl.int32)
+    kk = tl.arange(0, KP)
+    weight = (tl.full((KP * 8,), 1, tl.int64) << (7 * (dc % 8))).to(tl.float64)  # 128^d, exact
+    bu = tl.sum(tl.reshape(acc.to(tl.float64) * weight[None, :], (BM, KP, 8)), axis=2)
+    scale = tl.load(scale_ptr + p * KP + kk)
+    tot = tl.load(tot_ptr + p * KP + kk)
+    s_r = tl.load(s_ptr + b * N_max + rows, mask=row_ok, other=0.0)
+    eps = tl.load(eps_ptr)  # fp64 from memory: a Python float argument would be rounded to fp32
+    y = s_r[:, None] * (eps * tot[None, :] + (1.0 - eps) * (bu * scale[None, :]))
+    tl.store(y_ptr + p * stride_yb + rows[:, None] * stride_yn + kk[None, :] * stride_yk, y,
+             mask=(rows[:, None] < N_max) & (kk[None, :] < K))
+
+
+def degrees_from_counts(counts: torch.Tensor, lengths: torch.Tensor, eps: float) -> torch.Tensor:
+    """Degrees ``d_i = eps * n + (1 - eps) * counts_i`` (float64 ``(B, N_max)``, 0 on padding rows).
+
+    ``counts`` is the int32 ``(B, N_max)`` row popcount from ``affinity_fwd``; popcounts are exact
+    integers, so d matches the reference's ``W.sum(1)`` up to float64 rounding of the sum.
+    """
+    n = lengths.to(device=counts.device, dtype=torch.float64)[:, None]
+    valid = torch.arange(counts.shape[1], device=counts.device)[None, :] < n
+    d = eps * n + (1.0 - eps) * counts.to(torch.float64)
+    return torch.where(valid, d, torch.zeros((), dtype=torch.float64, device=counts.device))
+
+
+def launch_matvec(mask: torch.Tensor, lens: torch.Tensor, s: torch.Tensor, eps_t: torch.Tensor, idx: torch.Tensor,
+            v: torch.Tensor) -> torch.Tensor:
+    """Launch the mat-vec on checked device tensors (int32 lens/idx, fp64 s/eps_t); no host sync, no copy
+    to the device, so a solve built on it can be captured in a CUDA graph."""
+    _, N_max, W = mask.shape
+    nb = idx.shape[0]
+    v3 = v if v.dim() == 3 else v.unsqueeze(-1)
+    K = v3.shape[2]
+    y3 = torch.empty((nb, N_max, K), dtype=torch.float64, device=v.device)
+    if K and nb and block_sizes("matvec")["int8"]:
+        cfg = block_sizes("matvec_int8")
+        KP = max(2, triton.next_power_of_2(K))  # 8 KP >= 16 digit columns: the smallest tl.dot width
+        dig = torch.empty((nb, N_max, 8 * KP), dtype=torch.int8, device=v.device)
+        scale = torch.empty((nb, KP), dtype=torch.float64, device=v.device)
+        tot = torch.empty((nb, KP), dtype=torch.float64, device=v.device)
+        _digits_kernel[(nb,)](
+            s, lens, idx, v3, dig, scale, tot, idx, idx, idx, N_max, K, v3.stride(0), v3.stride(1), v3.stride(2),
+            0, BR=cfg["BR"], KP=KP, STEPPED=False, num_warps=4,
+        )
+        _bitmask_matvec_i8_kernel[(triton.cdiv(N_max, cfg["BM"]), nb)](
+            mask, s, lens, eps_t, idx, dig, scale, tot, y3, idx, idx, idx, N_max, W, K,
+            y3.stride(0), y3.stride(1), y3.stride(2),
+            BM=cfg["BM"], BN=cfg["BN"], KP=KP, STEPPED=False, num_warps=cfg["num_warps"],
+        )
+    elif K and nb:
+        cfg = block_sizes("matvec")
+        KP = triton.next_power_of_2(K)
+        BN = max(32, cfg["BN"] // KP)  # keep the (BM, BN, KP) product at the register budget of K = 1
+        grid = (triton.cdiv(N_max, cfg["BM"]), nb)
+        _bitmask_matvec_kernel[grid](
+            mask, s, lens, eps_t, idx, v3, y3, N_max, W, K,
+            v3.stride(0), v3.stride(1), v3.stride(2), y3.stride(0), y3.stride(1), y3.stride(2),
+            BM=cfg["BM"], BN=BN, KP=KP, num_warps=cfg["num_warps"],
+        )
+    return y3 if v.dim() == 3 else y3.squeeze(-1)
+
+
+def bitmask_matvec_fwd(
+    mask: torch.Tensor, lengths: torch.Tensor, s: torch.Tensor, v: torch.Tensor, eps: float,
+    idx: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Apply ``M = D^-1/2 W D^-1/2`` of each image to one or a few vectors.
+
+    Args:
+        mask: int32 ``(B, N_max, W)`` bitmask from ``affinity_fwd`` (layout in kernels/affinity.py).
+        lengths: ``(B,)`` integer, tokens per image.
+        s: float64 ``(B, N_max)``, ``d^-1/2`` (entries beyond lengths[b] are ignored).
+        v: float64 ``(b, N_max)`` or ``(b, N_max, K)`` (any strides); entries beyond the image's length
+            are ignored.
+        eps: weight of the non-edges.
+        idx: optional integer ``(b,)``: row p of v belongs to image idx[p]; default all B images in order.
+
+    Returns:
+        float64 contiguous tensor shaped like ``v``: ``M v``, zero beyond the image's length.
+    """
+    if mask.dim() != 3 or mask.dtype != torch.int32:
+        raise ValueError(f"mask: expected an int32 (B, N_max, W) tensor, got {mask.dtype} "
+                         f"{tuple(mask.shape)}")
+    B, N_max, W = mask.shape
+    if W != words_per_row(N_max):
+        raise ValueError(f"mask: expected {words_per_row(N_max)} words per row for N_max={N_max}, got {W}")
+    if s.shape != (B, N_max) or s.dtype != torch.float64:
+        raise ValueError(f"s: expected a float64 ({B}, {N_max}) tensor, got {s.dtype} {tuple(s.shape)}")
+    if lengths.shape != (B,):
+        raise ValueError(f"lengths: expected shape ({B},), got {tuple(lengths.shape)}")
+    dev = mask.device
+    idx = torch.arange(B, device=dev) if idx is None else idx
+    nb = idx.shape[0]
+    if v.dtype != torch.float64 or v.dim() not in (2, 3) or tuple(v.shape[:2]) != (nb, N_max):
+        raise ValueError(f"v: expected float64 ({nb}, {N_max}) or ({nb}, {N_max}, K), got {v.dtype} "
+                         f"{tuple(v.shape)}")
+    eps_t = torch.tensor([float(eps)], dtype=torch.float64, device=dev)
+    return launch_matvec(mask, lengths.to(device=dev, dtype=torch.int32), s.contiguous(), eps_t,
+                   idx.to(device=dev, dtype=torch.int32), v)
