@@ -25,7 +25,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ncutfast.label import pipeline
+from ncutfast.label import machine, pipeline
 from ncutfast.label.cli import LABEL_MODULES, main
 from ncutfast.label.demo import make_demo_images
 from ncutfast.label.geometry import prepare
@@ -263,17 +263,17 @@ def test_fixed_size_is_bounded_and_batch_memory_checked_first(tmp_path: Path, im
     assert main(["label", str(images), "--out", str(out), "--weights", str(weights), "--arch",
                  "vit_small_patch16", "--fixed-size", "100000", "--no-progress"]) == 2
     assert "--fixed-size must lie in [1, 4096]" in _err_line(capsys)
-    monkeypatch.setattr(pipeline, "_available_bytes", lambda device: 2**30)
+    monkeypatch.setattr(machine, "available_bytes", lambda device: 2**30)
     assert main(["label", str(images), "--out", str(out), "--weights", str(weights), "--arch",
                  "vit_small_patch16", "--fixed-size", "4096", "--no-progress"]) == 2
     assert "needs about" in (err := _err_line(capsys)) and "1 GiB is available" in err
     assert not parts_dir_for(out).exists()  # refused before any work
-    monkeypatch.setattr(pipeline, "_available_bytes", lambda device: 100_000)
+    monkeypatch.setattr(machine, "available_bytes", lambda device: 100_000)
     assert _label(images, out, weights, "--mode", "tokencut") == 2
     assert "batch 0 (largest image: class_" in _err_line(capsys)
     grids, pixels = [(3, 5), (1, 1), (2, 2)], [15 * 256, 256, 4 * 256]
     n = np.array([15, 1, 4])
-    assert pipeline.batch_bytes(grids, pixels, 384, "float64") == int(np.sum(15 * np.array(pixels)
+    assert machine.batch_bytes(grids, pixels, 384, "float64") == int(np.sum(15 * np.array(pixels)
                                                                             + 32 * n * 384 + 16 * n * n))
 
 

@@ -9,6 +9,6 @@ Submodules (nothing heavy is imported until used):
 - :mod:`.records` and :mod:`.coco` -- shard records (validated), resume, merge, the output JSON;
 - :mod:`.pipeline` -- the run, in named stages; :mod:`.cli` -- the ``label`` and ``merge`` subcommands;
 - :mod:`.errors` -- the user-facing :class:`~.errors.LabelError`; :mod:`._procs` -- helper processes that
-  die with the run;
+  die with the run; :mod:`.machine` -- device, backend and memory checks before any work;
 - :mod:`.demo` -- a generated demo dataset.
 """

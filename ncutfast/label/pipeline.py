@@ -2,9 +2,10 @@
 (optionally in a process pool) -> append-only shard records -> atomic COCO JSON.
 
 :func:`run` is a sequence of named stages: :func:`_check_options` (settings alone, before any work),
-:func:`_open` (device, backend, images, weights, resume marker and ``--out`` protection), :func:`_todo` (what
-the shards already hold), :func:`_label_batches` (per batch :func:`_keys_and_cuts`, :func:`_submit_post`,
-:func:`_write_batch`) and :func:`_finish` (rank 0 merges the shards into ``--out``).
+:func:`_open` (device, backend and memory via :mod:`.machine`, images, resume marker and ``--out``
+protection, weights), :func:`_todo` (what the shards already hold), :func:`_label_batches` (per batch
+:func:`_keys_and_cuts`, :func:`_submit_post`, :func:`_write_batch`) and :func:`_finish` (rank 0 merges the
+shards into ``--out``).
 
 See :mod:`ncutfast.label.records` for the resume and sharding guarantees and :mod:`ncutfast.label.coco` for
 the output layout.
@@ -34,6 +35,7 @@ from ._procs import die_with_parent
 from .cut import ImageCut, cut_batch
 from .errors import LabelError
 from .geometry import MODES, Prepared, prepare, to_pixels, to_rgb
+from .machine import check_backend, check_memory, resolve_device
 from .masks import REFINES, MasksError, MaskWriter
 from .post import PostConfig, annotations_for, crf_available, overlay, pixel_masks
 from .records import (
@@ -49,7 +51,7 @@ from .vit import ARCHS
 from .weights import WeightsError, load_vit
 
 __all__ = ["IMAGE_SUFFIXES", "MAX_FIXED_SIZE", "LabelError", "LabelConfig", "RunSummary", "list_images", "run",
-           "batch_bytes", "default_tau", "default_arch", "overlay_names"]
+           "default_tau", "default_arch", "overlay_names"]
 
 log = logging.getLogger("ncutfast.label")
 
@@ -207,41 +209,6 @@ def _manifest(cfg: LabelConfig, files: list[str]) -> dict:
     }
 
 
-def batch_bytes(grids: list[tuple[int, int]], pixels: list[int], dim: int, precision: str) -> int:
-    """About the peak bytes of the ViT forward and the cut of one batch (an estimate that errs high).
-
-    Per image with ``N`` tokens and ``P`` pixels: the uint8 image and its float32 input (``15 P``), the
-    ViT's activations (``8 * 4 * N * dim``: the residual stream, the MLP's 4x hidden layer, fused qkv) and
-    the cut's dense similarity and affinity (``2 * N^2`` values of the precision's size).
-    """
-    item = 8 if precision == "float64" else 4
-    total = 0
-    for (h, w), p in zip(grids, pixels, strict=True):
-        n = h * w
-        total += 15 * p + 32 * n * dim + 2 * item * n * n
-    return total
-
-
-def _available_bytes(device: torch.device) -> int:
-    """Memory a batch may use now: a CUDA device's free memory plus what torch's allocator holds unused (its
-    cache of earlier batches), else the host's available memory."""
-    if device.type == "cuda":
-        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-        return int(torch.cuda.mem_get_info(device)[0]) + cached
-    try:
-        with open("/proc/meminfo", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
-def _gib(n: int) -> str:
-    return f"{n / 2**30:.3g} GiB"
-
-
 def _check_options(cfg: LabelConfig) -> None:
     """Stage 0: the settings alone (no images, weights or devices touched yet)."""
     if cfg.mode not in MODES:
@@ -268,51 +235,12 @@ def _check_options(cfg: LabelConfig) -> None:
                          f"{Path(cfg.out) / 'labels.json'}")
 
 
-def _resolve_device(spec: str) -> torch.device:
-    """``--device`` -> a torch device that exists here (``cuda`` means ``cuda:LOCAL_RANK``)."""
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if spec == "auto":
-        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-    try:
-        dev = torch.device(spec)
-    except (RuntimeError, ValueError):
-        raise LabelError(f"--device {spec!r} is not a device; use 'auto', 'cpu', 'cuda' or 'cuda:N'") from None
-    if dev.type == "cpu":
-        return dev
-    if dev.type != "cuda":
-        raise LabelError(f"--device {spec}: only 'auto', 'cpu', 'cuda' and 'cuda:N' are supported")
-    if not torch.cuda.is_available():
-        build = " (this torch is a CPU-only build)" if torch.version.cuda is None else ""
-        raise LabelError(f"--device {spec}: no CUDA device visible{build}; use --device cpu or auto")
-    index = local_rank if dev.index is None else dev.index
-    if index >= torch.cuda.device_count():
-        raise LabelError(f"--device {spec}: device {index} does not exist ({torch.cuda.device_count()} CUDA "
-                         "devices visible)")
-    return torch.device("cuda", index)
-
-
-def _check_backend(backend: str, device: torch.device) -> None:
-    """Solve one tiny cut with ``backend`` on ``device``: an unknown or unavailable backend fails here."""
-    if backend == "reference":
-        return
-    from .. import api
-
-    feats = torch.arange(12, dtype=torch.float32).reshape(1, 4, 3).cos().to(device)
-    try:
-        api.tokencut(feats, (2, 2), patch=1, backend=backend)
-    except (TypeError, ValueError, RuntimeError) as exc:
-        raise LabelError(f"--backend {backend!r} cannot run on {device}: {exc}") from exc
-
-
 def _check_memory(grids: list[tuple[int, int]], pixels: list[int], cfg: LabelConfig, device: torch.device,
                   what: str) -> None:
-    """Refuse a batch whose estimated peak (:func:`batch_bytes`) exceeds the memory available now."""
-    need = batch_bytes(grids, pixels, ARCHS[cfg.arch].dim, cfg.precision)
-    have = _available_bytes(device)
-    if need > have:
-        raise LabelError(f"{what} needs about {_gib(need)} on {device} (ViT and dense affinity), but only "
-                         f"{_gib(have)} is available; lower --batch-size"
-                         f"{' or --fixed-size' if cfg.mode == 'maskcut' else ' or leave out the largest images'}")
+    """:func:`~.machine.check_memory` with the run's ViT width, precision and advice."""
+    other = "--fixed-size" if cfg.mode == "maskcut" else "leave out the largest images"
+    advice = f"lower --batch-size or {other}"
+    check_memory(grids, pixels, ARCHS[cfg.arch].dim, cfg.precision, device, what, advice)
 
 
 def _setup_distributed(device: torch.device) -> tuple[int, int]:
@@ -411,8 +339,8 @@ class _Job:
 
 def _open(cfg: LabelConfig) -> _Job:
     """Stage 1: device and backend, images, a MaskCut batch's memory, the manifest and ``--out``, weights."""
-    device = _resolve_device(cfg.device)
-    _check_backend(cfg.backend, device)
+    device = resolve_device(cfg.device)
+    check_backend(cfg.backend, device)
     patch = ARCHS[cfg.arch].patch
     root, files = list_images(cfg.images)
     if cfg.mode == "maskcut":
