@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <string>
 #include <tuple>
+#include <utility>
 
 #include "common.h"
 #include "cpu/graph_cpu.h"
@@ -230,6 +231,71 @@ PYBIND11_MODULE(_C, m) {
       "are never read (the graph is exactly symmetric). inv_norms: 0, or the address of (batch, n_max) positive\n"
       "inverse row norms in `dtype`; then s holds raw dot products and the edge test is the cosine's,\n"
       "s_ij * inv_j > tau / inv_i. Host pointers.");
+
+  m.def(
+      "exact_row_norms_cpu",
+      [](uintptr_t k, const std::string& dtype, int64_t batch, int64_t n_max, int64_t c, uintptr_t lengths,
+         uintptr_t norms) {
+        const DType dt = ncutfast::parse_dtype(dtype, "dtype");
+        check_sizes(batch, n_max);
+        NCUT_CHECK(c >= 1 && c <= kMaxTokens, "c", "must be in [1, " << kMaxTokens << "], got " << c);
+        NCUT_CHECK_PTR(k, "k");
+        NCUT_CHECK_PTR(lengths, "lengths");
+        NCUT_CHECK_PTR(norms, "norms");
+        check_host_lengths(as_ptr<const int64_t>(lengths), batch, n_max);
+        int64_t bad;
+        {
+          py::gil_scoped_release nogil;
+          bad = ncutfast::exact_row_norms_cpu(as_ptr<const void>(k), dt, batch, n_max, c,
+                                              as_ptr<const int64_t>(lengths), as_ptr<double>(norms));
+        }
+        NCUT_CHECK(bad == 0, "k", "contains NaN or inf within the lengths");
+      },
+      py::arg("k"), py::arg("dtype"), py::arg("batch"), py::arg("n_max"), py::arg("c"), py::arg("lengths"),
+      py::arg("norms"),
+      "Precision 'exact': reference.normalize_rows's denominators max(||k_i||, 1e-12), bit for bit, of k\n"
+      "(batch, n_max, c) float32/float64 into norms (batch, n_max) float64 (1 beyond lengths (batch,) int64).\n"
+      "NaN or infinite entries within the lengths raise ValueError. Host pointers.");
+
+  m.def(
+      "pack_graph_block_exact_cpu",
+      [](uintptr_t s, uintptr_t k, const std::string& dtype, int64_t c, uintptr_t norms, int64_t batch,
+         int64_t n_max, int64_t row0, int64_t rows, uintptr_t lengths, double tau, double bound, double dot_bound,
+         double dot2_bound, uintptr_t bits, uintptr_t rechecked, uintptr_t scale) {
+        const DType dt = ncutfast::parse_dtype(dtype, "dtype");
+        check_sizes(batch, n_max);
+        NCUT_CHECK(c >= 1 && c <= kMaxTokens, "c", "must be in [1, " << kMaxTokens << "], got " << c);
+        NCUT_CHECK(row0 >= 0 && row0 < n_max && row0 % 64 == 0, "row0",
+                   "must be a multiple of 64 in [0, n_max = " << n_max << "), got " << row0);
+        NCUT_CHECK(rows >= 1 && row0 + rows <= n_max && ((row0 + rows) % 64 == 0 || row0 + rows == n_max), "rows",
+                   "row0 + rows must be a multiple of 64 or n_max, within n_max = " << n_max << ", got " << rows);
+        NCUT_CHECK_PTR(s, "s");
+        NCUT_CHECK_PTR(k, "k");
+        NCUT_CHECK_PTR(norms, "norms");
+        NCUT_CHECK_PTR(lengths, "lengths");
+        NCUT_CHECK_PTR(bits, "bits");
+        NCUT_CHECK_PTR(rechecked, "rechecked");
+        check_scalar(tau, "tau");
+        for (const auto& [v, arg] : {std::pair{bound, "bound"}, {dot_bound, "dot_bound"}, {dot2_bound, "dot2_bound"}})
+          NCUT_CHECK(std::isfinite(v) && v >= 0, arg, "must be finite and >= 0, got " << v);
+        check_host_lengths(as_ptr<const int64_t>(lengths), batch, n_max);
+        check_inv_norms(as_ptr<const double>(norms), as_ptr<const int64_t>(lengths), batch, n_max);
+        if (scale != 0) check_inv_norms(as_ptr<const float>(scale), as_ptr<const int64_t>(lengths), batch, n_max);
+        py::gil_scoped_release nogil;
+        ncutfast::pack_graph_block_exact_cpu(as_ptr<const float>(s), as_ptr<const float>(scale), as_ptr<const void>(k),
+                                             dt, c, as_ptr<const double>(norms), batch, n_max, row0, rows,
+                                             as_ptr<const int64_t>(lengths), tau, bound, dot_bound, dot2_bound,
+                                             as_ptr<uint64_t>(bits), as_ptr<int64_t>(rechecked));
+      },
+      py::arg("s"), py::arg("k"), py::arg("dtype"), py::arg("c"), py::arg("norms"), py::arg("batch"),
+      py::arg("n_max"), py::arg("row0"), py::arg("rows"), py::arg("lengths"), py::arg("tau"), py::arg("bound"),
+      py::arg("dot_bound"), py::arg("dot2_bound"), py::arg("bits"), py::arg("rechecked"), py::arg("scale") = 0,
+      "Precision 'exact': pack_graph_block_cpu of the graph [f_i . f_j > tau], f_i = k_i / norms_i the float64\n"
+      "rows of reference.normalize_rows (k (batch, n_max, c) in `dtype`, norms from exact_row_norms_cpu), from\n"
+      "float32 screening products s (batch, rows, n_max - row0) within `bound` of f_i . f_j: of the normalized\n"
+      "rows rounded to float32 (scale = 0), or raw products of the float32-rounded k with scale the address of\n"
+      "(batch, n_max) float32 ~ 1 / norms. Entries within bound of tau are recomputed in float64 (dot_bound,\n"
+      "dot2_bound: ncutfast.exact) and counted into rechecked (batch,) int64. Host pointers.");
 
   m.def(
       "solve_binary_cpu",

@@ -52,6 +52,12 @@ class _Cut:
     converged: torch.Tensor
     iterations: torch.Tensor
     backend: str
+    recheck_fraction: torch.Tensor  # (B,) float64, NaN unless precision == "exact" on a binary graph
+
+
+def _recheck(sp: backends.Spectrum) -> torch.Tensor:
+    """The spectrum's recheck fraction, NaN where the precision rechecks nothing."""
+    return sp.recheck_fraction if sp.recheck_fraction is not None else torch.full_like(sp.lambda2, float("nan"))
 
 
 def _spectrum(feats: torch.Tensor, lengths: torch.Tensor, params: SolveParams,
@@ -64,7 +70,7 @@ def _solve(feats: torch.Tensor, lengths: torch.Tensor, params: SolveParams, back
     name, sp = _spectrum(feats, lengths, params, backend)
     cut = decide.tokencut_cut(sp.x, lengths.to(sp.x.device))
     return _Cut(sp.lambda2, sp.lambda3, cut.x, sp.x, cut.partition, cut.seed, sp.residual, sp.converged,
-                sp.iterations, name)
+                sp.iterations, name, _recheck(sp))
 
 
 @dataclass
@@ -86,6 +92,8 @@ class NcutResult:
         converged: bool ``(B,)``, residual <= tol * min(1, lambda3 - lambda2).
         iterations: int64 ``(B,)``, Lanczos steps (0 for dense solves).
         backend: the backend that solved it.
+        recheck_fraction: float64 ``(B,)``, precision "exact" only (NaN otherwise): the fraction of the graph's
+            entries (pairs i <= j) that the screening product left to the float64 recheck (``ncutfast.exact``).
     """
 
     lambda2: Array
@@ -97,6 +105,7 @@ class NcutResult:
     converged: Array
     iterations: Array
     backend: str
+    recheck_fraction: Array
 
 
 def _out(t: torch.Tensor, batch: Batch, per_token: bool) -> Any:
@@ -136,6 +145,7 @@ def _ncut_result(cut: _Cut, batch: Batch) -> NcutResult:
         converged=_out(cut.converged, batch, False),
         iterations=_out(cut.iterations, batch, False),
         backend=cut.backend,
+        recheck_fraction=_out(cut.recheck_fraction, batch, False),
     )
 
 
@@ -163,8 +173,10 @@ def ncut(
         eps: weight of non-edges, > 0.
         lengths: per-image token counts of a padded batch.
         binary: False gives TokenCut's ``--no-binary-graph`` ablation (similarities kept as weights).
-        precision: similarity precision: "float64", "float32" (IEEE fp32, no tf32) or "fast" (tensor
-            cores where the device has them; threshold decisions within rounding of tau may flip).
+        precision: similarity precision: "float64", "float32" (IEEE fp32, no tf32: TokenCut's arithmetic),
+            "fast" (tensor cores where the device has them; threshold decisions within rounding of tau may
+            flip) or "exact" (the float64 reference's graph, certified from a low-precision screening
+            product with a proven error bound and float64 rechecks near tau: ``ncutfast.exact``).
         backend: "auto", "torch", "cpu", "cuda" or "triton" (``NCUTFAST_BACKEND`` overrides "auto").
         tol: convergence tolerance: residual <= tol * min(1, lambda3 - lambda2).
         max_iter: Lanczos steps per problem, all restarts included.
@@ -270,6 +282,7 @@ class MaskCutResult:
         lambda2, lambda3: float64 ``(B, n_masks)``, each step's eigenvalues (Ncut value and gap).
         eigenvectors: float64 ``(B, n_masks, N_max)`` (lists of ``(n_masks, N_i)`` for list input), the
             vector each step's rule saw (canonical orientation, or the solver's sign for "cutler").
+        recheck_fraction: float64 ``(B, n_masks)``, each step's ``NcutResult.recheck_fraction``.
     """
 
     masks: Array | list[Array]
@@ -278,6 +291,7 @@ class MaskCutResult:
     lambda2: Array
     lambda3: Array
     eigenvectors: Array | list[Array]
+    recheck_fraction: Array
 
 
 def maskcut(
@@ -318,9 +332,15 @@ def maskcut(
     check_choice(sign_rule, "sign_rule", reference.SIGN_RULES)
     batch = as_batch(features, lengths)
     grids = _grids(grid, batch)
-    res = decide.maskcut(lambda k: _spectrum(k, batch.lengths, params, backend)[1], batch.feats,
-                         batch.lengths.to(batch.feats.device), torch.tensor(grids, dtype=torch.int64), n_masks,
-                         sign_rule)
+    fractions: list[torch.Tensor] = []
+
+    def step(k: torch.Tensor) -> backends.Spectrum:
+        sp = _spectrum(k, batch.lengths, params, backend)[1]
+        fractions.append(_recheck(sp))
+        return sp
+
+    res = decide.maskcut(step, batch.feats, batch.lengths.to(batch.feats.device),
+                         torch.tensor(grids, dtype=torch.int64), n_masks, sign_rule)
     return MaskCutResult(
         masks=_grid_out(res.masks, grids, batch),
         valid=_out(res.valid, batch, False),
@@ -328,4 +348,5 @@ def maskcut(
         lambda2=_out(res.lambda2, batch, False),
         lambda3=_out(res.lambda3, batch, False),
         eigenvectors=_out(res.x, batch, True),
+        recheck_fraction=_out(torch.stack(fractions, dim=1), batch, False),
     )

@@ -33,6 +33,7 @@ TOLERANCES = {
     "float64": {"alignment": 1.0 - 1e-6},
     "float32": {"alignment": 1.0 - 1e-4},
     "fast": {"alignment": 1.0 - 1e-2},
+    "exact": {"alignment": 1.0 - 1e-6},  # the float64 graph itself
 }
 #: Partitions are compared only where the relative eigengap (lambda3 - lambda2) / lambda3 is at least this.
 GAP_MIN = 1e-3

@@ -51,6 +51,16 @@ def test_dry_run_computes_agreement(dry_run) -> None:
             assert r["agrees"] == "yes", r
 
 
+def test_dry_run_reports_the_exact_recheck_fraction(dry_run) -> None:
+    """Precision "exact" rows carry their recheck fraction (CSV and markdown); the others have none."""
+    rows = _rows(dry_run)
+    exact = [r for r in rows if r["provider"].endswith("-exact")]
+    assert {r["provider"] for r in exact} >= {"ncutfast-torch-exact"}
+    for r in rows:
+        assert (0.0 <= float(r["recheck"]) <= 1.0) if r in exact else np.isnan(float(r["recheck"]))
+    assert "| agrees | recheck | status |" in (dry_run / "cpu_results.md").read_text()
+
+
 def test_dry_run_writes_tables_and_plots(dry_run) -> None:
     md = (dry_run / "cpu_results.md").read_text()
     assert "| provider | N | C | B | ms/img |" in md

@@ -51,3 +51,26 @@ def test_fast_precision_flip_rate_is_measured(rng, cuda) -> None:
     print(f"threshold flip rate vs float64 on {torch.cuda.get_device_name()}: float32 {rate32:.2e}, "
           f"fast {rate_fast:.2e}")
     assert rate32 <= 1e-5 and rate_fast <= 1e-2
+
+
+def test_exact_graph_on_the_gpu_is_the_float64_graph(rng, cuda) -> None:
+    """Precision "exact" on CUDA: the Triton kernel (fp16 tensor-core screen + float64 recheck) gives the
+    reference's graph on a ragged batch, the real sizes included, and the backends agree on the cut."""
+    from ncutfast.kernels.affinity import affinity_exact_fwd
+
+    feats = [planted_scene(rng, n, c).features for n, c in ((3600, 768), (784, 384), (97, 64), (1, 64))]
+    for f in feats:
+        mask, counts, _ = affinity_exact_fwd(torch.from_numpy(f)[None].to(cuda), torch.tensor([f.shape[0]]),
+                                             tau=0.2)
+        raw = mask[0].cpu().numpy().view(np.uint32)
+        bits = ((raw[:, :, None] >> np.arange(32, dtype=np.uint32)) & 1).reshape(raw.shape[0], -1)
+        want = reference.affinity(f, 0.2) == 1.0
+        assert np.array_equal(bits[:, : f.shape[0]].astype(bool), want)
+        assert np.array_equal(counts[0].cpu().numpy(), want.sum(1))
+    from ncutfast.backends import available_backends
+
+    for backend in [b for b in ("triton", "cuda", "torch") if b in available_backends()]:
+        out = ncutfast.ncut([torch.from_numpy(f).to(cuda) for f in feats[1:]], precision="exact", backend=backend)
+        ref = ncutfast.ncut(feats[1:], precision="float64", backend="cpu")
+        for a, b in zip(out.lambda2, ref.lambda2, strict=True):
+            assert float(a) == pytest.approx(float(b), abs=1e-8) or np.isnan(float(b))

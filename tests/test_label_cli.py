@@ -272,3 +272,12 @@ def test_rle_roundtrip_of_written_masks(tmp_path: Path, images: Path, weights: P
     for ann in _content(out)["annotations"]:
         rle = {"size": ann["segmentation"]["size"], "counts": ann["segmentation"]["counts"].encode()}
         assert list(mask_util.toBbox(rle)) == ann["bbox"]
+
+
+def test_precision_exact_labels_like_float64(tmp_path: Path, images: Path, weights: Path) -> None:
+    """--precision exact: the float64 graph, so the same masks as --precision float64."""
+    exact, f64 = tmp_path / "exact.json", tmp_path / "f64.json"
+    assert _label(images, exact, weights, "--precision", "exact") == 0
+    assert _label(images, f64, weights, "--precision", "float64") == 0
+    a, b = _content(exact), _content(f64)
+    assert a["annotations"] == b["annotations"] and a["info"]["precision"] == "exact"

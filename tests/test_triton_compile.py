@@ -23,7 +23,7 @@ def _variants() -> list[tuple[str, object, dict, dict, dict]]:
     import triton.language as tl
 
     from ncutfast.kernels import _utils
-    from ncutfast.kernels.affinity import _PRECISIONS, _affinity_kernel, _normalize_kernel
+    from ncutfast.kernels.affinity import _PRECISIONS, _affinity_exact_kernel, _affinity_kernel, _normalize_kernel
     from ncutfast.kernels.lanczos import _lanczos_matvec_kernel, _lanczos_persistent_kernel, _lanczos_step_kernel
     from ncutfast.kernels.matvec import _bitmask_matvec_i8_kernel, _bitmask_matvec_kernel, _digits_kernel
     from ncutfast.kernels.ritz import _ritz_top2_kernel
@@ -50,6 +50,12 @@ def _variants() -> list[tuple[str, object, dict, dict, dict]]:
         for label, dot in dots:
             consts = {"BT": cfg["BT"], "BK": cfg["BK"], "ACC": acc, "DOT_PRECISION": dot}
             out.append((f"affinity-{label}", _affinity_kernel, sig, consts, options))
+    fast = _utils.block_sizes("affinity_fast")  # precision "exact": fp16 screen + candidate list
+    sig = {"f_ptr": "*fp16", "pairs_ptr": "*i32", "len_ptr": "*i32", "thr_ptr": "*fp64", "mask_ptr": "*i32",
+           "count_ptr": "*i32", "cand_ptr": "*i64", "ncand_ptr": "*i32", "N_max": "i32", "C": "i32", "W": "i32",
+           "CAPACITY": "i32", "BT": "constexpr", "BK": "constexpr"}
+    out.append(("affinity-exact", _affinity_exact_kernel, sig, {"BT": fast["BT"], "BK": fast["BK"]},
+                {"num_warps": fast["num_warps"], "num_stages": fast["num_stages"]}))
     mv = _utils.block_sizes("matvec")
     for kp in (1, 4):
         sig = {"mask_ptr": "*i32", "s_ptr": "*fp64", "len_ptr": "*i32", "eps_ptr": "*fp64", "idx_ptr": "*i32",
@@ -168,6 +174,12 @@ def test_every_kernel_compiles_for_sm90(compiled):
 def test_affinity_uses_popc_and_tensor_cores(compiled):
     assert all(compiled[f"affinity-{p}"]["popc"] for p in ("float32", "fast", "float64"))
     assert compiled["affinity-fast"]["wgmma"]  # fp16 tiles go to Hopper tensor cores
+    assert compiled["affinity-exact"]["wgmma"] and compiled["affinity-exact"]["popc"]  # exact: the same screen
+
+
+def test_exact_affinity_does_not_spill(compiled):
+    """The exact variant adds the fp64 threshold tests and the candidate list to the fp16 tile."""
+    assert compiled["affinity-exact"]["spill_bytes"] == 0, compiled["affinity-exact"]
     assert all(compiled[f"affinity-{p}"]["pipelined"] for p in ("float32", "fast"))  # cp.async stages
     assert compiled["affinity-float32-tf32x3"]["wgmma"]
     assert not compiled["affinity-float32"]["wgmma"]  # IEEE fp32: no tf32 tensor-core path

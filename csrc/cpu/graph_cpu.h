@@ -27,6 +27,27 @@ int64_t pack_graph_cpu(const void* s, DType dtype, int64_t batch, int64_t n_max,
 int64_t pack_graph_block_cpu(const void* s, DType dtype, int64_t batch, int64_t n_max, int64_t row0, int64_t rows,
                              const void* inv_norms, const int64_t* lengths, double tau, uint64_t* bits);
 
+/// Precision "exact", step 1: the denominators of reference.normalize_rows, bit for bit:
+/// norms[b, i] = max(sqrt(sum_q k_q^2), 1e-12) in float64 with NumPy's pairwise summation (k float32 or
+/// float64, converted exactly). k: (batch, n_max, c); norms: (batch, n_max) float64, 1 beyond lengths[b].
+/// Returns the number of NaN or infinite entries of k within the lengths (callers raise).
+int64_t exact_row_norms_cpu(const void* k, DType dtype, int64_t batch, int64_t n_max, int64_t c,
+                            const int64_t* lengths, double* norms);
+
+/// Precision "exact", step 2: pack_graph_block_cpu for the exact graph B_ij = [f_i . f_j > tau] with
+/// f_i = k_i / norms_i (float64, as reference.normalize_rows).
+///   s: (batch, rows, n_max - row0) float32 screening products (upper part, as pack_graph_block_cpu);
+///   scale: null, then s_ij estimates f_i . f_j; or (batch, n_max) float32 ~ 1 / norms, then
+///     s_ij * scale_j estimates f_i . f_j * norms_i (s holds raw products of the float32-rounded k);
+///   either way within `bound` (ncutfast.exact.screen_bound) after the scaling by 1 / norms_i;
+///   k: (batch, n_max, c) float32/float64 input rows (the recheck's source); norms from exact_row_norms_cpu;
+///   entries within bound of tau are decided by ncut/exact.h's exact_edge (dot_bound, dot2_bound);
+///   rechecked: (batch,) int64, incremented by the number of entries (i <= j) so decided.
+void pack_graph_block_exact_cpu(const float* s, const float* scale, const void* k, DType dtype, int64_t c,
+                                const double* norms, int64_t batch, int64_t n_max, int64_t row0, int64_t rows,
+                                const int64_t* lengths, double tau, double bound, double dot_bound,
+                                double dot2_bound, uint64_t* bits, int64_t* rechecked);
+
 /// First problem whose packed rows break the layout (a set bit at or beyond its length), or -1.
 int64_t find_stray_bits(const uint64_t* bits, int64_t batch, int64_t n_max, const int64_t* lengths);
 

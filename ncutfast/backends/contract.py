@@ -8,7 +8,8 @@ A backend is a function ``solve(feats, lengths, params, **options) -> Spectrum``
 - ``lengths``: int64 CPU tensor ``(B,)`` with ``1 <= lengths[b] <= N_max``.
 - ``params``: a ``SolveParams`` (checked when it is made).
 - The backend L2-normalizes rows (norm clamped at 1e-12), forms the similarity in ``params.precision``
-  ("float64", "float32" = fp32 without tf32, "fast" = tensor cores where the device has them),
+  ("float64", "float32" = fp32 without tf32, "fast" = tensor cores where the device has them, "exact" =
+  the float64 graph certified from a low-precision product: ``ncutfast.exact``),
   builds W (binary: 1 where similarity > tau else eps; non-binary: the similarity with entries < tau set to
   eps), degrees d = W 1, and returns the 2nd and 3rd smallest generalized eigenpairs of (D - W, D).
 
@@ -26,13 +27,14 @@ from dataclasses import dataclass
 import torch
 
 from .._validate import FLOAT_DTYPE_NAMES, check_choice, check_eps, check_positive_int, check_tau, dtype_name
+from ..exact import normalized_rows
 
 __all__ = ["BACKEND_NAMES", "BREAKDOWN", "KRYLOV_DIM", "PARK", "PRECISIONS", "Outputs", "SolveParams", "Spectrum",
            "batch_slices", "check_batch", "converged_flags", "matmul_precision", "normalized_features",
            "similarity", "solvable"]
 
 BACKEND_NAMES = ("torch", "cpu", "cuda", "triton")
-PRECISIONS = ("float64", "float32", "fast")
+PRECISIONS = ("float64", "float32", "fast", "exact")
 
 #: Basis vectors per Lanczos cycle (a cycle that ends unconverged restarts from its Ritz vector); every
 #: backend's solver uses it (the compiled one receives it as ``krylov_dim``).
@@ -126,6 +128,8 @@ class Spectrum:
             ``y = D^1/2 x`` (unit norm); ``||M|| <= 1`` so this is also a relative residual.
         converged: ``(B,)`` bool, ``converged_flags``.
         iterations: ``(B,)`` int64, Lanczos steps taken (0 for dense solves).
+        recheck_fraction: ``(B,)`` float64 for precision "exact" (binary graphs): the fraction of the
+            entries (pairs i <= j) that the screening product left to the float64 recheck; None otherwise.
     """
 
     lambda2: torch.Tensor
@@ -134,6 +138,7 @@ class Spectrum:
     residual: torch.Tensor
     converged: torch.Tensor
     iterations: torch.Tensor
+    recheck_fraction: torch.Tensor | None = None
 
 
 def converged_flags(residual: torch.Tensor, lambda2: torch.Tensor, lambda3: torch.Tensor, tol: float) -> torch.Tensor:
@@ -149,13 +154,15 @@ def converged_flags(residual: torch.Tensor, lambda2: torch.Tensor, lambda3: torc
 @dataclass
 class Outputs:
     """A batch's result arrays while a backend fills them, initialized to N = 1's answer (spec: no second
-    eigenpair, lambda = NaN, x = [0]); ``x`` is ``(B, n)`` with n <= N_max the widest problem."""
+    eigenpair, lambda = NaN, x = [0]); ``x`` is ``(B, n)`` with n <= N_max the widest problem. ``recheck``
+    is set by backends that build an exact graph (``Spectrum.recheck_fraction``; N = 1 needs none: 0)."""
 
     lambda2: torch.Tensor
     lambda3: torch.Tensor
     x: torch.Tensor
     residual: torch.Tensor
     iterations: torch.Tensor
+    recheck: torch.Tensor | None = None
 
     @classmethod
     def allocate(cls, batch: int, n: int, device: torch.device) -> Outputs:
@@ -174,7 +181,8 @@ class Outputs:
         """The finished Spectrum, ``x`` zero-padded to ``n_max`` columns."""
         x = torch.nn.functional.pad(self.x, (0, n_max - self.x.shape[1]))
         return Spectrum(self.lambda2, self.lambda3, x, self.residual,
-                        converged_flags(self.residual, self.lambda2, self.lambda3, tol), self.iterations)
+                        converged_flags(self.residual, self.lambda2, self.lambda3, tol), self.iterations,
+                        self.recheck)
 
 
 def solvable(feats: torch.Tensor, lengths: torch.Tensor,
@@ -213,7 +221,12 @@ def matmul_precision(device: torch.device, precision: str) -> Iterator[None]:
 
 
 def normalized_features(feats: torch.Tensor, lengths: torch.Tensor, precision: str) -> torch.Tensor:
-    """Rows divided by max(||row||, 1e-12), padding rows zeroed; float64 or float32 ``(B, N, C)``."""
+    """Rows divided by max(||row||, 1e-12), padding rows zeroed; float64 or float32 ``(B, N, C)``.
+
+    Precision "exact" gives ``reference.normalize_rows``'s float64 rows bit for bit (``exact.normalized_rows``).
+    """
+    if precision == "exact":
+        return normalized_rows(feats, lengths)
     dtype = torch.float64 if precision == "float64" else torch.float32
     f = feats.to(dtype)
     valid = torch.arange(f.shape[1], device=f.device)[None, :] < lengths.to(f.device)[:, None]
@@ -222,8 +235,8 @@ def normalized_features(feats: torch.Tensor, lengths: torch.Tensor, precision: s
 
 
 def similarity(feats: torch.Tensor, lengths: torch.Tensor, precision: str) -> torch.Tensor:
-    """Contiguous cosine similarities ``(b, n, n)``: float64 for "float64", IEEE float32 for "float32",
-    tf32 for "fast" on CUDA devices (float32 elsewhere)."""
+    """Contiguous cosine similarities ``(b, n, n)``: float64 for "float64" and "exact", IEEE float32 for
+    "float32", tf32 for "fast" on CUDA devices (float32 elsewhere)."""
     f = normalized_features(feats, lengths, precision)
     with matmul_precision(f.device, precision):
         return torch.bmm(f, f.transpose(1, 2)).contiguous()

@@ -12,24 +12,30 @@ of bits per problem, one block of similarities, then the solver's vectors and ta
 (``benchmarks/bench_ext.py`` measures time and memory, ``benchmarks/RESULTS.md`` has the numbers).
 Features whose row norms are extreme (outside [2^-40, 2^40], where float32 dot products could over- or
 underflow) are normalized first, as are non-binary graphs, which are solved from the full similarity matrix.
+Precision "exact" (``ncutfast.exact``): the extension computes the reference's float64 row norms bit for bit,
+the blocks are the same float32 products as above, and the packing decides each entry from its scaled block
+value unless it lies within the proven bound of tau, where it recomputes the float64 dot product of the
+reference's normalized rows (``csrc/ncut/exact.h``); the recheck counts come back per image.
 Results are deterministic (and do not depend on the thread count unless a team solves a problem).
 
 CUDA. Per chunk of the padded batch: torch normalizes the rows and forms the similarity with cuBLAS
 (float64, IEEE float32, or tf32 for "fast"); ``pack_graph_cuda`` thresholds it into a packed bitmask (one
 warp per row, two ballots per word), and ``solve_binary_cuda`` runs the same solver with one thread block per
 problem: the solve of the whole batch is one launch with no host synchronization. Non-binary graphs are
-solved from the similarity matrix. Everything is queued on torch's current stream of the features' device;
-the kernels take raw device pointers, so the extension needs no CUDA build of torch. Results are
-deterministic (fixed-order reductions).
+solved from the similarity matrix. Precision "exact" builds the graph with ``exact.exact_mask`` (a float64
+cuBLAS product screened by the float64 bound, Dot2 for the rest; one synchronization) and packs it.
+Everything is queued on torch's current stream of the features' device; the kernels take raw device
+pointers, so the extension needs no CUDA build of torch. Results are deterministic (fixed-order reductions).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
-from .. import _ext
+from .. import _ext, exact, reference
 from .._validate import check_positive_int
 from .contract import (
     KRYLOV_DIM,
@@ -42,7 +48,7 @@ from .contract import (
     similarity,
 )
 
-__all__ = ["solve", "DeviceSettings", "SETTINGS", "ROW_BLOCK", "NORM_RANGE"]
+__all__ = ["solve", "exact_graph_bits", "DeviceSettings", "SETTINGS", "ROW_BLOCK", "NORM_RANGE"]
 
 
 @dataclass
@@ -92,6 +98,56 @@ def _inverse_norms(k: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor | Non
     return torch.where(valid, 1.0 / norms.clamp_min(1e-12), one).contiguous()
 
 
+def exact_graph_bits(feats: torch.Tensor, lengths: torch.Tensor,
+                     tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed exact graph (precision "exact", ``ncutfast.exact``) of finite CPU features.
+
+    The screening blocks are float32 products of the float32-rounded features scaled by the reference's
+    inverse row norms, like the "float32" path (so no normalized copy exists), unless a nonzero row norm
+    lies outside ``NORM_RANGE``; then they are products of the float64-normalized rows rounded to float32.
+
+    Args:
+        feats: ``(B, n, C)`` any float dtype, finite within the lengths (the extension checks again);
+            n = max(lengths).
+        lengths: int64 ``(B,)`` CPU.
+        tau: the threshold (strict >).
+
+    Returns:
+        ``(bits, rechecked)``: int64 ``(B, n, words_per_row(n))`` holding the uint64 bit rows of
+        ``[f_i . f_j > tau]`` (f the float64-normalized rows), and int64 ``(B,)`` counts of the entries
+        (i <= j) recomputed in float64.
+    """
+    C = _ext.C
+    bsz, n, c = feats.shape
+    lengths = lengths.to(torch.int64).contiguous()
+    k = feats.to(torch.float64 if feats.dtype == torch.float64 else torch.float32).contiguous()
+    kname = "float64" if k.dtype == torch.float64 else "float32"
+    raw = torch.empty(bsz, n, dtype=torch.float64)
+    C.exact_row_norms_cpu(k.data_ptr(), kname, bsz, n, c, lengths.data_ptr(), raw.data_ptr())
+    norms = raw.clamp_min(reference.NORM_EPS)  # np.maximum(norms, 1e-12): exact, as in the reference
+    if bool(((raw > 0) & ((raw < NORM_RANGE[0]) | (raw > NORM_RANGE[1]))).any()):
+        g, scale = (k / norms[:, :, None]).to(torch.float32), None  # fl32 of the reference's rows
+    else:
+        g, scale = k.to(torch.float32), (1.0 / norms).to(torch.float32)
+    bounds = dict(bound=exact.screen_bound(c), dot_bound=exact.dot_bound(c), dot2_bound=exact.dot2_bound(c, tau))
+    bits = torch.empty(bsz, n, C.words_per_row(n), dtype=torch.int64)
+    rechecked = torch.zeros(bsz, dtype=torch.int64)
+    block = min(ROW_BLOCK, n)
+    slices = batch_slices(0, bsz, block * n * 4, SETTINGS["cpu"].memory_budget)
+    buf = torch.empty(max(sl.stop - sl.start for sl in slices) * block * n, dtype=torch.float32)
+    for sl in slices:
+        b = sl.stop - sl.start
+        for r0 in range(0, n, block):
+            r1 = min(r0 + block, n)
+            s = buf[: b * (r1 - r0) * (n - r0)].view(b, r1 - r0, n - r0)
+            torch.bmm(g[sl, r0:r1], g[sl, r0:].transpose(1, 2), out=s)
+            C.pack_graph_block_exact_cpu(s.data_ptr(), k[sl].data_ptr(), kname, c, norms[sl].data_ptr(), b, n, r0,
+                                         r1 - r0, lengths[sl].data_ptr(), float(tau), **bounds,
+                                         bits=bits[sl.start].data_ptr(), rechecked=rechecked[sl].data_ptr(),
+                                         scale=0 if scale is None else scale[sl].data_ptr())
+    return bits, rechecked
+
+
 def solve(feats: torch.Tensor, lengths: torch.Tensor, params: SolveParams, *, device_type: str = "cpu",
           table: bool = True, team: int = 0) -> Spectrum:
     """The backend contract (``backends.contract``) on ``device_type`` ("cpu" or "cuda") tensors.
@@ -132,12 +188,29 @@ def _solve_cpu(feats: torch.Tensor, lengths: torch.Tensor, p: SolveParams, out: 
     C = _ext.C
     bsz, n = feats.shape[0], feats.shape[1]
     cfg = SETTINGS["cpu"]
-    dtype = torch.float64 if p.precision == "float64" else torch.float32
+    common = _common(p, "cpu") | dict(team=team)
+    if p.binary and p.precision == "exact":
+        # before any product; padding is finite by contract, so one float64 sum finds NaN and inf in a
+        # single pass (a huge finite sum takes the exact look)
+        if not math.isfinite(float(feats.sum(dtype=torch.float64))):
+            valid = torch.arange(n)[None, :] < lengths[:, None]
+            if not bool(torch.isfinite(feats[valid]).all()):
+                raise ValueError("feats: contains NaN or inf")
+        out.recheck = torch.zeros(bsz, dtype=torch.float64)
+        # a float32 copy of the features per group when they are not float32
+        per_problem = n * C.words_per_row(n) * 8 + n * feats.shape[2] * 4
+        for grp in batch_slices(0, bsz, per_problem, cfg.graph_budget, at_least=C.cpu_threads()):
+            bits, rechecked = exact_graph_bits(feats[grp], lengths[grp], p.tau)
+            out.recheck[grp] = exact.recheck_fraction(rechecked, lengths[grp])
+            C.solve_binary_cpu(bits.data_ptr(), bits.shape[0], n, lengths[grp].data_ptr(), p.eps,
+                               table=table, **common, **out.pointers(grp))
+        return
+    wide = p.precision in ("float64", "exact")  # non-binary "exact": the float64 similarity
+    dtype = torch.float64 if wide else torch.float32
     k = feats.to(dtype)  # a view when the dtype already matches
     inv = _inverse_norms(k, lengths)
-    sim_dtype = "float64" if p.precision == "float64" else "float32"
-    itemsize = 8 if p.precision == "float64" else 4
-    common = _common(p, "cpu") | dict(team=team)
+    sim_dtype = "float64" if wide else "float32"
+    itemsize = 8 if wide else 4
     if not p.binary:
         for sl in batch_slices(0, bsz, n * n * itemsize, cfg.memory_budget):
             s = similarity(k[sl], lengths[sl], p.precision)
@@ -179,8 +252,11 @@ def _solve_cuda(feats: torch.Tensor, lengths_host: torch.Tensor, p: SolveParams,
     dev_index = device.index if device.index is not None else torch.cuda.current_device()
     stream = torch.cuda.current_stream(device).cuda_stream
     lengths = lengths_host.to(device)
-    sim_dtype = "float64" if p.precision == "float64" else "float32"
-    sim_bytes = n * n * (8 if p.precision == "float64" else 4)
+    wide = p.precision in ("float64", "exact")
+    sim_dtype = "float64" if wide else "float32"
+    sim_bytes = n * n * (8 if wide else 4)
+    if p.binary and p.precision == "exact":
+        out.recheck = torch.zeros(bsz, dtype=torch.float64, device=device)
 
     def launch(work_batch: int) -> dict[str, object]:
         work = torch.empty(work_batch, C.workspace_doubles(n, KRYLOV_DIM), dtype=torch.float64, device=device)
@@ -199,8 +275,14 @@ def _solve_cuda(feats: torch.Tensor, lengths_host: torch.Tensor, p: SolveParams,
             for grp in batch_slices(0, bsz, n * words * 8, cfg.graph_budget):
                 bits = torch.empty(grp.stop - grp.start, n, words, dtype=torch.int64, device=device)
                 for sl in batch_slices(grp.start, grp.stop, sim_bytes, cfg.memory_budget):
-                    s = similarity(feats[sl], lengths[sl], p.precision)
-                    C.pack_graph_cuda(s.data_ptr(), sim_dtype, s.shape[0], n, lengths[sl].data_ptr(), p.tau,
+                    tau, dt = p.tau, sim_dtype
+                    if out.recheck is not None:  # the exact edges as 0 / 1, packed at 0.5
+                        edges, out.recheck[sl] = exact.exact_mask(normalized_features(feats[sl], lengths_host[sl],
+                                                                                      "exact"), lengths_host[sl], tau)
+                        s, tau, dt = edges.to(torch.float32).contiguous(), 0.5, "float32"
+                    else:
+                        s = similarity(feats[sl], lengths[sl], p.precision)
+                    C.pack_graph_cuda(s.data_ptr(), dt, s.shape[0], n, lengths[sl].data_ptr(), tau,
                                       bits[sl.start - grp.start].data_ptr(), dev_index, stream)
                     del s
                 C.solve_binary_cuda(bits.data_ptr(), bits.shape[0], n, lengths[grp].data_ptr(), p.eps,

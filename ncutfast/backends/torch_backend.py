@@ -14,6 +14,7 @@ from collections.abc import Iterator
 
 import torch
 
+from ..exact import exact_mask
 from .contract import Outputs, SolveParams, Spectrum, check_batch, matmul_precision, normalized_features, solvable
 from .lanczos import lanczos_fiedler
 
@@ -27,26 +28,32 @@ MEMORY_BUDGET = 1 << 30
 
 def graph(
     f: torch.Tensor, lengths: torch.Tensor, *, tau: float, eps: float, binary: bool, precision: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dense float64 W ``(B, N, N)`` (zero on padding) and degrees d ``(B, N)`` (1 on padding)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Dense float64 W ``(B, N, N)`` (zero on padding), degrees d ``(B, N)`` (1 on padding) and, for a
+    binary graph in precision "exact", the recheck fraction ``(B,)`` (``ncutfast.exact.exact_mask``)."""
     n = f.shape[1]
-    with matmul_precision(f.device, precision):
-        s = torch.bmm(f, f.transpose(1, 2))
+    frac = None
+    if binary and precision == "exact":
+        edges, frac = exact_mask(f, lengths, tau)
+    else:
+        with matmul_precision(f.device, precision):
+            s = torch.bmm(f, f.transpose(1, 2))
+        edges = s > tau if binary else None
     ln = lengths.to(f.device)
     valid = torch.arange(n, device=f.device)[None, :] < ln[:, None]
     ragged = bool((lengths < n).any())
     pair = valid[:, :, None] & valid[:, None, :] if ragged else None
     # fill + masked_fill writes exact 1 / eps values and is ~2x faster than torch.where on a CPU.
     if binary:
-        w = torch.full_like(s, eps, dtype=torch.float64).masked_fill_(s > tau, 1.0)
+        w = torch.full(edges.shape, eps, dtype=torch.float64, device=f.device).masked_fill_(edges, 1.0)
     else:
         w = s.to(torch.float64).masked_fill_(s < tau, eps)
-    del s
+    del edges
     if ragged:
         w = w.masked_fill_(~pair, 0.0)
     d = w.sum(-1)
     d = torch.where(valid, d, torch.ones((), dtype=torch.float64, device=f.device))
-    return w, d
+    return w, d, frac
 
 
 def _dense(m: torch.Tensor, y0: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -73,11 +80,11 @@ def _solve_group(feats: torch.Tensor, lengths: torch.Tensor, p: SolveParams, den
     """Solve one padded group (all dense or all Lanczos), chunked over the batch to bound memory."""
     n = feats.shape[1]
     device = feats.device
-    out = {k: [] for k in ("theta1", "theta2", "y", "dm12", "iters", "resid")}
-    for sl in _chunks(lengths, n, 8 if p.precision == "float64" else 4):
+    out = {k: [] for k in ("theta1", "theta2", "y", "dm12", "iters", "resid", "frac")}
+    for sl in _chunks(lengths, n, 8 if p.precision in ("float64", "exact") else 4):
         ln = lengths[sl]
         f = normalized_features(feats[sl], ln, p.precision)
-        w, d = graph(f, ln, tau=p.tau, eps=p.eps, binary=p.binary, precision=p.precision)
+        w, d, frac = graph(f, ln, tau=p.tau, eps=p.eps, binary=p.binary, precision=p.precision)
         del f
         valid = torch.arange(n, device=device)[None, :] < ln.to(device)[:, None]
         sd = torch.where(valid, d.sqrt(), torch.zeros((), dtype=torch.float64, device=device))
@@ -107,7 +114,9 @@ def _solve_group(feats: torch.Tensor, lengths: torch.Tensor, p: SolveParams, den
             th1, th2, y, iters = res.theta1, res.theta2, res.y, res.iterations
         # True residual of the returned pair (one extra mat-vec): ||M y - theta1 y||.
         resid = (op(y, all_idx) - th1[:, None] * y).norm(dim=-1)
-        for key, val in zip(out, (th1, th2, y, dm12, iters, resid), strict=True):
+        if frac is None:
+            frac = torch.full_like(th1, float("nan"))
+        for key, val in zip(out, (th1, th2, y, dm12, iters, resid, frac), strict=True):
             out[key].append(val)
         del w
     return {k: torch.cat(v) for k, v in out.items()}
@@ -117,6 +126,8 @@ def solve(feats: torch.Tensor, lengths: torch.Tensor, params: SolveParams) -> Sp
     """The backend contract (``backends.contract``) on any torch device."""
     lengths = check_batch(feats, lengths)
     out = Outputs.allocate(feats.shape[0], feats.shape[1], feats.device)
+    if params.binary and params.precision == "exact":
+        out.recheck = torch.zeros(feats.shape[0], dtype=torch.float64, device=feats.device)
     groups = ((True, (lengths >= 2) & (lengths <= DENSE_MAX)), (False, lengths > DENSE_MAX))
     for dense, select in groups:
         part = solvable(feats, lengths, select)
@@ -129,4 +140,6 @@ def solve(feats: torch.Tensor, lengths: torch.Tensor, params: SolveParams) -> Sp
         out.x[di, : group.shape[1]] = g["dm12"] * g["y"]
         out.residual[di] = g["resid"]
         out.iterations[di] = g["iters"]
+        if out.recheck is not None:
+            out.recheck[di] = g["frac"]
     return out.spectrum(feats.shape[1], params.tol)

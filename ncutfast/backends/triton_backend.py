@@ -19,6 +19,7 @@ import importlib
 
 import torch
 
+from ..exact import recheck_fraction
 from .contract import Outputs, SolveParams, Spectrum, check_batch, solvable
 from .lanczos import lanczos_fiedler
 from .torch_backend import solve as torch_solve
@@ -41,12 +42,13 @@ def solve(feats: torch.Tensor, lengths: torch.Tensor, params: SolveParams) -> Sp
     """The backend contract (``backends.contract``) on CUDA tensors, or CPU ones under the interpreter.
 
     ``params.precision`` selects the similarity kernel ("float64", "float32" = IEEE fp32 without tf32,
-    "fast" = fp16 tensor cores); the degrees and the eigen-solve are float64 in every mode.
+    "fast" = fp16 tensor cores, "exact" = ``affinity_exact_fwd``: an fp16 tensor-core screen and float64
+    rechecks); the degrees and the eigen-solve are float64 in every mode.
     """
     if not params.binary:
         return torch_solve(feats, lengths, params)
     from ..kernels._utils import block_sizes, interpreting
-    from ..kernels.affinity import affinity_fwd
+    from ..kernels.affinity import affinity_exact_fwd, affinity_fwd
     from ..kernels.operator import BitmaskOperator, FusedSteps
 
     lengths = check_batch(feats, lengths)
@@ -55,10 +57,17 @@ def solve(feats: torch.Tensor, lengths: torch.Tensor, params: SolveParams) -> Sp
         raise RuntimeError(f"triton backend: {device.type} tensors need TRITON_INTERPRET=1 (set before "
                            "ncutfast.kernels is imported); on a GPU pass CUDA tensors")
     out = Outputs.allocate(feats.shape[0], feats.shape[1], device)
+    exact = params.precision == "exact"
+    if exact:
+        out.recheck = torch.zeros(feats.shape[0], dtype=torch.float64, device=device)
     part = solvable(feats, lengths, lengths >= 2)
     if part is not None:
         di, ln, f = part
-        mask, counts = affinity_fwd(f, ln, tau=params.tau, precision=params.precision)
+        if exact:
+            mask, counts, rechecked = affinity_exact_fwd(f, ln, tau=params.tau)
+            out.recheck[di] = recheck_fraction(rechecked, ln)
+        else:
+            mask, counts = affinity_fwd(f, ln, tau=params.tau, precision=params.precision)
         op = BitmaskOperator(mask, counts, ln, params.eps)
         sd = op.degrees.sqrt()  # 0 on padding
         y0 = sd / sd.norm(dim=-1, keepdim=True)

@@ -141,6 +141,7 @@ class Row:
     align_min: float = math.nan  # min |<x, x_ref>_D| over those
     lambda2_err: float = math.nan  # max |lambda2 - lambda2_ref| over all compared images
     agrees: str = "-"  # "yes"/"NO": all partitions equal and align_min within the float32 tolerance
+    recheck: float = math.nan  # precision "exact": mean fraction of graph entries rechecked in float64
 
 
 def fit_exponent(ns: Sequence[float], ts: Sequence[float]) -> float:
@@ -486,6 +487,8 @@ def _measure(row: Row, p: Provider, feats: torch.Tensor, tau: float, eps: float,
         row.status = _error_text(exc)
         return False
     _fill_timing(row, timing, timing.per_call / row.batch, ref.time_per_image)
+    if sol.recheck is not None:
+        row.recheck = float(np.mean(sol.recheck))
     if not suite.repeats:
         row.status = "dry"
     for key, value in measure_agreement(sol, ref).items():

@@ -48,6 +48,8 @@ class Solution:
         partition: bool ``(B, N)`` when the provider decides the partition itself (ncutfast's API); None
             means the harness applies TokenCut's rule (:func:`ncutfast.reference.orient_tokencut`) to ``x``.
         seed: int ``(B,)`` with ``partition``: the provider's seed token (argmax |x|).
+        recheck: float64 ``(B,)``, ncutfast's precision "exact": the fraction of graph entries rechecked in
+            float64 (``NcutResult.recheck_fraction``); None for everything else.
     """
 
     x: np.ndarray
@@ -55,6 +57,7 @@ class Solution:
     lambda3: np.ndarray
     partition: np.ndarray | None = None
     seed: np.ndarray | None = None
+    recheck: np.ndarray | None = None
 
 
 def _host(t: Any) -> np.ndarray:
@@ -192,7 +195,8 @@ class NcutfastProvider(Provider):
         b, n = feats.shape[0], feats.shape[1]
         return Solution(_host(raw.eigenvector).reshape(b, n), _host(raw.lambda2).reshape(b),
                         _host(raw.lambda3).reshape(b), _host(raw.partition).astype(bool).reshape(b, n),
-                        _host(raw.seed).astype(np.int64).reshape(b))
+                        _host(raw.seed).astype(np.int64).reshape(b),
+                        _host(raw.recheck_fraction).reshape(b) if self.precision == "exact" else None)
 
     def footprint(self, n: int, c: int, b: int) -> int:
         # The torch backend chunks the batch to a fixed budget; the others hold at most a dense f64 W.
@@ -395,8 +399,9 @@ def build_providers(device: str) -> tuple[list[Provider], list[str]]:
     """Every provider that can run on ``device`` ("cpu" or "cuda"), and a line for each one skipped.
 
     The reference comes first. ncutfast contributes one line per backend that is available in this
-    process and runs on ``device`` (plus the "fast" precision on CUDA; float32 ``torch.linalg.eigh`` is
-    added there too); optional peers that are missing are reported, never installed.
+    process and runs on ``device``, and one per such backend in precision "exact" (plus the "fast"
+    precision on CUDA; float32 ``torch.linalg.eigh`` is added there too); optional peers that are missing
+    are reported, never installed.
     """
     from ..backends import available_backends
 
@@ -412,6 +417,8 @@ def build_providers(device: str) -> tuple[list[Provider], list[str]]:
             providers.append(NcutfastProvider(device, name))
         else:
             skipped.append(f"ncutfast-{name}: skipped, backend not available in this process")
+    providers += [NcutfastProvider(device, n, "exact") for n in ("triton", "cuda", "cpu", "torch")
+                  if n in on_device and n in backends]
     if device == "cuda":
         providers += [NcutfastProvider(device, n, "fast") for n in ("triton", "cuda") if n in backends]
     providers.append(TorchEigh(device))

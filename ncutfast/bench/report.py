@@ -83,13 +83,14 @@ def markdown(result: RunResult) -> str:
     lines += ["", "Results (time and memory per image; speed-up = reference time / time; agreement on images "
               "with a well-defined eigenvector):", ""]
     header = ["provider", "N", "C", "B", "ms/img", "img/s", "speed-up", "peak MiB", "cmp", "same part.",
-              "tokens", "min align", "agrees", "status"]
+              "tokens", "min align", "agrees", "recheck", "status"]
     body = []
     for r in result.rows:
         if r.status.startswith("skipped") and "not selected" in r.status:
             continue
         body.append([r.provider, r.n, r.c, r.batch, r.time_ms, r.images_per_s, r.speedup, r.peak_mib,
-                     r.agree_n, r.partitions, r.tokens, _align_text(r.align_min), r.agrees, r.status])
+                     r.agree_n, r.partitions, r.tokens, _align_text(r.align_min), r.agrees,
+                     "-" if math.isnan(r.recheck) else f"{r.recheck:.2e}", r.status])
     lines += _md_table(header, body)
     scaling = scaling_table(result.rows, s.fit_min_n)
     if scaling:
@@ -106,7 +107,8 @@ def markdown(result: RunResult) -> str:
                  else "the growth of the process RSS sampled every 1 ms during the warm-up call")
               + "; `agrees` = every compared partition identical and min alignment >= "
               f"{testing.TOLERANCES['float32']['alignment']}; gap threshold {testing.GAP_MIN}; "
-              "`tokens` = mean fraction of tokens (off the mean-tied ones) on the reference's side.", "",
+              "`tokens` = mean fraction of tokens (off the mean-tied ones) on the reference's side; "
+              "`recheck` = precision \"exact\": mean fraction of graph entries rechecked in float64.", "",
               "Work per image: the Gram matrix is 2 N^2 C flops (the CSV's `gram_gflops` = that / time); a "
               "float32 W is 4 N^2 bytes, a bitmask N^2 / 8; the reference's dense generalized eigh is O(N^3) "
               "(N^3/3 Cholesky + ~N^3 reduction + 4N^3/3 tridiagonalization); k Lanczos steps on a dense W "

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import api
-from .._validate import check_positive_int
+from .._validate import check_choice, check_positive_int
 
 __all__ = ["maskcut_forward", "maskcut_forward_batch"]
 
@@ -38,10 +38,14 @@ def maskcut_forward_batch(
     tau: float = 0,
     N: int = 3,  # noqa: N803 - CutLER's argument name
     cpu: bool = False,
+    *,
+    precision: str | None = None,
 ) -> list[tuple]:
     """``maskcut_forward`` for many images (each ``(dim, h*w)``) sharing dims and image size, solved as one
     batch per step. Returns the list of ``(seed, bipartitions, eigvecs)`` triples."""
     n_masks = check_positive_int(N, "N")
+    if precision is not None:
+        check_choice(precision, "precision", api.PRECISIONS)
     h, w = int(dims[0]), int(dims[1])
     toks = []
     for i, f in enumerate(feats):
@@ -52,7 +56,8 @@ def maskcut_forward_batch(
         toks.append(f.transpose(0, 1))
     if not toks:
         raise ValueError("feats: empty batch")
-    precision = "float64" if toks[0].dtype == torch.float64 else "float32"
+    if precision is None:  # CutLER's arithmetic: the keys' own dtype
+        precision = "float64" if toks[0].dtype == torch.float64 else "float32"
     res = api.maskcut(torch.stack(toks), (h, w), n_masks=n_masks, tau=tau, eps=1e-5, sign_rule="canonical",
                       precision=precision)
     masks = res.masks.cpu().numpy()
@@ -76,6 +81,8 @@ def maskcut_forward(
     tau: float = 0,
     N: int = 3,  # noqa: N803 - CutLER's argument name
     cpu: bool = False,
+    *,
+    precision: str | None = None,
 ) -> tuple:
     """CutLER's MaskCut: ``(seed, bipartitions, eigvecs)``.
 
@@ -85,9 +92,11 @@ def maskcut_forward(
         init_image_size: (H, W) of the resized image the masks are upsampled to.
         tau: graph threshold (CutLER's default 0; its scripts pass 0.15). N: number of masks.
         cpu: accepted for the signature; computation runs on ``feats``' device.
+        precision: keyword only, not in CutLER: None (CutLER's arithmetic: the keys' dtype) or a precision
+            of ``ncutfast.maskcut`` (e.g. "exact": the float64 graph, certified).
 
     Returns:
         seed: int64, the last step's seed; bipartitions: N float64 (H, W) 0/1 masks, disjoint;
         eigvecs: N float64 (H, W) nearest-upsampled eigenvectors (the vector each step's rule saw).
     """
-    return maskcut_forward_batch([feats], dims, scales, init_image_size, tau, N, cpu)[0]
+    return maskcut_forward_batch([feats], dims, scales, init_image_size, tau, N, cpu, precision=precision)[0]

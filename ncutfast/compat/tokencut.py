@@ -16,9 +16,9 @@ import torch
 
 from .. import decide
 from .._arrays import as_batch
-from .._validate import check_eps, check_tau
+from .._validate import check_choice, check_eps, check_tau
 from ..api import _solve
-from ..backends import SolveParams
+from ..backends import PRECISIONS, SolveParams
 
 __all__ = ["ncut", "ncut_batch"]
 
@@ -41,12 +41,17 @@ def ncut_batch(
     eps: float = 1e-5,
     im_name: str | Sequence[str] = "",
     no_binary_graph: bool = False,
+    *,
+    precision: str | None = None,
 ) -> list[tuple]:
     """Many images in one batched solve: ``ncut`` for ``feats[i]``, ``dims[i]``, ``init_image_size[i]``.
 
-    Returns the list of ``ncut``'s 6-tuples. ``scales``, ``tau``, ``eps`` are shared by all images.
+    Returns the list of ``ncut``'s 6-tuples. ``scales``, ``tau``, ``eps``, ``precision`` are shared by all
+    images.
     """
     tau, eps = check_tau(tau), check_eps(eps)
+    if precision is not None:
+        check_choice(precision, "precision", PRECISIONS)
     if not len(feats) == len(dims) == len(init_image_size):
         raise ValueError(f"feats, dims, init_image_size: lengths differ ({len(feats)}, {len(dims)}, "
                          f"{len(init_image_size)})")
@@ -55,8 +60,8 @@ def ncut_batch(
         if int(d[0]) * int(d[1]) != t.shape[0]:
             raise ValueError(f"dims[{i}]: {d[0]}x{d[1]} does not match the {t.shape[0]} patch tokens")
     batch = as_batch(toks)
-    # TokenCut's similarity is a torch matmul in the features' own dtype (float32 from the ViT).
-    precision = "float64" if batch.feats.dtype == torch.float64 else "float32"
+    if precision is None:  # TokenCut's similarity: a torch matmul in the features' own dtype (float32 from the ViT)
+        precision = "float64" if batch.feats.dtype == torch.float64 else "float32"
     cut = _solve(batch.feats, batch.lengths, SolveParams(tau, eps, not no_binary_graph, precision), "auto")
     # TokenCut's detect_box for the whole batch on the solve's device, then one copy of each field.
     grids = torch.tensor([[int(d[0]), int(d[1])] for d in dims], dtype=torch.int64)
@@ -85,6 +90,8 @@ def ncut(
     eps: float = 1e-5,
     im_name: str = "",
     no_binary_graph: bool = False,
+    *,
+    precision: str | None = None,
 ) -> tuple:
     """TokenCut's ncut: ``(pred, objects, mask, seed, None, eigenvector)``.
 
@@ -96,9 +103,12 @@ def ncut(
         tau, eps: graph threshold and non-edge weight (the function's defaults 0 and 1e-5; CLIs pass 0.2).
         im_name: unused, kept for the signature.
         no_binary_graph: TokenCut's ablation: similarities as weights, entries below tau set to eps.
+        precision: keyword only, not in TokenCut: None (TokenCut's arithmetic: float32, float64 for float64
+            features) or a precision of ``ncutfast.ncut`` (e.g. "exact": the float64 graph, certified).
 
     Returns:
         pred: int ndarray (x1, y1, x2, y2); objects: int32 (h, w) component labels; mask: float64 (h, w)
         0/1 seed component; seed: int64; None; eigenvector: float64 (h, w), oriented by the seed rule.
     """
-    return ncut_batch([feats], [dims], scales, [init_image_size], tau, eps, im_name, no_binary_graph)[0]
+    return ncut_batch([feats], [dims], scales, [init_image_size], tau, eps, im_name, no_binary_graph,
+                      precision=precision)[0]

@@ -27,9 +27,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ..exact import normalized_rows, recheck, tensor_core_bound
 from ._utils import block_sizes, popc32, words_per_row
 
-__all__ = ["normalize_fwd", "affinity_fwd"]
+__all__ = ["normalize_fwd", "affinity_fwd", "affinity_exact_fwd"]
 
 # precision -> (dtype of the normalized rows, tl.dot input_precision).
 # "float32" uses IEEE fp32 products (no tf32) so threshold decisions match float64 except within fp32
@@ -83,6 +84,50 @@ def _normalize_kernel(
 
 
 @triton.jit
+def _tile_dot(f_ptr, b, rows, cols, N_max, C, BT: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr,
+              DOT_PRECISION: tl.constexpr):
+    """S = F[rows] F[cols]^T of image b over C in BK chunks (BT x BT, accumulated in ACC)."""
+    k = tl.arange(0, BK)
+    base = f_ptr + b.to(tl.int64) * N_max * C
+    a_ptrs = base + rows[:, None].to(tl.int64) * C + k[None, :]
+    b_ptrs = base + cols[:, None].to(tl.int64) * C + k[None, :]
+    acc = tl.zeros((BT, BT), dtype=ACC)
+    for c0 in range(0, C, BK):
+        # rows/cols past N_max (last tile) and features past C (last chunk) are outside the buffer
+        k_ok = (c0 + k[None, :]) < C
+        a = tl.load(a_ptrs, mask=(rows[:, None] < N_max) & k_ok, other=0.0)
+        bt = tl.load(b_ptrs, mask=(cols[:, None] < N_max) & k_ok, other=0.0)
+        acc = tl.dot(a, tl.trans(bt), acc, input_precision=DOT_PRECISION, out_dtype=ACC)
+        a_ptrs += BK
+        b_ptrs += BK
+    return acc
+
+
+@triton.jit
+def _store_tile(bit, b, bi, bj, rows, cols, n, mask_ptr, count_ptr, N_max, W, BT: tl.constexpr):
+    """Pack one BT x BT tile of bits (already mirrored on the diagonal) into words at (rows of bi, words of
+    bj) and, off the diagonal, the transposed bits at (rows of bj, words of bi); add the popcounts of the
+    written rows to the degree counts (integer atomics, so the result does not depend on their order)."""
+    sh = tl.arange(0, 32)
+    w_idx = tl.arange(0, BT // 32)
+    words = tl.sum(tl.reshape(bit.to(tl.int32), (BT, BT // 32, 32)) << sh[None, None, :], axis=2)
+    mrow = mask_ptr + b.to(tl.int64) * N_max * W
+    # word columns past W only ever hold zero bits (columns >= n); rows >= n are all-zero too and the
+    # buffer starts zeroed, so neither is written
+    tl.store(mrow + rows[:, None].to(tl.int64) * W + bj * (BT // 32) + w_idx[None, :], words,
+             mask=(rows[:, None] < n) & (bj * (BT // 32) + w_idx[None, :] < W))
+    cnt = tl.sum(popc32(words), axis=1).to(tl.int32)
+    tl.atomic_add(count_ptr + b * N_max + rows, cnt, mask=rows < n)
+    if bi != bj:
+        bit_t = tl.trans(bit)
+        words_t = tl.sum(tl.reshape(bit_t.to(tl.int32), (BT, BT // 32, 32)) << sh[None, None, :], axis=2)
+        tl.store(mrow + cols[:, None].to(tl.int64) * W + bi * (BT // 32) + w_idx[None, :], words_t,
+                 mask=(cols[:, None] < n) & (bi * (BT // 32) + w_idx[None, :] < W))
+        cnt_t = tl.sum(popc32(words_t), axis=1).to(tl.int32)
+        tl.atomic_add(count_ptr + b * N_max + cols, cnt_t, mask=cols < n)
+
+
+@triton.jit
 def _affinity_kernel(
     f_ptr, pairs_ptr, len_ptr, tau_ptr, mask_ptr, count_ptr,
     N_max, C, W,
@@ -104,19 +149,7 @@ def _affinity_kernel(
         r = tl.arange(0, BT)
         rows = bi * BT + r
         cols = bj * BT + r
-        k = tl.arange(0, BK)
-        base = f_ptr + b.to(tl.int64) * N_max * C
-        a_ptrs = base + rows[:, None].to(tl.int64) * C + k[None, :]
-        b_ptrs = base + cols[:, None].to(tl.int64) * C + k[None, :]
-        acc = tl.zeros((BT, BT), dtype=ACC)
-        for c0 in range(0, C, BK):
-            # rows/cols past N_max (last tile) and features past C (last chunk) are outside the buffer
-            k_ok = (c0 + k[None, :]) < C
-            a = tl.load(a_ptrs, mask=(rows[:, None] < N_max) & k_ok, other=0.0)
-            bt = tl.load(b_ptrs, mask=(cols[:, None] < N_max) & k_ok, other=0.0)
-            acc = tl.dot(a, tl.trans(bt), acc, input_precision=DOT_PRECISION, out_dtype=ACC)
-            a_ptrs += BK
-            b_ptrs += BK
+        acc = _tile_dot(f_ptr, b, rows, cols, N_max, C, BT, BK, ACC, DOT_PRECISION)
         # tau is read as fp64 and the comparison is done in fp64: the similarity as computed is compared
         # with the exact tau (a Python float argument would be rounded to fp32 first).
         tau = tl.load(tau_ptr)
@@ -126,23 +159,47 @@ def _affinity_kernel(
         if bi == bj:
             # One dot does not guarantee S_ij == S_ji bitwise: mirror the upper triangle.
             bit = tl.where(r[:, None] <= r[None, :], bit, tl.trans(bit))
-        sh = tl.arange(0, 32)
-        w_idx = tl.arange(0, BT // 32)
-        words = tl.sum(tl.reshape(bit.to(tl.int32), (BT, BT // 32, 32)) << sh[None, None, :], axis=2)
-        mrow = mask_ptr + b.to(tl.int64) * N_max * W
-        # word columns past W only ever hold zero bits (columns >= n); rows >= n are all-zero too and the
-        # buffer starts zeroed, so neither is written
-        tl.store(mrow + rows[:, None].to(tl.int64) * W + bj * (BT // 32) + w_idx[None, :], words,
-                 mask=(rows[:, None] < n) & (bj * (BT // 32) + w_idx[None, :] < W))
-        cnt = tl.sum(popc32(words), axis=1).to(tl.int32)
-        tl.atomic_add(count_ptr + b * N_max + rows, cnt, mask=rows < n)
-        if bi != bj:
-            bit_t = tl.trans(bit)
-            words_t = tl.sum(tl.reshape(bit_t.to(tl.int32), (BT, BT // 32, 32)) << sh[None, None, :], axis=2)
-            tl.store(mrow + cols[:, None].to(tl.int64) * W + bi * (BT // 32) + w_idx[None, :], words_t,
-                     mask=(cols[:, None] < n) & (bi * (BT // 32) + w_idx[None, :] < W))
-            cnt_t = tl.sum(popc32(words_t), axis=1).to(tl.int32)
-            tl.atomic_add(count_ptr + b * N_max + cols, cnt_t, mask=cols < n)
+        _store_tile(bit, b, bi, bj, rows, cols, n, mask_ptr, count_ptr, N_max, W, BT)
+
+
+@triton.jit
+def _affinity_exact_kernel(
+    f_ptr, pairs_ptr, len_ptr, thr_ptr, mask_ptr, count_ptr, cand_ptr, ncand_ptr,
+    N_max, C, W, CAPACITY,
+    BT: tl.constexpr, BK: tl.constexpr,
+):
+    """Precision "exact": ``_affinity_kernel`` on fp16 rows (tensor cores, fp32 accumulation) whose
+    similarity is only a screen. thr = (tau, bound): entries with S > tau + bound are edges, S < tau - bound
+    are not, and the others (pairs i <= j) are appended to the candidate list as linear indices
+    (b * N_max + i) * N_max + j (an atomic counter hands out the slots; slots at or past CAPACITY are
+    dropped and the host relaunches with room for all) for the float64 recheck on the host side. Their bits
+    are left 0 here."""
+    pid = tl.program_id(0)
+    b = tl.program_id(1)
+    bi = tl.load(pairs_ptr + 2 * pid)
+    bj = tl.load(pairs_ptr + 2 * pid + 1)
+    n = tl.load(len_ptr + b).to(tl.int32)
+    if bj * BT < n:
+        r = tl.arange(0, BT)
+        rows = bi * BT + r
+        cols = bj * BT + r
+        acc = _tile_dot(f_ptr, b, rows, cols, N_max, C, BT, BK, tl.float32, "tf32")
+        d = acc.to(tl.float64) - tl.load(thr_ptr)
+        bound = tl.load(thr_ptr + 1)
+        valid = (rows[:, None] < n) & (cols[None, :] < n)
+        bit = (d > bound) & valid
+        # the upper triangle decides (i <= j); the diagonal tile mirrors it
+        unsure = (d <= bound) & (d >= -bound) & valid & (rows[:, None] <= cols[None, :])
+        if bi == bj:
+            bit = tl.where(r[:, None] <= r[None, :], bit, tl.trans(bit))
+        _store_tile(bit, b, bi, bj, rows, cols, n, mask_ptr, count_ptr, N_max, W, BT)
+        flat = tl.reshape(unsure.to(tl.int32), (BT * BT,))
+        total = tl.sum(flat, axis=0)
+        if total > 0:
+            start = tl.atomic_add(ncand_ptr, total)
+            slot = start + tl.cumsum(flat, axis=0) - 1
+            lin = (b.to(tl.int64) * N_max + rows[:, None].to(tl.int64)) * N_max + cols[None, :].to(tl.int64)
+            tl.store(cand_ptr + slot, tl.reshape(lin, (BT * BT,)), mask=(flat > 0) & (slot < CAPACITY))
 
 
 def _acc_dtype(dtype: torch.dtype) -> tl.dtype:
@@ -240,3 +297,70 @@ def affinity_fwd(
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return mask, counts
+
+
+#: Candidate pairs rechecked per gather (float64 rows of two (K, C) blocks at a time).
+_RECHECK_CHUNK = 1 << 16
+#: Smallest candidate list of the first launch (then 1/256 of the entries; more triggers a second launch).
+_MIN_CANDIDATES = 1024
+
+
+def affinity_exact_fwd(
+    feats: torch.Tensor, lengths: torch.Tensor, *, tau: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``affinity_fwd`` for precision "exact" (``ncutfast.exact``): the float64 reference's graph.
+
+    The rows are normalized in float64 exactly as the reference does (``exact.normalized_rows``), rounded to
+    fp16 and screened by ``_affinity_exact_kernel`` (one tensor-core product) against
+    ``exact.tensor_core_bound``; the candidates it leaves (|S - tau| <= bound) are decided by
+    ``exact.recheck`` in float64 and their bits set here.
+
+    Args:
+        feats: ``(B, N_max, C)`` floating point, finite within the lengths; rows >= lengths[b] are padding.
+        lengths: ``(B,)`` integer, ``1 <= lengths[b] <= N_max``.
+        tau: threshold; bit (i, j) is set iff f_i . f_j > tau exactly (strict).
+
+    Returns:
+        ``(mask, counts, rechecked)``: mask and counts as ``affinity_fwd``; ``rechecked`` int64 ``(B,)``, the
+        number of entries (i <= j) of each image decided by the float64 recheck.
+    """
+    lens = _check_batch(feats, lengths)
+    f64 = normalized_rows(feats, lens)
+    h = f64.to(torch.float16).contiguous()
+    B, N_max, C = h.shape
+    W = words_per_row(N_max)
+    cfg = block_sizes("affinity_fast")
+    BT = cfg["BT"]
+    pairs = _tile_pairs(triton.cdiv(N_max, BT), h.device)
+    thr = torch.tensor([float(tau), tensor_core_bound(C)], dtype=torch.float64, device=h.device)
+    capacity = max(_MIN_CANDIDATES, B * N_max * N_max // 256)
+    while True:  # a second launch only when the candidates outgrow the first guess
+        mask = torch.zeros((B, N_max, W), dtype=torch.int32, device=h.device)
+        counts = torch.zeros((B, N_max), dtype=torch.int32, device=h.device)
+        cand = torch.empty(capacity, dtype=torch.int64, device=h.device)
+        ncand = torch.zeros(1, dtype=torch.int32, device=h.device)
+        _affinity_exact_kernel[(pairs.shape[0], B)](
+            h, pairs, lens, thr, mask, counts, cand, ncand, N_max, C, W, capacity,
+            BT=BT, BK=cfg["BK"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
+        total = int(ncand.item())
+        if total <= capacity:
+            break
+        capacity = total
+    lin = cand[:total]
+    img, rest = lin // (N_max * N_max), lin % (N_max * N_max)
+    rechecked = torch.bincount(img, minlength=B)
+    i, j = rest // N_max, rest % N_max
+    edge = torch.cat([recheck(f64[img[s:s + _RECHECK_CHUNK], i[s:s + _RECHECK_CHUNK]],
+                              f64[img[s:s + _RECHECK_CHUNK], j[s:s + _RECHECK_CHUNK]], tau)
+                      for s in range(0, total, _RECHECK_CHUNK)] or [torch.zeros(0, dtype=torch.bool, device=h.device)])
+    # Distinct bits of still-zero words: adding them is or-ing them. The mirror (j, i) of an off-diagonal
+    # candidate is its own bit.
+    img, i, j = img[edge], i[edge], j[edge]
+    off = i != j
+    rows = torch.cat([(img * N_max + i), (img * N_max + j)[off]])
+    colw = torch.cat([j, i[off]])
+    one = torch.ones_like(colw, dtype=torch.int32)
+    mask.view(-1).index_add_(0, rows * W + colw // 32, one << (colw % 32).to(torch.int32))
+    counts.view(-1).index_add_(0, rows, one)
+    return mask, counts, rechecked

@@ -140,7 +140,7 @@ def _add_label(sub: argparse._SubParsersAction) -> None:
                         "default %(default)s")
     p.add_argument("--amp", choices=("none", "fp16", "bf16"), default="none",
                    help="autocast dtype for the ViT (keys are returned in float32); default %(default)s")
-    p.add_argument("--precision", choices=("float32", "float64", "fast"), default="float32",
+    p.add_argument("--precision", choices=("float32", "float64", "fast", "exact"), default="float32",
                    help="precision of the cut's similarity (see ncutfast.tokencut); default %(default)s")
     p.add_argument("--backend", default="auto",
                    help="cut backend: 'auto' picks the fastest available batched solver; 'reference' uses "
