@@ -16,9 +16,10 @@ def batch_bytes(grids: list[tuple[int, int]], pixels: list[int], dim: int, preci
 
     Per image with ``N`` tokens and ``P`` pixels: the uint8 image and its float32 input (``15 P``), the
     ViT's activations (``8 * 4 * N * dim``: the residual stream, the MLP's 4x hidden layer, fused qkv) and
-    the cut's dense similarity and affinity (``2 * N^2`` values of the precision's size).
+    the cut's dense similarity and affinity (``2 * N^2`` values: 4 bytes for "float32" and "fast", 8 for
+    "float64" and "exact", whose recheck may run in float64).
     """
-    item = 8 if precision == "float64" else 4
+    item = 4 if precision in ("float32", "fast") else 8
     total = 0
     for (h, w), p in zip(grids, pixels, strict=True):
         n = h * w
