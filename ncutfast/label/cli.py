@@ -104,6 +104,10 @@ def _add_label(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--arch", choices=_ARCHS, default=None,
                    help="DINO backbone (default: vit_base_patch8 for maskcut as in CutLER, "
                         "vit_small_patch16 for tokencut/saliency as in TokenCut)")
+    p.add_argument("--backbone", default=None, metavar="NAME",
+                   help="feature backbone instead of --arch: a vendored DINO ViT name, or timm:<model> for "
+                        "any timm Vision Transformer built without download (e.g. "
+                        "timm:vit_small_patch14_reg4_dinov2); --weights must hold its state dict")
     p.add_argument("--mode", choices=("maskcut", "tokencut", "saliency"), default="maskcut",
                    help="maskcut: resize to --fixed-size square, up to --n-masks masks (CutLER); tokencut: "
                         "pad to a multiple of the patch, one object box+mask (TokenCut object discovery); "
@@ -202,8 +206,12 @@ def _run_label(args: argparse.Namespace) -> int:
         taus = args.tau_candidates
     else:
         taus = (default_tau(args.mode) if args.tau is None else args.tau,)
+    if args.backbone is not None and args.arch is not None:
+        print("ncutfast label: error: give --arch or --backbone, not both", file=sys.stderr)
+        return 2
     cfg = LabelConfig(
-        images=args.images, out=args.out, weights=args.weights, arch=args.arch or default_arch(args.mode),
+        images=args.images, out=args.out, weights=args.weights,
+        arch=args.backbone or args.arch or default_arch(args.mode),
         mode=args.mode, taus=taus, n_masks=args.n_masks, fixed_size=args.fixed_size, eps=args.eps,
         sign_rule=args.sign_rule, batch_size=args.batch_size, workers=args.workers,
         post_workers=args.post_workers, device=args.device, amp=args.amp, precision=args.precision,

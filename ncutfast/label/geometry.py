@@ -41,14 +41,16 @@ class Prepared:
     size: tuple[int, int]
 
 
-def to_pixels(rgbs: list[torch.Tensor], grid: tuple[int, int], patch: int, device: torch.device) -> torch.Tensor:
+def to_pixels(rgbs: list[torch.Tensor], grid: tuple[int, int], patch: int, device: torch.device,
+              mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD) -> torch.Tensor:
     """Batch ViT input: uint8 ``(Hr, Wr, 3)`` images of one size -> ``(B, 3, h*p, w*p)`` float32 on ``device``.
 
-    ToTensor ([0, 1]) and ImageNet normalization, then zero padding at the bottom and right up to the grid.
+    ToTensor ([0, 1]) and per-channel normalization (ImageNet's by default), then zero padding at the bottom
+    and right up to the grid.
     """
     x = torch.stack(rgbs).to(device).permute(0, 3, 1, 2).float().div_(255.0)
-    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(std, device=device).view(1, 3, 1, 1)
     x = (x - mean) / std
     pad_h, pad_w = grid[0] * patch - x.shape[2], grid[1] * patch - x.shape[3]
     if pad_h or pad_w:

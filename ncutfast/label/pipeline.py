@@ -32,9 +32,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from .._validate import check_eps, check_tau
 from ._procs import die_with_parent
+from .backbones import Backbone, BackboneError, amp_note, load_backbone
 from .cut import ImageCut, cut_batch
 from .errors import LabelError
-from .geometry import MODES, Prepared, prepare, to_pixels, to_rgb
+from .geometry import MODES, prepare, to_rgb
 from .machine import check_backend, check_memory, resolve_device
 from .masks import REFINES, MasksError, MaskWriter
 from .post import PostConfig, annotations_for, crf_available, overlay, pixel_masks
@@ -47,8 +48,7 @@ from .records import (
     same_command,
     write_manifest,
 )
-from .vit import ARCHS
-from .weights import WeightsError, load_vit
+from .weights import WeightsError
 
 __all__ = ["IMAGE_SUFFIXES", "MAX_FIXED_SIZE", "LabelError", "LabelConfig", "RunSummary", "list_images", "run",
            "default_tau", "default_arch", "overlay_names"]
@@ -79,7 +79,7 @@ class LabelConfig:
     images: Path
     out: Path
     weights: Path
-    arch: str = "vit_base_patch8"
+    arch: str = "vit_base_patch8"  # backbone name: vendored DINO arch or timm:<model> (see .backbones)
     mode: str = "maskcut"
     taus: tuple[float, ...] = (0.15,)
     n_masks: int = 3
@@ -213,8 +213,6 @@ def _check_options(cfg: LabelConfig) -> None:
     """Stage 0: the settings alone (no images, weights or devices touched yet)."""
     if cfg.mode not in MODES:
         raise LabelError(f"unknown mode {cfg.mode!r}; choose one of {', '.join(MODES)}")
-    if cfg.arch not in ARCHS:
-        raise LabelError(f"unsupported arch {cfg.arch!r}; choose one of {', '.join(ARCHS)}")
     if cfg.crf and not crf_available():
         raise LabelError("--crf needs a DenseCRF package: pip install pydensecrf2")
     if cfg.crf and cfg.mode != "maskcut":
@@ -235,12 +233,12 @@ def _check_options(cfg: LabelConfig) -> None:
                          f"{Path(cfg.out) / 'labels.json'}")
 
 
-def _check_memory(grids: list[tuple[int, int]], pixels: list[int], cfg: LabelConfig, device: torch.device,
-                  what: str) -> None:
-    """:func:`~.machine.check_memory` with the run's ViT width, precision and advice."""
+def _check_memory(grids: list[tuple[int, int]], pixels: list[int], cfg: LabelConfig, dim: int,
+                  device: torch.device, what: str) -> None:
+    """:func:`~.machine.check_memory` with the run's ViT width ``dim``, precision and advice."""
     other = "--fixed-size" if cfg.mode == "maskcut" else "leave out the largest images"
     advice = f"lower --batch-size or {other}"
-    check_memory(grids, pixels, ARCHS[cfg.arch].dim, cfg.precision, device, what, advice)
+    check_memory(grids, pixels, dim, cfg.precision, device, what, advice)
 
 
 def _setup_distributed(device: torch.device) -> tuple[int, int]:
@@ -317,8 +315,7 @@ class _Job:
     cfg: LabelConfig
     root: Path
     files: list[str]
-    model: torch.nn.Module
-    patch: int
+    backbone: Backbone
     device: torch.device
     rank: int
     world: int
@@ -338,15 +335,11 @@ class _Job:
 
 
 def _open(cfg: LabelConfig) -> _Job:
-    """Stage 1: device and backend, images, a MaskCut batch's memory, the manifest and ``--out``, weights."""
+    """Stage 1: device and backend, images, the manifest and ``--out``, the backbone, a MaskCut batch's
+    memory."""
     device = resolve_device(cfg.device)
     check_backend(cfg.backend, device)
-    patch = ARCHS[cfg.arch].patch
     root, files = list_images(cfg.images)
-    if cfg.mode == "maskcut":
-        side, count = max(1, round(cfg.fixed_size / patch)), min(cfg.batch_size, len(files))
-        _check_memory([(side, side)] * count, [cfg.fixed_size**2] * count, cfg, device,
-                      f"a batch of {count} images at --fixed-size {cfg.fixed_size}")
     if not Path(cfg.weights).is_file():
         raise LabelError(f"weights file not found: {cfg.weights}")
     manifest = _manifest(cfg, files)
@@ -356,16 +349,23 @@ def _open(cfg: LabelConfig) -> _Job:
         raise LabelError(f"--out {cfg.out} already exists and is not this label command's earlier output; "
                          "pass --overwrite to replace it, or choose another --out")
     try:
-        model = load_vit(cfg.arch, cfg.weights)
-    except (WeightsError, ValueError) as exc:
+        backbone = load_backbone(cfg.arch, cfg.weights)
+    except (WeightsError, BackboneError) as exc:
         raise LabelError(str(exc)) from exc
+    if cfg.mode == "maskcut":
+        side, count = max(1, round(cfg.fixed_size / backbone.patch)), min(cfg.batch_size, len(files))
+        _check_memory([(side, side)] * count, [cfg.fixed_size**2] * count, cfg, backbone.dim, device,
+                      f"a batch of {count} images at --fixed-size {cfg.fixed_size}")
+    backbone.to(device)
+    if (note := amp_note(cfg.amp, device)) is not None:
+        log.warning(note)
     rank, world = _setup_distributed(device)
     if rank == 0:
         write_manifest(parts_dir_for(cfg.out), manifest)
     _barrier()
     if rank != 0:
         check_manifest(parts_dir_for(cfg.out), manifest)
-    return _Job(cfg, root, files, model.to(device), patch, device, rank, world, manifest,
+    return _Job(cfg, root, files, backbone, device, rank, world, manifest,
                 overlay_names(files, cfg.visualize_count) if cfg.visualize is not None else {},
                 _open_masks(cfg, files, manifest, rank))
 
@@ -383,23 +383,6 @@ def _todo(job: _Job, summary: RunSummary) -> list[int]:
     return [j for j in range(job.rank, n_batches, job.world) if j not in done]
 
 
-def _keys(model: torch.nn.Module, preps: list[Prepared], patch: int, device: torch.device,
-          amp: str) -> list[torch.Tensor]:
-    """ViT keys of each image, ``(N_i, dim)`` float32 on ``device``; images of equal size share one forward."""
-    out: list[torch.Tensor | None] = [None] * len(preps)
-    groups: dict[tuple, list[int]] = {}
-    for i, prep in enumerate(preps):
-        groups.setdefault((prep.grid, tuple(prep.rgb.shape)), []).append(i)
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(amp)
-    for (grid, _), idx in groups.items():
-        x = to_pixels([preps[i].rgb for i in idx], grid, patch, device)
-        with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            k = model.last_keys(x).float()
-        for j, i in enumerate(idx):
-            out[i] = k[j]
-    return out  # type: ignore[return-value]
-
-
 def _keys_and_cuts(job: _Job, batch_id: int, items: list[dict], summary: RunSummary) -> list[ImageCut]:
     """ViT keys then the batched cut of the decoded ``items`` (checked against the memory available), and
     the ``--masks-dir`` files of the batch."""
@@ -410,21 +393,22 @@ def _keys_and_cuts(job: _Job, batch_id: int, items: list[dict], summary: RunSumm
     if cfg.mode != "maskcut":
         largest = max(items, key=lambda it: it["prep"].grid[0] * it["prep"].grid[1])
         _check_memory([p.grid for p in preps], [p.rgb.shape[0] * p.rgb.shape[1] for p in preps], cfg,
-                      job.device, f"batch {batch_id} (largest image: {job.files[largest['index']]}, "
+                      job.backbone.dim, job.device, f"batch {batch_id} (largest image: {job.files[largest['index']]}, "
                       f"{largest['prep'].grid[0]}x{largest['prep'].grid[1]} tokens)")
     t0 = time.perf_counter()
-    feats = _keys(job.model, preps, job.patch, job.device, cfg.amp)
+    feats = job.backbone.batch_keys([p.rgb for p in preps], [p.grid for p in preps], cfg.amp)
     if job.device.type == "cuda":
         torch.cuda.synchronize(job.device)
     sec["vit"] += time.perf_counter() - t0
     t0 = time.perf_counter()
     cuts = cut_batch(feats, [p.grid for p in preps], mode=cfg.mode, taus=cfg.taus, n_masks=cfg.n_masks,
-                     eps=cfg.eps, sign_rule=cfg.sign_rule, patch=job.patch, precision=cfg.precision,
+                     eps=cfg.eps, sign_rule=cfg.sign_rule, patch=job.backbone.patch, precision=cfg.precision,
                      backend=cfg.backend)
     sec["cut"] += time.perf_counter() - t0
     if job.masks is not None:
         t0 = time.perf_counter()
-        job.softs.update(_write_masks(job.masks, job.root, job.files, items, cuts, job.patch, job.device, cfg))
+        job.softs.update(_write_masks(job.masks, job.root, job.files, items, cuts, job.backbone.patch,
+                                      job.device, cfg))
         sec["masks"] += time.perf_counter() - t0
     return cuts
 
@@ -440,7 +424,7 @@ def _post_pool(workers: int) -> cf.ProcessPoolExecutor | None:
 def _submit_post(job: _Job, pool: cf.ProcessPoolExecutor | None, items: list[dict],
                  cuts: list[ImageCut]) -> list:
     """Pixel masks and RLE of each image: futures when ``pool`` is given, else the annotation lists."""
-    post_cfg = PostConfig(job.cfg.mode, job.patch, job.cfg.crf)
+    post_cfg = PostConfig(job.cfg.mode, job.backbone.patch, job.cfg.crf)
     out = []
     for it, cut in zip(items, cuts, strict=True):
         rgb = it["prep"].rgb.numpy() if job.cfg.crf else None
@@ -492,7 +476,7 @@ def _label_batches(job: _Job, todo: list[int], summary: RunSummary) -> None:
     batches = [job.batch(j) for j in todo]
     writer = ShardWriter(job.parts, job.rank, job.manifest)
     pool = _post_pool(cfg.post_workers)
-    loader = DataLoader(_Images(job.root, job.files, cfg.mode, job.patch, cfg.fixed_size),
+    loader = DataLoader(_Images(job.root, job.files, cfg.mode, job.backbone.patch, cfg.fixed_size),
                         batch_sampler=batches, collate_fn=_collate, num_workers=cfg.workers)
     bar = tqdm(total=sum(map(len, batches)), unit="img", disable=not cfg.progress or job.rank != 0,
                desc=f"label {cfg.mode}", smoothing=0.1)
