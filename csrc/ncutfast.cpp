@@ -40,6 +40,9 @@ T* as_ptr(uintptr_t address) {
 constexpr int64_t kMaxTokens = int64_t{1} << 24;
 constexpr int64_t kMaxBatch = int64_t{1} << 24;
 constexpr int kMaxKrylov = 4096;
+/// A CPU team plays a CUDA thread block (at most 1024 threads); far larger OpenMP teams abort in libgomp
+/// (32768) or crash (100000).
+constexpr int kMaxTeam = 1024;
 
 void check_sizes(int64_t batch, int64_t n_max) {
   NCUT_CHECK(batch >= 1 && batch <= kMaxBatch, "batch", "must be in [1, " << kMaxBatch << "], got " << batch);
@@ -60,7 +63,7 @@ void check_eps(double eps) {
 void check_degrees(const int64_t* iterations, int64_t batch) {
   for (int64_t b = 0; b < batch; ++b)
     NCUT_CHECK(iterations[b] >= 0, "s", "problem " << b << " has a degree <= 0 or not finite (W = s where s >= "
-                                                          "tau, with tau < 0 and negative similarities?)");
+                                                          "tau: tau <= 0 with zero or negative similarities?)");
 }
 
 /// A NaN lambda2 for n >= 2 means the tridiagonal QL failed (never seen for Lanczos matrices): say so rather
@@ -147,6 +150,7 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("n_max"), py::arg("krylov_dim"), "float64 workspace entries one problem of the GPU solver needs.");
   m.def("cpu_threads", &ncutfast::cpu_threads, "OpenMP threads the CPU launchers use.");
+  m.attr("MAX_TEAM") = kMaxTeam;
 
   m.def(
       "tridiagonal_eigh",
@@ -163,12 +167,17 @@ PYBIND11_MODULE(_C, m) {
         double* z = as_ptr<double>(vectors);
         for (int r = 0; r < m; ++r)
           for (int c = 0; c < m; ++c) z[r * m + c] = r == c ? 1.0 : 0.0;
-        return ncutfast::tridiag_eig(as_ptr<double>(diag), as_ptr<double>(off), m, z, m);
+        double* d = as_ptr<double>(diag);
+        const bool ok = ncutfast::tridiag_eig(d, as_ptr<double>(off), m, z, m);
+        for (int i = 0; i < m; ++i)
+          NCUT_CHECK(std::isfinite(d[i]), "diag", "eigenvalue " << i << " overflows float64 (entries too large)");
+        return ok;
       },
       py::arg("diag"), py::arg("off"), py::arg("m"), py::arg("vectors"),
       "Eigen-decompose a float64 tridiagonal matrix in place (the solver's Ritz step): diag (m,) becomes the\n"
       "unsorted eigenvalues, off (m,) (off[i] couples i and i+1) is destroyed, vectors (m, m) receives the\n"
-      "eigenvectors as columns. Returns False if QL did not converge.");
+      "eigenvectors as columns. Any finite entries (scaled internally); eigenvalues beyond float64's range\n"
+      "raise ValueError. Returns False if QL did not converge.");
 
   m.def(
       "pack_graph_cpu",
@@ -303,7 +312,7 @@ PYBIND11_MODULE(_C, m) {
          int krylov_dim, int check_every, bool table, int team, uintptr_t lambda2, uintptr_t lambda3, uintptr_t x,
          uintptr_t residual, uintptr_t iterations) {
         check_sizes(batch, n_max);
-        NCUT_CHECK(team >= 0, "team", "must be >= 0, got " << team);
+        NCUT_CHECK(team >= 0 && team <= kMaxTeam, "team", "must be in [0, " << kMaxTeam << "], got " << team);
         NCUT_CHECK_PTR(bits, "bits");
         NCUT_CHECK_PTR(lengths, "lengths");
         check_eps(eps);
@@ -325,7 +334,7 @@ PYBIND11_MODULE(_C, m) {
       py::arg("lambda2"), py::arg("lambda3"), py::arg("x"), py::arg("residual"), py::arg("iterations"),
       "Fiedler pairs of binary graphs given as packed bits. Outputs: lambda2, lambda3, residual (batch,)\n"
       "float64, x (batch, n_max) float64, iterations (batch,) int64. table: subset-sum-table mat-vec (else\n"
-      "the GPU's set-bit loop); team: threads per problem (0 = automatic). Host pointers.");
+      "the GPU's set-bit loop); team: threads per problem (0 = automatic, at most MAX_TEAM). Host pointers.");
 
   m.def(
       "solve_dense_cpu",
@@ -334,7 +343,7 @@ PYBIND11_MODULE(_C, m) {
          uintptr_t lambda3, uintptr_t x, uintptr_t residual, uintptr_t iterations) {
         const DType dt = ncutfast::parse_dtype(dtype, "dtype");
         check_sizes(batch, n_max);
-        NCUT_CHECK(team >= 0, "team", "must be >= 0, got " << team);
+        NCUT_CHECK(team >= 0 && team <= kMaxTeam, "team", "must be in [0, " << kMaxTeam << "], got " << team);
         NCUT_CHECK_PTR(s, "s");
         NCUT_CHECK_PTR(lengths, "lengths");
         check_scalar(tau, "tau");

@@ -27,8 +27,11 @@ def framework_of(x: Any) -> str:
 
 
 def _to_torch(x: Any, framework: str) -> torch.Tensor:
+    """The input as a torch tensor, detached from autograd: the cut is not differentiable (thresholding and
+    an eigen-solve), so features that require grad (straight from a model without ``no_grad``) are read as
+    constants, here, once for every entry point."""
     if framework == "torch":
-        return x
+        return x.detach()
     if framework == "numpy":
         return torch.from_numpy(np.ascontiguousarray(x))
     return torch.from_dlpack(x)  # CuPy: zero-copy on the same device
@@ -77,8 +80,9 @@ def _finite(t: torch.Tensor, lengths: torch.Tensor | None) -> bool:
 def as_batch(features: Any, lengths: Any = None) -> Batch:
     """Validate ``features`` (+ ``lengths``) and return them as a padded torch batch.
 
-    Raises ``TypeError`` for a non-array or unsupported dtype and ``ValueError`` for a wrong rank, an empty
-    batch or axis, NaN/inf in the valid rows, mismatched channel counts, or lengths that don't fit.
+    Raises ``TypeError`` for a non-array, an unsupported dtype or lengths that are not integers, and
+    ``ValueError`` for a wrong rank, an empty batch or axis, NaN/inf in the valid rows, mismatched channel
+    counts, or lengths that don't fit. Features are detached from autograd (see ``_to_torch``).
     """
     if isinstance(features, (list, tuple)):
         if lengths is not None:

@@ -37,13 +37,22 @@ def dtype_name(dtype: object) -> str:
     return name.rsplit(".", 1)[-1]
 
 
-def check_tau(tau: float) -> float:
-    """tau must be a real number in the open interval (-1, 1): cosine similarities live in [-1, 1]."""
+def check_tau(tau: float, *, binary: bool = True) -> float:
+    """tau must be a real number in the open interval (-1, 1): cosine similarities live in [-1, 1].
+
+    A non-binary graph (``binary=False``: W keeps the similarities that are >= tau) also needs tau >= 0.
+    With tau < 0 the similarities in [tau, 0) become negative edge weights: D - W is indefinite, degrees
+    can be <= 0, and the 2nd-smallest generalized eigenpair is no longer a cut (scipy's may even be the
+    trivial constant vector, shifted to index 1 by a negative eigenvalue), so such graphs are refused.
+    """
     if isinstance(tau, bool) or not isinstance(tau, (int, float, np.floating, np.integer)):
         raise TypeError(f"tau: expected a real number, got {type(tau).__name__}")
     tau = float(tau)
     if not np.isfinite(tau) or not -1.0 < tau < 1.0:
         raise ValueError(f"tau: must lie in the open interval (-1, 1), got {tau!r}")
+    if not binary and tau < 0.0:
+        raise ValueError(f"tau: must be >= 0 for a non-binary graph (binary=False), got {tau!r}: similarities in "
+                         "[tau, 0) would be negative edge weights, for which the normalized cut is undefined")
     return tau
 
 
@@ -72,11 +81,13 @@ def check_feature_matrix(x: object, name: str, *, ndims: Sequence[int] = (2,), a
         raise ValueError(f"{name}: contains NaN or inf")
 
 
-def check_positive_int(v: object, name: str, *, minimum: int = 1) -> int:
+def check_positive_int(v: object, name: str, *, minimum: int = 1, maximum: int | None = None) -> int:
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
         raise TypeError(f"{name}: expected an int, got {type(v).__name__}")
     if int(v) < minimum:
         raise ValueError(f"{name}: must be >= {minimum}, got {int(v)}")
+    if maximum is not None and int(v) > maximum:
+        raise ValueError(f"{name}: must be in [{minimum}, {maximum}], got {int(v)}")
     return int(v)
 
 
@@ -103,7 +114,13 @@ def check_image_size(image_size: object, name: str = "image_size") -> tuple[int,
 
 
 def check_lengths(lengths: Sequence[int], batch: int, n_max: int) -> list[int]:
-    """Per-image token counts of a padded batch: ``batch`` ints in [1, n_max]."""
+    """Per-image token counts of a padded batch: ``batch`` ints in [1, n_max] (bools and floats, even
+    integral ones, are refused: a float count is a bug upstream, not a value to truncate)."""
+    if isinstance(lengths, (str, bytes)) or not isinstance(lengths, Sequence):
+        raise TypeError(f"lengths: expected a sequence of ints, got {type(lengths).__name__}")
+    for i, v in enumerate(lengths):
+        if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+            raise TypeError(f"lengths: entry {i} is {v!r} ({type(v).__name__}), expected an integer")
     out = [int(v) for v in lengths]
     if len(out) != batch:
         raise ValueError(f"lengths: has {len(out)} entries but the batch holds {batch} images")

@@ -3,7 +3,8 @@
 The names and meanings follow ``ncutfast.reference`` (the specification, shared/spec/tokencut.md). Inputs are
 torch tensors (any device), NumPy arrays or CuPy arrays; outputs come back in the input's framework and on
 its device. A batch is ``(B, N, C)``, a ragged batch a list of ``(N_i, C)`` arrays or a padded
-``(B, N_max, C)`` array plus ``lengths``.
+``(B, N_max, C)`` array plus ``lengths``. Features that require grad are read detached: the cut (a threshold
+and an eigen-solve) is not differentiable, and no output carries a gradient back to them.
 
 Deterministic ties (documented deviation from the originals, whose rounding decides them):
 
@@ -172,7 +173,8 @@ def ncut(
         tau: similarity threshold in (-1, 1).
         eps: weight of non-edges, > 0.
         lengths: per-image token counts of a padded batch.
-        binary: False gives TokenCut's ``--no-binary-graph`` ablation (similarities kept as weights).
+        binary: False gives TokenCut's ``--no-binary-graph`` ablation (similarities kept as weights); it
+            needs tau >= 0 (see ``reference.affinity``).
         precision: similarity precision: "float64", "float32" (IEEE fp32, no tf32: TokenCut's arithmetic),
             "fast" (tensor cores where the device has them; threshold decisions within rounding of tau may
             flip) or "exact" (the float64 reference's graph, certified from a low-precision screening

@@ -103,11 +103,22 @@ def _as_features(feats: np.ndarray, name: str = "feats") -> np.ndarray:
 def normalize_rows(feats: np.ndarray, dtype: type = np.float64) -> np.ndarray:
     """Spec §2 step 1: f_i = k_i / max(||k_i||_2, 1e-12), computed in ``dtype``.
 
-    Zero rows (MaskCut's painted tokens) stay zero.
+    Zero rows (MaskCut's painted tokens) stay zero. Finite rows too large to square (float32 beyond about
+    1e19, float64 beyond 1e154) or to convert to ``dtype`` follow the same formula: each row is first
+    scaled by the power of two 2^-e that brings its largest |entry| into [0.5, 1), which is exact (rows of
+    normal numbers give the unscaled formula's bits), and the clamp compares the unscaled norm
+    ``2^e ||row 2^-e||`` with 1e-12, so rows below it still become row / 1e-12.
     """
-    f = np.asarray(feats, dtype=dtype)
-    norms = np.sqrt((f * f).sum(axis=1, keepdims=True))
-    return f / np.maximum(norms, dtype(NORM_EPS))
+    a = np.asarray(feats)
+    f = a.astype(np.result_type(a.dtype, dtype))  # holds the input exactly
+    e = np.frexp(np.abs(f).max(axis=1, keepdims=True))[1]
+    g = np.ldexp(f, -e).astype(dtype)
+    norms = np.sqrt((g * g).sum(axis=1, keepdims=True))
+    with np.errstate(over="ignore"):  # an unscaled norm beyond float64 is inf: not tiny
+        tiny = (np.ldexp(norms.astype(np.float64), e) < dtype(NORM_EPS))[:, 0]
+    out = g / np.where(norms > 0, norms, 1)
+    out[tiny] = f[tiny].astype(dtype) / dtype(NORM_EPS)
+    return out
 
 
 def affinity(
@@ -125,11 +136,12 @@ def affinity(
         tau: similarity threshold; an edge needs similarity **strictly** greater than tau.
         eps: weight of non-edges.
         binary: True gives W = 1 / eps (TokenCut's default). False is TokenCut's ``--no-binary-graph``
-            ablation: W keeps the similarity and entries **below** tau become eps.
+            ablation: W keeps the similarity and entries **below** tau become eps; it needs tau >= 0 (no
+            negative weights) and raises ``ValueError`` for a degree of 0 (an all-zero row with tau = 0).
         similarity_dtype: dtype of the normalization and the similarity product. TokenCut itself computes
             it in float32 (torch) and then converts to float64; the reference default is float64.
     """
-    tau = check_tau(tau)
+    tau = check_tau(tau, binary=binary)
     eps = check_eps(eps)
     f = normalize_rows(_as_features(feats), similarity_dtype)
     s = f @ f.T  # §2 step 2: cosine affinity
@@ -138,6 +150,12 @@ def affinity(
         return np.where(s > tau, 1.0, eps).astype(np.float64)
     w = s.astype(np.float64)
     w[s < tau] = eps  # the ablation's rule: entries below tau (not <=) become eps
+    # tau >= 0 keeps every weight >= 0; only a token whose similarities are all exactly 0 (an all-zero row,
+    # tau = 0) has degree 0, which leaves D singular.
+    isolated = np.flatnonzero(w.sum(axis=1) <= 0)
+    if isolated.size:
+        raise ValueError(f"feats: token {isolated[0]} has degree 0 in the non-binary graph (an all-zero feature "
+                         "row with tau = 0?); the normalized cut needs every degree > 0")
     return w
 
 

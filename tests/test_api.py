@@ -268,3 +268,106 @@ def test_flip_rate_on_cpu(rng) -> None:
     feats = planted_scene(rng, 900, 384).features
     assert flip_rate(feats, precision="float64") == 0.0
     assert flip_rate(feats, precision="float32") <= 1e-4
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_features_that_require_grad_are_read_detached(rng, backend) -> None:
+    """Features straight from a model (requires_grad) give the same cut as detached ones, on every layout."""
+    if backend not in ncutfast.available_backends():
+        pytest.skip(f"backend {backend} not available")
+    scene = planted_scene(rng, 43, 12)
+    plain = torch.from_numpy(scene.features)
+    leaf = plain.clone().requires_grad_(True)
+    for feats, want in ((leaf * 2.0, plain * 2.0), ([leaf[:17], leaf], [plain[:17], plain])):
+        out = ncutfast.ncut(feats, backend=backend)
+        ref = ncutfast.ncut(want, backend=backend)
+        vecs = out.eigenvector if isinstance(out.eigenvector, list) else [out.eigenvector]
+        refs = ref.eigenvector if isinstance(ref.eigenvector, list) else [ref.eigenvector]
+        for v, r in zip(vecs, refs, strict=True):
+            assert not v.requires_grad and torch.equal(v, r)
+    mc = ncutfast.maskcut(leaf, scene.grid, n_masks=2, backend=backend)
+    assert torch.equal(mc.masks, ncutfast.maskcut(plain, scene.grid, n_masks=2, backend=backend).masks)
+
+
+def test_compat_drop_ins_accept_features_that_require_grad(rng) -> None:
+    from ncutfast.compat import maskcut as cm
+    from ncutfast.compat import tokencut as ct
+
+    scene = planted_scene(rng, grid=(5, 7), channels=10)
+    tokens = torch.from_numpy(np.concatenate([scene.features[:1], scene.features]))[None]
+    out = ct.ncut(tokens.clone().requires_grad_(True), [5, 7], [8, 8], (3, 40, 56), tau=0.2)
+    ref = ct.ncut(tokens, [5, 7], [8, 8], (3, 40, 56), tau=0.2)
+    assert np.array_equal(out[0], ref[0]) and np.array_equal(out[5], ref[5])
+    keys = torch.from_numpy(scene.features.T.copy())
+    seed, masks, _ = cm.maskcut_forward(keys.clone().requires_grad_(True), [5, 7], [8, 8], [40, 56], tau=0.15, N=2)
+    seed_ref, masks_ref, _ = cm.maskcut_forward(keys, [5, 7], [8, 8], [40, 56], tau=0.15, N=2)
+    assert seed == seed_ref and all(np.array_equal(a, b) for a, b in zip(masks, masks_ref, strict=True))
+
+
+@pytest.mark.parametrize(
+    "lengths",
+    [[10, 5.7, 3], [10, 5.0, 3], [True, True, True], [10, np.float64(4), 3], np.array([10.0, 5.0, 3.0]),
+     torch.tensor([10, 5, 3]) > 0, torch.tensor([10.0, 5.0, 3.0]), np.array([True, True, True]), 10, "abc"],
+)
+def test_lengths_must_be_integers(rng, lengths) -> None:
+    good = rng.standard_normal((3, 10, 4)).astype(np.float32)
+    with pytest.raises(TypeError, match="^lengths: "):
+        ncutfast.ncut(good, lengths=lengths)
+
+
+def test_integer_lengths_of_any_integer_type(rng) -> None:
+    good = rng.standard_normal((3, 10, 4)).astype(np.float32)
+    want = ncutfast.ncut([good[0], good[1, :5], good[2, :3]]).lambda2
+    for lengths in ([10, 5, 3], (np.int32(10), np.int64(5), 3), np.array([10, 5, 3]), torch.tensor([10, 5, 3])):
+        assert np.array_equal(ncutfast.ncut(good, lengths=lengths).lambda2, want)
+
+
+CPU_BACKENDS = ["torch", "cpu", "triton"]
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_non_binary_graph_refuses_negative_tau_everywhere(rng, backend) -> None:
+    """binary=False with tau < 0 makes negative weights (an indefinite D - W: NaN degrees or a different
+    eigenpair than scipy's): refused by the reference, every backend and the drop-in, naming tau."""
+    if backend not in ncutfast.available_backends():
+        pytest.skip(f"backend {backend} not available")
+    feats = rng.standard_normal((23, 8))
+    for tau in (-0.3, -0.05, -1e-9):
+        with pytest.raises(ValueError, match="^tau: must be >= 0 for a non-binary graph"):
+            ncutfast.ncut(feats, tau=tau, binary=False, backend=backend)
+        with pytest.raises(ValueError, match="^tau: must be >= 0 for a non-binary graph"):
+            ncutfast.tokencut(feats, (1, 23), patch=8, tau=tau, binary=False, backend=backend)
+    with pytest.raises(ValueError, match="^tau: must be >= 0 for a non-binary graph"):
+        reference.ncut(feats, tau=-0.3, binary=False)
+    with pytest.raises(ValueError, match="^tau: must be >= 0 for a non-binary graph"):
+        reference.tokencut(feats, (1, 23), patch=8, tau=-0.3, binary=False)
+    # tau = 0 non-binary graphs match the reference, and binary graphs keep accepting tau < 0 (not run on
+    # Triton: its interpreted Lanczos is slow, and the binary path is not what this test is about).
+    for tau, binary in ((0.0, False),) if backend == "triton" else ((0.0, False), (-0.3, True)):
+        out = ncutfast.ncut(feats, tau=tau, binary=binary, backend=backend, precision="float64")
+        ref = reference.ncut(feats, tau=tau, binary=binary)
+        assert float(out.lambda2) == pytest.approx(ref.lambda2, rel=1e-7)
+        assert float(out.lambda3) == pytest.approx(ref.lambda3, rel=1e-7)
+
+
+def test_non_binary_compat_refuses_negative_tau(rng) -> None:
+    from ncutfast.compat import tokencut as ct
+
+    tokens = torch.from_numpy(rng.standard_normal((1, 13, 6)).astype(np.float32))
+    with pytest.raises(ValueError, match="^tau: must be >= 0 for a non-binary graph"):
+        ct.ncut(tokens, [3, 4], [8, 8], (3, 24, 32), tau=-0.2, no_binary_graph=True)
+    ct.ncut(tokens, [3, 4], [8, 8], (3, 24, 32), tau=-0.2)  # binary: fine
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("n", [5, 97])  # dense and Lanczos paths
+def test_non_binary_zero_degree_raises_everywhere(rng, backend, n) -> None:
+    """tau = 0 and an all-zero row: every weight of that token is 0 (degree 0, no D^-1/2)."""
+    if backend not in ncutfast.available_backends():
+        pytest.skip(f"backend {backend} not available")
+    feats = rng.standard_normal((n, 6))
+    feats[n // 2] = 0.0
+    with pytest.raises(ValueError, match=r"degree (<= )?0"):
+        reference.ncut(feats, tau=0.0, binary=False)
+    with pytest.raises(ValueError, match=r"degree (<= )?0"):
+        ncutfast.ncut(feats, tau=0.0, binary=False, backend=backend)

@@ -104,6 +104,50 @@ def test_tridiagonal_eigh(rng: np.random.Generator, m: int) -> None:
     np.testing.assert_allclose(z.T @ z, np.eye(m), atol=1e-12)
 
 
+@pytest.mark.parametrize("m", [1, 2, 7, 48])
+@pytest.mark.parametrize("exponent", [1024, -1000])
+def test_tridiagonal_eigh_extreme_magnitudes(rng: np.random.Generator, m: int, exponent: int) -> None:
+    """Entries near DBL_MAX (or tiny ones) are decomposed as the same matrix at unit scale would be. Near
+    DBL_MAX, |d_i| + |d_i+1| overflowed QL's split test and the diagonal came back unchanged with ok=True;
+    the eigenvalues here are representable (Gershgorin: |lambda| <= 0.95 * 2^1024)."""
+    diag = rng.uniform(0.5, 0.55, m) * rng.choice([-1.0, 1.0], m)
+    off = rng.uniform(-0.2, 0.2, m)
+    t = np.diag(diag) + np.diag(off[: m - 1], 1) + np.diag(off[: m - 1], -1)
+    d, e, z = np.ldexp(diag, exponent), np.ldexp(off, exponent), np.empty((m, m))
+    assert _ext.C.tridiagonal_eigh(d.ctypes.data, e.ctypes.data, m, z.ctypes.data)
+    lam = np.ldexp(d, -exponent)
+    np.testing.assert_allclose(np.sort(lam), np.linalg.eigvalsh(t), atol=1e-13)
+    np.testing.assert_allclose(t @ z, z * lam[None, :], atol=1e-12)
+    np.testing.assert_allclose(z.T @ z, np.eye(m), atol=1e-12)
+
+
+def test_tridiagonal_eigh_overflowing_eigenvalues_raise() -> None:
+    """Finite entries whose eigenvalues exceed float64's range (here 3e308) cannot be returned: ValueError."""
+    d, e, z = np.array([1.5e308, 1.5e308]), np.array([1.5e308, 0.0]), np.empty((2, 2))
+    with pytest.raises(ValueError, match="^diag: eigenvalue 1 overflows float64"):
+        _ext.C.tridiagonal_eigh(d.ctypes.data, e.ctypes.data, 2, z.ctypes.data)
+
+
+@pytest.mark.parametrize("team", [1025, 32768, 100000, (1 << 31) - 1])
+def test_team_is_bounded(team: int) -> None:
+    """Teams far beyond a thread block aborted in libgomp (32768) or crashed (100000): ValueError now."""
+    bits = torch.zeros(1, 3, 1, dtype=torch.int64)
+    s = torch.eye(3, dtype=torch.float64)[None]
+    lengths = torch.tensor([3])
+    outs = [torch.zeros(1, 3, dtype=torch.float64) for _ in range(4)]
+    kw = dict(tol=1e-8, max_iter=10, krylov_dim=4, check_every=2, team=team, lambda2=outs[0].data_ptr(),
+              lambda3=outs[1].data_ptr(), x=outs[2].data_ptr(), residual=outs[3].data_ptr(),
+              iterations=torch.zeros(1, dtype=torch.int64).data_ptr())
+    match = rf"^team: must be in \[0, {_ext.C.MAX_TEAM}\], got {team}"
+    with pytest.raises(ValueError, match=match):
+        _ext.C.solve_binary_cpu(bits.data_ptr(), 1, 3, lengths.data_ptr(), 1e-5, table=True, **kw)
+    with pytest.raises(ValueError, match=match):
+        _ext.C.solve_dense_cpu(s.data_ptr(), "float64", 1, 3, lengths.data_ptr(), 0.2, 1e-5, **kw)
+    with pytest.raises(ValueError, match=match):
+        solve(torch.ones(1, 3, 2), lengths, tau=0.2, eps=1e-5, binary=True, precision="float32", tol=1e-8,
+              max_iter=10, team=team)
+
+
 def _scene(rng: np.random.Generator, n: int, channels: int = 24) -> np.ndarray:
     if n < 4:
         return rng.standard_normal((n, channels)).astype(np.float32) + 0.3

@@ -118,8 +118,9 @@ def test_cuda_fast_precision_and_chunking(cuda: torch.device, rng: np.random.Gen
 
 
 def test_cuda_backend_rejects_bad_arguments(cuda: torch.device) -> None:
-    """The cuda backend shares the contract's argument checks; a non-binary graph with a degree <= 0
-    (tau < 0 keeps negative similarities) is flagged by the shared solver and raises."""
+    """The cuda backend shares the contract's argument checks (tau < 0 with a non-binary graph is refused);
+    a non-binary graph with a degree <= 0 (tau = 0 and an all-zero row) is flagged by the shared solver and
+    raises."""
     kw = dict(tau=0.2, eps=1e-5, binary=True, precision="float32", tol=TOL, max_iter=60)
     f = torch.ones(1, 4, 3, device=cuda)
     with pytest.raises(ValueError, match="^feats: this backend needs CUDA tensors"):
@@ -130,5 +131,8 @@ def test_cuda_backend_rejects_bad_arguments(cuda: torch.device) -> None:
         solve(f, torch.tensor([4]), **(kw | {"eps": 0.0}))
     angles = torch.tensor([0.0, 100.0, 110.0, 120.0]).deg2rad()  # row 0: 1 + cos 100 + cos 110 + cos 120 < 0
     feats = torch.stack([angles.cos(), angles.sin()], dim=-1)[None].to(cuda)
-    with pytest.raises(ValueError, match="degree <= 0"):
+    with pytest.raises(ValueError, match="^tau: must be >= 0 for a non-binary graph"):
         solve(feats, torch.tensor([4]), **(kw | {"tau": -0.95, "binary": False}))
+    feats[0, 2] = 0.0
+    with pytest.raises(ValueError, match="degree <= 0"):
+        solve(feats, torch.tensor([4]), **(kw | {"tau": 0.0, "binary": False}))

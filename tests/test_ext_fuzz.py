@@ -158,7 +158,9 @@ def test_solvers_bad_arguments(data: st.DataObject, dense: bool) -> None:
     bad = dict(batch=BAD_SIZES, n_max=BAD_SIZES, eps=st.one_of(NON_FINITE, st.floats(max_value=0.0)),
                tol=st.one_of(NON_FINITE, st.floats(max_value=0.0)), max_iter=st.integers(-(1 << 31), 0),
                krylov_dim=st.one_of(st.integers(-(1 << 31), 0), st.integers(MAX_KRYLOV + 1, 1 << 30)),
-               check_every=st.integers(-(1 << 31), 0), team=st.integers(-(1 << 31), -1), lengths=st.just(0),
+               check_every=st.integers(-(1 << 31), 0),
+               team=st.one_of(st.integers(-(1 << 31), -1), st.integers(_ext.C.MAX_TEAM + 1, (1 << 31) - 1)),
+               lengths=st.just(0),
                lambda2=st.just(0), lambda3=st.just(0), x=st.just(0), residual=st.just(0), iterations=st.just(0))
     if dense:
         good |= dict(s=buf.s32.data_ptr(), dtype="float32", tau=0.2)
@@ -272,7 +274,7 @@ BAD_BACKEND_ARGS = dict(
     precision=st.sampled_from(["float16", "", "FLOAT32", None, 3]),
     tol=st.one_of(NON_FINITE, st.floats(max_value=0.0), st.just(True), st.just("1e-8")),
     max_iter=st.one_of(st.integers(max_value=0), st.just(2.5), st.just(True), st.just("60")),
-    team=st.one_of(st.integers(max_value=-1), st.just(1.5)),
+    team=st.one_of(st.integers(max_value=-1), st.integers(min_value=1025), st.just(1.5)),
     table=st.sampled_from([1, None, "True"]),
 )
 
@@ -371,14 +373,18 @@ def test_backend_any_strides_and_dtypes(batch: tuple[np.ndarray, list[int]], lay
     assert bool((got.residual[torch.tensor(lengths) >= 2] <= 1e-6).all())
 
 
-def test_backend_non_binary_negative_degree_raises() -> None:
-    """Non-binary graphs keep similarities >= tau as weights: with tau < 0, anti-aligned tokens give
-    negative weights, and a degree <= 0 has no D^-1/2 (the reference's eigh fails there too)."""
+def test_backend_non_binary_negative_tau_and_zero_degree_raise() -> None:
+    """Non-binary graphs keep similarities >= tau as weights: tau < 0 would make anti-aligned tokens'
+    weights negative (here a degree < 0) and is refused, as by the reference; with tau = 0 an all-zero row
+    has degree 0 and no D^-1/2."""
     angles = torch.tensor([0.0, 100.0, 110.0, 120.0]).deg2rad()  # row 0: 1 + cos 100 + cos 110 + cos 120 < 0
     feats = torch.stack([angles.cos(), angles.sin()], dim=-1)[None]
-    with pytest.raises(ValueError, match="degree <= 0"):
+    with pytest.raises(ValueError, match="^tau: must be >= 0 for a non-binary graph"):
         _solve(feats, torch.tensor([4]), tau=-0.95, binary=False)
     _check_finite(_solve(feats, torch.tensor([4]), tau=-0.95, binary=True), [4])
+    feats[0, 2] = 0.0
+    with pytest.raises(ValueError, match="degree <= 0"):
+        _solve(feats, torch.tensor([4]), tau=0.0, binary=False)
 
 
 @FUZZ

@@ -7,11 +7,12 @@ A backend is a function ``solve(feats, lengths, params, **options) -> Spectrum``
   ``lengths[b]`` are padding and must be ignored (they may hold anything finite).
 - ``lengths``: int64 CPU tensor ``(B,)`` with ``1 <= lengths[b] <= N_max``.
 - ``params``: a ``SolveParams`` (checked when it is made).
-- The backend L2-normalizes rows (norm clamped at 1e-12), forms the similarity in ``params.precision``
-  ("float64", "float32" = fp32 without tf32, "fast" = tensor cores where the device has them, "exact" =
-  the float64 graph certified from a low-precision product: ``ncutfast.exact``),
+- The backend L2-normalizes rows (norm clamped at 1e-12: ``normalized_features``), forms the similarity in
+  ``params.precision`` ("float64", "float32" = fp32 without tf32, "fast" = tensor cores where the device
+  has them, "exact" = the float64 graph certified from a low-precision product: ``ncutfast.exact``),
   builds W (binary: 1 where similarity > tau else eps; non-binary: the similarity with entries < tau set to
-  eps), degrees d = W 1, and returns the 2nd and 3rd smallest generalized eigenpairs of (D - W, D).
+  eps, for tau >= 0 only, and a degree <= 0 raises ``ValueError``), degrees d = W 1, and returns the 2nd
+  and 3rd smallest generalized eigenpairs of (D - W, D).
 
 This module imports no other module of ``ncutfast.backends``; the backends import it, and the chooser
 (``ncutfast.backends``) imports the backends.
@@ -28,6 +29,7 @@ import torch
 
 from .._validate import FLOAT_DTYPE_NAMES, check_choice, check_eps, check_positive_int, check_tau, dtype_name
 from ..exact import normalized_rows
+from ..reference import NORM_EPS
 
 __all__ = ["BACKEND_NAMES", "BREAKDOWN", "KRYLOV_DIM", "PARK", "PRECISIONS", "Outputs", "SolveParams", "Spectrum",
            "batch_slices", "check_batch", "converged_flags", "matmul_precision", "normalized_features",
@@ -55,7 +57,7 @@ class SolveParams:
     """The graph and solver parameters of one solve, checked when made (each failure names its argument).
 
     Attributes:
-        tau: similarity threshold in (-1, 1).
+        tau: similarity threshold in (-1, 1); >= 0 for a non-binary graph (``_validate.check_tau``).
         eps: weight of non-edges, > 0.
         binary: True for TokenCut's binary graph, False for its ``--no-binary-graph`` ablation.
         precision: one of ``PRECISIONS``.
@@ -71,10 +73,10 @@ class SolveParams:
     max_iter: int = 300
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "tau", check_tau(self.tau))
-        object.__setattr__(self, "eps", check_eps(self.eps))
         if not isinstance(self.binary, bool):
             raise TypeError(f"binary: expected a bool, got {type(self.binary).__name__}")
+        object.__setattr__(self, "tau", check_tau(self.tau, binary=self.binary))
+        object.__setattr__(self, "eps", check_eps(self.eps))
         check_choice(self.precision, "precision", PRECISIONS)
         tol = self.tol
         if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not math.isfinite(tol) or tol <= 0:
@@ -220,18 +222,44 @@ def matmul_precision(device: torch.device, precision: str) -> Iterator[None]:
         torch.backends.cuda.matmul.allow_tf32 = old
 
 
+#: Range of the row scaling's exponent e per working dtype: 2^e and 2^-e are normal numbers of it, and
+#: 1e-12 2^-e is finite in float32 (rows below 2^-126 are scaled less; they fall under the clamp anyway).
+_EXPONENTS = {torch.float32: (-125, 125), torch.float64: (-125, 1021)}
+
+
+def _pow2(k: torch.Tensor) -> torch.Tensor:
+    """2.0 ** k as float64 for integers k in [-1022, 1023], built from its bits (exact on every device)."""
+    return ((k.to(torch.int64) + 1023) << 52).view(torch.float64)
+
+
 def normalized_features(feats: torch.Tensor, lengths: torch.Tensor, precision: str) -> torch.Tensor:
-    """Rows divided by max(||row||, 1e-12), padding rows zeroed; float64 or float32 ``(B, N, C)``.
+    """Rows divided by max(||row||, 1e-12) as the reference does, padding rows zeroed; float64 or float32
+    ``(B, N, C)``.
+
+    Each row is first multiplied by the power of two 2^-e that brings its largest |entry| into [0.5, 1):
+    exact, so rows of normal numbers give the plain formula's bits, while huge finite rows (float32 beyond
+    about 1e19, float64 beyond 1e154, float64 beyond float32's range at float32 precision) no longer
+    overflow when squared or converted. The clamp applies to the unscaled norm (||g|| 2^e), so a row whose
+    norm is below 1e-12 still becomes row / 1e-12 (1e-12 rounded to the output dtype, as torch's clamp).
 
     Precision "exact" gives ``reference.normalize_rows``'s float64 rows bit for bit (``exact.normalized_rows``).
     """
     if precision == "exact":
         return normalized_rows(feats, lengths)
     dtype = torch.float64 if precision == "float64" else torch.float32
-    f = feats.to(dtype)
+    work = torch.float64 if feats.dtype == torch.float64 else dtype  # holds the input exactly
+    f = feats.to(work)
     valid = torch.arange(f.shape[1], device=f.device)[None, :] < lengths.to(f.device)[:, None]
-    f = torch.where(valid[:, :, None], f, torch.zeros((), dtype=dtype, device=f.device))
-    return f / f.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    f = torch.where(valid[:, :, None], f, torch.zeros((), dtype=work, device=f.device))
+    amax = torch.linalg.vector_norm(f, ord=float("inf"), dim=-1, keepdim=True)
+    e = torch.frexp(amax).exponent.clamp(*_EXPONENTS[work])
+    g = (f * _pow2(-e).to(work)).to(dtype)
+    del f
+    norm = g.norm(dim=-1, keepdim=True)
+    clamp = torch.tensor(NORM_EPS, dtype=dtype).item()
+    tiny = norm.to(torch.float64) * _pow2(e) < clamp  # the unscaled norm (inf if it overflows) below 1e-12
+    # Tiny rows: g / (1e-12 2^-e) = row / 1e-12, the same power of two scaling both operands.
+    return g / torch.where(tiny, (clamp * _pow2(-e)).to(dtype), norm)
 
 
 def similarity(feats: torch.Tensor, lengths: torch.Tensor, precision: str) -> torch.Tensor:

@@ -11,7 +11,8 @@ no normalized copy of the features exists either. Then the deflated Lanczos solv
 of bits per problem, one block of similarities, then the solver's vectors and tables
 (``benchmarks/bench_ext.py`` measures time and memory, ``benchmarks/RESULTS.md`` has the numbers).
 Features whose row norms are extreme (outside [2^-40, 2^40], where float32 dot products could over- or
-underflow) are normalized first, as are non-binary graphs, which are solved from the full similarity matrix.
+underflow, or 0 for a nonzero row) are normalized first (``normalized_features``, safe for any finite
+magnitude), as are non-binary graphs, which are solved from the full similarity matrix.
 Precision "exact" (``ncutfast.exact``): the extension computes the reference's float64 row norms bit for bit,
 the blocks are the same float32 products as above, and the packing decides each entry from its scaled block
 value unless it lies within the proven bound of tau, where it recomputes the float64 dot product of the
@@ -81,19 +82,23 @@ ROW_BLOCK = 192
 NORM_RANGE = (2.0**-40, 2.0**40)
 
 
-def _inverse_norms(k: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor | None:
+def _inverse_norms(k: torch.Tensor, lengths: torch.Tensor, feats: torch.Tensor) -> torch.Tensor | None:
     """``1 / max(||k_i||, 1e-12)`` ``(B, n)`` in k's dtype (1 on padding), or None where a norm is outside
-    ``NORM_RANGE`` (the caller normalizes first). Raises for NaN or infinite features."""
+    ``NORM_RANGE`` (the caller normalizes first). ``k`` is ``feats`` converted to the similarity's dtype.
+    Raises for NaN or infinite features."""
     norms = torch.linalg.vector_norm(k, dim=-1)
     valid = torch.arange(k.shape[1])[None, :] < lengths[:, None]
     vn = norms[valid]
     if not bool(torch.isfinite(vn).all()):
-        rows = k[valid][~torch.isfinite(vn)]
+        rows = feats[valid][~torch.isfinite(vn)]
         if not bool(torch.isfinite(rows).all()):
             raise ValueError("feats: contains NaN or inf")
-        return None  # finite features whose norm overflows
+        return None  # finite features whose norm (or float32 conversion) overflows
     if bool(((vn > 0) & (vn < NORM_RANGE[0])).any()) or bool((vn > NORM_RANGE[1]).any()):
         return None
+    zero = (norms == 0) & valid  # MaskCut's painted rows; only these rows are read again
+    if bool(zero.any()) and bool(k[zero].any()):
+        return None  # a nonzero row whose squares underflow: its raw dot products would too
     one = torch.ones((), dtype=k.dtype)
     return torch.where(valid, 1.0 / norms.clamp_min(1e-12), one).contiguous()
 
@@ -154,7 +159,8 @@ def solve(feats: torch.Tensor, lengths: torch.Tensor, params: SolveParams, *, de
 
     Any strides and float dtypes (float16/bfloat16/float32/float64) are accepted. NaN or infinite features
     (within the lengths) raise ``ValueError`` on the CPU (finiteness of CUDA features is the caller's, as
-    ``ncutfast.api`` does). A non-binary graph with a degree <= 0 (tau < 0) raises ``ValueError``. CPU only:
+    ``ncutfast.api`` does). A non-binary graph with a degree <= 0 (tau = 0 and an all-zero row; tau < 0 is
+    refused by ``SolveParams``) raises ``ValueError``. CPU only:
     ``table=False`` replaces the subset-sum-table mat-vec by the set-bit loop the CUDA kernels use, and
     ``team=k`` solves each problem with k threads that synchronize like a CUDA thread block (0: one thread
     per problem unless a small batch holds huge problems); tests run both to cover the GPU's code paths.
@@ -164,9 +170,9 @@ def solve(feats: torch.Tensor, lengths: torch.Tensor, params: SolveParams, *, de
     lengths = check_batch(feats, lengths, (device_type,))
     if not isinstance(table, bool):
         raise TypeError(f"table: expected a bool, got {type(table).__name__}")
-    team = check_positive_int(team, "team", minimum=0)
     if _ext.C is None:
         raise RuntimeError(f"backend: the compiled extension ncutfast._C is not available ({_ext.IMPORT_ERROR})")
+    team = check_positive_int(team, "team", minimum=0, maximum=_ext.C.MAX_TEAM)
     n = int(lengths.max())  # columns beyond every length are padding: drop them
     out = Outputs.allocate(feats.shape[0], n, feats.device)
     if device_type == "cuda":
@@ -208,17 +214,17 @@ def _solve_cpu(feats: torch.Tensor, lengths: torch.Tensor, p: SolveParams, out: 
     wide = p.precision in ("float64", "exact")  # non-binary "exact": the float64 similarity
     dtype = torch.float64 if wide else torch.float32
     k = feats.to(dtype)  # a view when the dtype already matches
-    inv = _inverse_norms(k, lengths)
+    inv = _inverse_norms(k, lengths, feats)
     sim_dtype = "float64" if wide else "float32"
     itemsize = 8 if wide else 4
     if not p.binary:
         for sl in batch_slices(0, bsz, n * n * itemsize, cfg.memory_budget):
-            s = similarity(k[sl], lengths[sl], p.precision)
+            s = similarity(feats[sl], lengths[sl], p.precision)
             C.solve_dense_cpu(s.data_ptr(), sim_dtype, s.shape[0], n, lengths[sl].data_ptr(), p.tau, p.eps,
                               **common, **out.pointers(sl))
         return
     if inv is None:  # extreme norms: normalize first, then the products are cosines already
-        k = normalized_features(k, lengths, p.precision)
+        k = normalized_features(feats, lengths, p.precision)
     words = C.words_per_row(n)
     block = min(ROW_BLOCK, n)
     # Groups of problems share one solver call (at least one problem per thread keeps all busy); their
@@ -289,5 +295,5 @@ def _solve_cuda(feats: torch.Tensor, lengths_host: torch.Tensor, p: SolveParams,
                                     **launch(bits.shape[0]), **out.pointers(grp))
     if not p.binary and bool((out.iterations < 0).any()):  # the solver's flag for a degree <= 0 (lanczos.h)
         b = int((out.iterations < 0).nonzero()[0, 0])
-        raise ValueError(f"feats: problem {b} has a degree <= 0 (W = similarity where >= tau, with tau < 0 and "
-                         "negative similarities?)")
+        raise ValueError(f"feats: problem {b} has a degree <= 0 in the non-binary graph (an all-zero feature row "
+                         "with tau = 0?)")

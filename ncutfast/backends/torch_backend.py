@@ -52,6 +52,10 @@ def graph(
     if ragged:
         w = w.masked_fill_(~pair, 0.0)
     d = w.sum(-1)
+    if not binary and bool(((d <= 0) & valid).any()):  # tau = 0 and an all-zero row: no D^-1/2
+        b = int(((d <= 0) & valid).any(-1).nonzero()[0, 0])
+        raise ValueError(f"feats: problem {b} has a degree <= 0 in the non-binary graph (an all-zero feature row "
+                         "with tau = 0?)")
     d = torch.where(valid, d, torch.ones((), dtype=torch.float64, device=f.device))
     return w, d, frac
 

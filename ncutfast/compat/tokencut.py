@@ -49,7 +49,7 @@ def ncut_batch(
     Returns the list of ``ncut``'s 6-tuples. ``scales``, ``tau``, ``eps``, ``precision`` are shared by all
     images.
     """
-    tau, eps = check_tau(tau), check_eps(eps)
+    tau, eps = check_tau(tau, binary=not no_binary_graph), check_eps(eps)
     if precision is not None:
         check_choice(precision, "precision", PRECISIONS)
     if not len(feats) == len(dims) == len(init_image_size):

@@ -44,41 +44,77 @@ _PRECISIONS = {
 
 
 @triton.jit
+def _pow2(k, WIDE: tl.constexpr):
+    """2.0 ** k in WIDE (fp32 or fp64) for integers k in its normal exponent range, built from its bits."""
+    if WIDE == tl.float64:
+        p = ((k.to(tl.int64) + 1023) << 52).to(tl.float64, bitcast=True)
+    else:
+        p = ((k.to(tl.int32) + 127) << 23).to(tl.float32, bitcast=True)
+    return p
+
+
+@triton.jit
 def _normalize_kernel(
     x_ptr, out_ptr, len_ptr,
     N_max, C,
     stride_xb, stride_xn, stride_xc,
-    BR: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr,
+    BR: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr, WIDE: tl.constexpr,
 ):
     """One program normalizes BR rows of one image: out = x / max(||x||_2, 1e-12), computed in fp32
     (fp64 when the output is fp64) and stored in out's dtype. Rows at or beyond lengths[b] are padding
-    that may hold anything, so they are read as zeros (masked loads) and stored as zeros."""
+    that may hold anything, so they are read as zeros (masked loads) and stored as zeros.
+
+    Huge finite rows must not overflow when squared (fp32 beyond ~1e19) or converted (fp64 input beyond
+    fp32's range): each row is scaled by the power of two 2^-e that brings its largest |x| into [0.5, 1),
+    in WIDE (fp64 for fp64 input, else ACC), which is exact, so rows of normal numbers give the unscaled
+    formula's bits (as torch's ``normalized_features`` and the reference do). The clamp compares the
+    unscaled norm ||x 2^-e|| 2^e with 1e-12, and a row below it becomes x / 1e-12."""
     b = tl.program_id(1)
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     n = tl.load(len_ptr + b).to(tl.int32)
     row_ok = rows < n  # padding rows and rows past N_max (last block)
     x_row = x_ptr + b.to(tl.int64) * stride_xb + rows[:, None].to(tl.int64) * stride_xn
+    amax = tl.zeros((BR,), dtype=WIDE)
+    for c0 in range(0, C, BC):
+        cols = c0 + tl.arange(0, BC)
+        x = tl.load(x_row + cols[None, :] * stride_xc, mask=row_ok[:, None] & (cols[None, :] < C), other=0.0)
+        amax = tl.maximum(amax, tl.max(tl.abs(x.to(WIDE)), axis=1))
+    # e = frexp(amax)'s exponent from the biased exponent field, clamped so that 2^e and 2^-e are normal
+    # in WIDE and 1e-12 2^-e is finite in fp32 (rows below 2^-126 are scaled less; they fall under the
+    # clamp anyway).
+    if WIDE == tl.float64:
+        e = ((amax.to(tl.int64, bitcast=True) >> 52) & 0x7FF).to(tl.int32) - 1022
+        e = tl.minimum(tl.maximum(e, -125), 1021)
+    else:
+        e = ((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 126
+        e = tl.minimum(tl.maximum(e, -125), 125)
+    scale = _pow2(-e, WIDE)
     sq = tl.zeros((BR,), dtype=ACC)
     for c0 in range(0, C, BC):
         cols = c0 + tl.arange(0, BC)
         x = tl.load(x_row + cols[None, :] * stride_xc, mask=row_ok[:, None] & (cols[None, :] < C), other=0.0)
-        x = x.to(ACC)
-        sq += tl.sum(x * x, axis=1)
+        g = (x.to(WIDE) * scale[:, None]).to(ACC)
+        sq += tl.sum(g * g, axis=1)
     # IEEE sqrt and division as in the NumPy reference: in fp32, tl.sqrt and "/" are approximate on the GPU
     # and the _rn forms (fp32 only) are exact-rounded; fp64 sqrt and "/" are IEEE already.
     if ACC == tl.float64:
-        norm = tl.maximum(tl.sqrt(sq), 1e-12)
+        norm = tl.sqrt(sq)
     else:
-        norm = tl.maximum(tl.sqrt_rn(sq), 1e-12)
+        norm = tl.sqrt_rn(sq)
+    clamp = tl.full((BR,), 1e-12, ACC)
+    tiny = norm.to(WIDE) * _pow2(e, WIDE) < clamp.to(WIDE)  # the unscaled norm (inf if it overflows)
+    # Tiny rows: (x 2^-e) / (1e-12 2^-e) = x / 1e-12, the same power of two scaling both operands.
+    div = tl.where(tiny, (clamp.to(WIDE) * scale).to(ACC), norm)
     out_row = out_ptr + (b * N_max + rows[:, None].to(tl.int64)) * C
     for c0 in range(0, C, BC):
         cols = c0 + tl.arange(0, BC)
         col_ok = cols[None, :] < C  # last feature chunk
         x = tl.load(x_row + cols[None, :] * stride_xc, mask=row_ok[:, None] & col_ok, other=0.0)
+        g = (x.to(WIDE) * scale[:, None]).to(ACC)
         if ACC == tl.float64:
-            y = x.to(ACC) / norm[:, None]
+            y = g / div[:, None]
         else:
-            y = tl.div_rn(x.to(ACC), norm[:, None])
+            y = tl.div_rn(g, div[:, None])
         tl.store(out_row + cols[None, :], y.to(out_ptr.dtype.element_ty),
                  mask=(rows[:, None] < N_max) & col_ok)
 
@@ -248,9 +284,11 @@ def normalize_fwd(feats: torch.Tensor, lengths: torch.Tensor, out_dtype: torch.d
     out = torch.empty((B, N_max, C), dtype=out_dtype, device=feats.device)
     cfg = block_sizes("normalize")
     grid = (triton.cdiv(N_max, cfg["BR"]), B)
+    acc = _acc_dtype(out_dtype)
     _normalize_kernel[grid](
         feats, out, lens, N_max, C, feats.stride(0), feats.stride(1), feats.stride(2),
-        BR=cfg["BR"], BC=cfg["BC"], ACC=_acc_dtype(out_dtype), num_warps=cfg["num_warps"],
+        BR=cfg["BR"], BC=cfg["BC"], ACC=acc, WIDE=tl.float64 if feats.dtype == torch.float64 else acc,
+        num_warps=cfg["num_warps"],
     )
     return out
 
