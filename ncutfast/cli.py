@@ -1,4 +1,4 @@
-"""The ``ncutfast`` command: ``demo``, ``label``, ``merge`` and ``bench`` subcommands."""
+"""The ``ncutfast`` command: ``demo``, ``label``, ``merge``, ``eval`` and ``bench`` subcommands."""
 
 from __future__ import annotations
 
@@ -32,8 +32,13 @@ def _add_demo(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_demo)
 
 
-def _ascii(mask) -> str:
-    return "\n".join("".join("#" if v else "." for v in row) for row in mask)
+def _ascii_pair(planted, found) -> str:
+    """The planted object layout (digits = object k, ``.`` = background) beside the found mask (``#``)."""
+    left = ["".join(str(v % 10) if v else "." for v in row) for row in planted]
+    right = ["".join("#" if v else "." for v in row) for row in found]
+    width = max(len(left[0]), len("planted"))
+    rows = [f"{'planted':<{width}}   found"] + [f"{a:<{width}}   {b}" for a, b in zip(left, right, strict=True)]
+    return "\n".join(rows)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
@@ -67,8 +72,8 @@ def _run_demo(args: argparse.Namespace) -> int:
     print(f"ncutfast demo: {args.images} planted-object maps, {grid[0]}x{grid[1]} = {n} tokens, "
           f"C = {args.channels}, backend {out.ncut.backend}")
     print(f"image 0: box {tuple(out.boxes[0].tolist())}, lambda2 {float(out.ncut.lambda2[0]):.4g}, "
-          f"lambda3 {float(out.ncut.lambda3[0]):.4g}, foreground mask:")
-    print(_ascii(out.masks[0].numpy()))
+          f"lambda3 {float(out.ncut.lambda3[0]):.4g}; planted objects beside the foreground mask found:")
+    print(_ascii_pair(scenes[0].labels, out.masks[0].numpy()))
     print(f"agreement with the reference: identical partitions and seeds on {same}/{well} images with a "
           f"well-defined cut (relative eigengap >= {GAP_MIN:g}); {args.images - well} ill-conditioned")
     print(f"time per image: reference {1e3 * t_ref / args.images:.1f} ms, ncutfast (batched) "
@@ -103,17 +108,30 @@ def _demo_label(out: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``ncutfast`` console script."""
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="ncutfast", description="Exact, batched normalized cut "
                                      "(TokenCut / MaskCut) on CPUs and GPUs.")
+    parser.add_argument("--version", action="version", version=f"ncutfast {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_demo(sub)
     from .bench.cli import register as register_bench
+    from .eval.cli import register as register_eval
+    from .label.cli import missing_dependency
     from .label.cli import register as register_label
 
     register_label(sub)
+    register_eval(sub)
     register_bench(sub)
     args = parser.parse_args(argv)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except ModuleNotFoundError as exc:
+        advice = missing_dependency(exc)
+        if advice is None:
+            raise
+        print(f"ncutfast {args.command}: error: {advice}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

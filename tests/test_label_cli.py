@@ -227,15 +227,25 @@ def test_torchrun_two_ranks_merge_equals_one_process(tmp_path: Path, images: Pat
 
 def test_merge_json_files_renumbers_and_rejects_unfinished(tmp_path: Path, images: Path, weights: Path,
                                                            capsys) -> None:
+    names = sorted(p.relative_to(images).as_posix() for p in images.rglob("*.*g"))
+    halves = []
+    for k, part in enumerate((names[:2], names[2:])):
+        listing = tmp_path / f"list{k}.txt"
+        listing.write_text("\n".join(str(images / n) for n in part) + "\n")
+        halves.append(tmp_path / f"half{k}.json")
+        assert _label(listing, halves[-1], weights, "--batch-size", "3") == 0
     out = tmp_path / "a.json"
     assert _label(images, out, weights, "--batch-size", "3") == 0
     both = tmp_path / "both.json"
-    assert main(["merge", str(out), str(out), "--out", str(both)]) == 0
-    data, single = _content(both), _content(out)
-    assert [i["id"] for i in data["images"]] == list(range(1, 13))
-    assert len(data["annotations"]) == 2 * len(single["annotations"])
+    assert main(["merge", *map(str, halves), "--out", str(both)]) == 0
+    data, first, single = _content(both), _content(halves[0]), _content(out)
+    assert [i["id"] for i in data["images"]] == list(range(1, 7))
+    assert [i["file_name"] for i in data["images"]] == [str(images / n) for n in names]
+    assert len(data["annotations"]) == len(single["annotations"])
     assert [a["id"] for a in data["annotations"]] == list(range(1, len(data["annotations"]) + 1))
-    assert data["annotations"][len(single["annotations"])]["image_id"] == 7
+    k = len(first["annotations"])
+    assert {a["image_id"] for a in data["annotations"][:k]} <= {1, 2} and k < len(data["annotations"])
+    assert {a["image_id"] for a in data["annotations"][k:]} <= {3, 4, 5, 6}
     shard = tmp_path / "a.json.parts" / "rank-00000.jsonl"
     shard.write_bytes(shard.read_bytes().split(b"\n", 1)[1])  # drop the first batch
     assert main(["merge", str(tmp_path / "a.json.parts"), "--out", str(tmp_path / "x.json")]) == 2

@@ -6,7 +6,9 @@ Submodules (nothing heavy is imported until used):
 - :mod:`.geometry` -- the tokencut / saliency / maskcut input geometry;
 - :mod:`.cut` -- the batched cut and the confidence score;
 - :mod:`.post` -- pixel masks, RLE annotations, overlays;
-- :mod:`.records` and :mod:`.coco` -- shard records, resume, merge, the output JSON;
-- :mod:`.pipeline` -- the run; :mod:`.cli` -- the ``label`` and ``merge`` subcommands;
+- :mod:`.records` and :mod:`.coco` -- shard records (validated), resume, merge, the output JSON;
+- :mod:`.pipeline` -- the run, in named stages; :mod:`.cli` -- the ``label`` and ``merge`` subcommands;
+- :mod:`.errors` -- the user-facing :class:`~.errors.LabelError`; :mod:`._procs` -- helper processes that
+  die with the run; :mod:`.machine` -- device, backend and memory checks before any work;
 - :mod:`.demo` -- a generated demo dataset.
 """

@@ -2,8 +2,9 @@
 
 ``ncutfast.cli`` calls :func:`register` on its subparsers; ``python -m ncutfast.label.cli`` runs them alone.
 Exit status: 0 on success (unreadable images are logged, counted and skipped, never fatal); 2 on a usage
-error (no images, unreadable or mismatched weights, unsupported arch, a ``.parts`` folder from another
-command, unfinished shards given to ``merge``).
+error, printed as one line without a traceback (no images, unreadable or mismatched weights, unsupported
+arch or device, an existing ``--out`` without ``--overwrite``, a ``.parts`` folder from another command,
+unfinished or corrupted shards given to ``merge``, a file that cannot be written, a missing dependency).
 """
 
 from __future__ import annotations
@@ -14,7 +15,26 @@ import os
 import sys
 from pathlib import Path
 
-__all__ = ["register", "main"]
+__all__ = ["register", "main", "error_line", "missing_dependency"]
+
+#: Modules of the labeling dependencies (required by the package; missing after ``pip install --no-deps``).
+LABEL_MODULES = {"PIL": "pillow", "pycocotools": "pycocotools", "tqdm": "tqdm", "safetensors": "safetensors"}
+
+
+def error_line(exc: BaseException) -> str:
+    """``exc``'s message as one plain line (terminal colour codes removed, whitespace runs joined)."""
+    from .errors import plain
+
+    return plain(str(exc))
+
+
+def missing_dependency(exc: ModuleNotFoundError) -> str | None:
+    """The one-line advice for a missing labeling dependency, or None when ``exc`` is about another module."""
+    top = (exc.name or "").split(".")[0]
+    if top not in LABEL_MODULES:
+        return None
+    return (f"the labeling dependency {LABEL_MODULES[top]!r} is not installed (no module {top!r}); "
+            f"install them with: pip install {' '.join(LABEL_MODULES.values())}")
 
 _ARCHS = ("vit_small_patch16", "vit_small_patch8", "vit_base_patch16", "vit_base_patch8")
 _AUTO_TAUS = "0.1,0.15,0.2,0.25,0.3"
@@ -74,7 +94,11 @@ def _add_label(sub: argparse._SubParsersAction) -> None:
     p.add_argument("images", type=Path, metavar="IMAGES",
                    help="folder searched recursively for images, or a text file with one path per line "
                         "(relative to the file's folder); file_name in the JSON is relative to it")
-    p.add_argument("--out", type=Path, required=True, help="output JSON path (written atomically)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="output JSON path (written atomically); an existing file is refused unless it is this "
+                        "same command's earlier output (rerun = resume) or --overwrite is given")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out file that is not this command's output (never a folder)")
     p.add_argument("--weights", type=Path, required=True,
                    help="local checkpoint of the chosen --arch (.pth or .safetensors); loaded as data only")
     p.add_argument("--arch", choices=_ARCHS, default=None,
@@ -98,7 +122,9 @@ def _add_label(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--n-masks", type=_positive, default=3,
                    help="MaskCut: cuts per image (empty ones are dropped); default %(default)s")
     p.add_argument("--fixed-size", type=_positive, default=480,
-                   help="MaskCut: square side the image is resized to before the ViT; default %(default)s")
+                   help="MaskCut: square side the image is resized to before the ViT (at most 4096; a batch "
+                        "whose estimated memory exceeds what is available is refused before it runs); "
+                        "default %(default)s")
     p.add_argument("--eps", type=float, default=1e-5, help="weight of non-edges; default %(default)s")
     p.add_argument("--sign-rule", choices=("canonical", "cutler"), default="canonical",
                    help="MaskCut's foreground rule depends on the eigenvector's arbitrary sign; 'canonical' "
@@ -147,9 +173,12 @@ def _add_merge(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("merge", help="merge label shards (.parts folders) or COCO JSON files into one JSON",
                        description="Merge the shards of a label run (OUT.parts folders; all batches must be "
                                    "finished) into the JSON a one-process run writes, or concatenate COCO "
-                                   "JSON files in the given order, renumbering image and annotation ids.")
+                                   "JSON files of one labeling setup (equal info; skipped_images summed) in the "
+                                   "given order, renumbering image and annotation ids; an image whose "
+                                   "file_name was already merged is dropped with a warning.")
     p.add_argument("inputs", type=Path, nargs="+", metavar="INPUT", help=".parts folders or JSON files")
     p.add_argument("--out", type=Path, required=True, help="merged JSON path (written atomically)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.set_defaults(func=_run_merge)
 
 
@@ -162,6 +191,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _setup_logging() -> None:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="ncutfast: %(message)s", stream=sys.stderr)
+
+
+def _fail(command: str, exc: BaseException) -> int:
+    print(f"ncutfast {command}: error: {error_line(exc)}", file=sys.stderr)
+    return 2
 
 
 def _run_label(args: argparse.Namespace) -> int:
@@ -182,31 +216,31 @@ def _run_label(args: argparse.Namespace) -> int:
         sign_rule=args.sign_rule, batch_size=args.batch_size, workers=args.workers,
         post_workers=args.post_workers, device=args.device, amp=args.amp, precision=args.precision,
         backend=args.backend, crf=args.crf, visualize=args.visualize, visualize_count=args.visualize_count,
-        progress=not args.no_progress, masks_dir=args.masks_dir, refine=args.refine,
+        progress=not args.no_progress, overwrite=args.overwrite, masks_dir=args.masks_dir, refine=args.refine,
     )
     try:
         summary = run(cfg)
-    except LabelError as exc:
-        print(f"ncutfast label: error: {exc}", file=sys.stderr)
-        return 2
+    except (LabelError, OSError) as exc:
+        return _fail("label", exc)
     sec = summary.seconds
     rate = summary.images / sec["total"] if sec["total"] > 0 else 0.0
+    written = (f" -> {summary.out} ({summary.out_images} images, {summary.out_annotations} annotations)"
+               if summary.out else "")
     logging.getLogger("ncutfast.label").info(
-        "%d images labelled (%d skipped as unreadable, %d done earlier), %d annotations, %.2f images/s%s",
-        summary.images, summary.skipped, summary.already_done, summary.annotations, rate,
-        f" -> {summary.out}" if summary.out else "")
+        "%d images labelled (%d skipped as unreadable, %d done earlier), %d new annotations, %.2f images/s%s",
+        summary.images, summary.skipped, summary.already_done, summary.annotations, rate, written)
     return 0
 
 
 def _run_merge(args: argparse.Namespace) -> int:
-    from .pipeline import LabelError, merge_parts
+    from .errors import LabelError
+    from .records import merge_parts
 
     _setup_logging()
     try:
-        coco = merge_parts(args.inputs, args.out)
-    except (LabelError, OSError, ValueError, KeyError) as exc:
-        print(f"ncutfast merge: error: {exc}", file=sys.stderr)
-        return 2
+        coco = merge_parts(args.inputs, args.out, overwrite=args.overwrite)
+    except (LabelError, OSError) as exc:
+        return _fail("merge", exc)
     logging.getLogger("ncutfast.label").info("%d images, %d annotations -> %s", len(coco["images"]),
                                              len(coco["annotations"]), args.out)
     return 0
@@ -218,7 +252,14 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     register(sub)
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except ModuleNotFoundError as exc:
+        advice = missing_dependency(exc)
+        if advice is None:
+            raise
+        print(f"ncutfast {args.command}: error: {advice}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

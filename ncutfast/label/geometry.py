@@ -19,7 +19,7 @@ from PIL import Image
 
 from .vit import IMAGENET_MEAN, IMAGENET_STD
 
-__all__ = ["MODES", "Prepared", "prepare", "to_pixels", "upsample_tokens"]
+__all__ = ["MODES", "Prepared", "to_rgb", "prepare", "to_pixels", "upsample_tokens"]
 
 MODES = ("maskcut", "tokencut", "saliency")
 
@@ -67,10 +67,27 @@ def _round_to_patch(img: Image.Image, patch: int) -> Image.Image:
     return img.resize((width, height), Image.LANCZOS)
 
 
+_SIXTEEN_BIT = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """An 8-bit RGB copy of ``img`` (the image itself when it is RGB already).
+
+    16-bit grayscale (PIL modes ``I;16*``, and ``I``, which is read as 16-bit) is scaled by 255/65535 and
+    rounded; PIL's own ``convert`` would clip every value above 255 to white.
+    """
+    if img.mode == "RGB":
+        return img
+    if img.mode in _SIXTEEN_BIT:
+        wide = np.asarray(img, dtype=np.float64)
+        gray = np.clip(np.rint(wide * (255.0 / 65535.0)), 0, 255).astype(np.uint8)
+        return Image.fromarray(gray, mode="L").convert("RGB")
+    return img.convert("RGB")
+
+
 def prepare(img: Image.Image, mode: str, patch: int, fixed_size: int = 480) -> Prepared:
-    """Apply ``mode``'s geometry to a PIL image (converted to RGB; see the module docstring)."""
-    if img.mode != "RGB":
-        img = img.convert("RGB")
+    """Apply ``mode``'s geometry to a PIL image (converted by :func:`to_rgb`; see the module docstring)."""
+    img = to_rgb(img)
     size = (img.height, img.width)
     if mode == "tokencut":
         grid = (-(-img.height // patch), -(-img.width // patch))

@@ -1,6 +1,12 @@
 """The labeling pipeline: decode (DataLoader workers) -> ViT keys (batched) -> cut (batched) -> post-process
 (optionally in a process pool) -> append-only shard records -> atomic COCO JSON.
 
+:func:`run` is a sequence of named stages: :func:`_check_options` (settings alone, before any work),
+:func:`_open` (device, backend and memory via :mod:`.machine`, images, resume marker and ``--out``
+protection, weights), :func:`_todo` (what the shards already hold), :func:`_label_batches` (per batch
+:func:`_keys_and_cuts`, :func:`_submit_post`, :func:`_write_batch`) and :func:`_finish` (rank 0 merges the
+shards into ``--out``).
+
 See :mod:`ncutfast.label.records` for the resume and sharding guarantees and :mod:`ncutfast.label.coco` for
 the output layout.
 """
@@ -25,34 +31,35 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
 from .._validate import check_eps, check_tau
-from .backbones import BackboneError, amp_note, load_backbone
-from .coco import build_coco
+from ._procs import die_with_parent
+from .backbones import Backbone, BackboneError, amp_note, load_backbone
 from .cut import ImageCut, cut_batch
-from .geometry import MODES, prepare
+from .errors import LabelError
+from .geometry import MODES, prepare, to_rgb
+from .machine import check_backend, check_memory, resolve_device
 from .masks import REFINES, MasksError, MaskWriter
 from .post import PostConfig, annotations_for, crf_available, overlay, pixel_masks
 from .records import (
-    ManifestMismatch,
     ShardWriter,
-    atomic_write_json,
     check_manifest,
+    merge_parts,
     parts_dir_for,
     read_batches,
+    same_command,
     write_manifest,
 )
 from .weights import WeightsError
 
-__all__ = ["IMAGE_SUFFIXES", "LabelError", "LabelConfig", "RunSummary", "list_images", "run", "merge_parts",
-           "default_tau", "default_arch"]
+__all__ = ["IMAGE_SUFFIXES", "MAX_FIXED_SIZE", "LabelError", "LabelConfig", "RunSummary", "list_images", "run",
+           "default_tau", "default_arch", "overlay_names"]
 
 log = logging.getLogger("ncutfast.label")
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm",
                             ".pgm"})
 
-
-class LabelError(Exception):
-    """A user-facing error (bad input, weights or settings); the CLI prints it and exits with status 2."""
+#: Largest ``--fixed-size``: 4096 x 4096 is already 65536 tokens at patch 16 (a 17 GB float32 affinity).
+MAX_FIXED_SIZE = 4096
 
 
 def default_tau(mode: str) -> float:
@@ -90,13 +97,18 @@ class LabelConfig:
     visualize: Path | None = None
     visualize_count: int = 16
     progress: bool = True
+    overwrite: bool = False
     masks_dir: Path | None = None
     refine: str = "none"
 
 
 @dataclass
 class RunSummary:
-    """What a run did: image counts and seconds per stage (this rank only)."""
+    """What a run did: image counts and seconds per stage (this rank only).
+
+    ``annotations`` counts this run's new annotations; ``out_images`` / ``out_annotations`` what ``out``
+    holds once written (rank 0), earlier runs' results included.
+    """
 
     images: int = 0
     skipped: int = 0
@@ -105,6 +117,8 @@ class RunSummary:
     seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(
         ("decode", "wait", "vit", "cut", "masks", "post", "write", "total"), 0.0))
     out: Path | None = None
+    out_images: int = 0
+    out_annotations: int = 0
 
 
 def list_images(source: Path) -> tuple[Path, list[str]]:
@@ -112,13 +126,15 @@ def list_images(source: Path) -> tuple[Path, list[str]]:
 
     ``source`` is a folder (searched recursively for image suffixes, hidden entries skipped) or a text file
     with one path per line (blank lines and ``#`` comments skipped; relative paths are relative to the text
-    file's folder). ``file_name`` in the JSON is the relative path.
+    file's folder). ``file_name`` in the JSON is the relative path. Symbolic links with an image suffix are
+    listed even when they are dangling or loop: decoding them fails, so they are logged and counted in
+    ``skipped_images`` like any unreadable image.
     """
     source = Path(source)
     if source.is_dir():
         files = sorted(
             p.relative_to(source).as_posix() for p in source.rglob("*")
-            if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+            if p.suffix.lower() in IMAGE_SUFFIXES and (p.is_symlink() or p.is_file())
             and not any(part.startswith(".") for part in p.relative_to(source).parts)
         )
         root = source
@@ -131,6 +147,20 @@ def list_images(source: Path) -> tuple[Path, list[str]]:
     if not files:
         raise LabelError(f"no images found in {source} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
     return root, files
+
+
+def overlay_names(files: list[str], count: int) -> dict[int, str]:
+    """``--visualize`` file names of the first ``count`` images: ``a/photo.jpg`` -> ``a__photo.png``.
+
+    When two of the dataset's files would get the same name (``photo.jpg`` and ``photo.png``), both keep
+    their suffix (``photo.jpg.png``, ``photo.png.png``), so no overlay overwrites another.
+    """
+    flat = [f.replace("/", "__") for f in files]
+    short = [str(Path(f).with_suffix(".png")) if Path(f).suffix else f + ".png" for f in flat]
+    taken: dict[str, int] = {}
+    for name in short:
+        taken[name] = taken.get(name, 0) + 1
+    return {i: short[i] if taken[short[i]] == 1 else flat[i] + ".png" for i in range(min(count, len(files)))}
 
 
 class _Images(Dataset):
@@ -179,54 +209,8 @@ def _manifest(cfg: LabelConfig, files: list[str]) -> dict:
     }
 
 
-def _info(manifest: dict) -> dict:
-    keys = ("arch", "weights_sha256", "mode", "taus", "n_masks", "fixed_size", "eps", "sign_rule", "crf",
-            "precision")
-    return {
-        "description": "ncutfast label: class-agnostic pseudo-labels (TokenCut / MaskCut on DINO keys)",
-        **{k: manifest[k] for k in keys},
-        "score": "1 - lambda2/lambda3 of the cut (relative eigengap, in [0, 1]); ncut = lambda2; "
-                 "eigengap = lambda3 - lambda2",
-    }
-
-
-def _setup_distributed(device: str) -> tuple[int, int, torch.device]:
-    """Join the torchrun process group when ``WORLD_SIZE > 1``; returns (rank, world, device)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    use_cuda = torch.cuda.is_available() and device in ("auto", "cuda")
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(hours=24))
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    if device == "auto":
-        dev = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}" if use_cuda else "cpu")
-    else:
-        dev = torch.device(device)
-    if dev.type == "cuda":
-        torch.cuda.set_device(dev)
-    return rank, world, dev
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def _log_skips(records: list[dict]) -> None:
-    for err in records:
-        log.warning("skipped unreadable image %s (%s)", err["file_name"], err["error"])
-
-
-def run(cfg: LabelConfig) -> RunSummary:
-    """Label every image of ``cfg.images`` and write ``cfg.out`` (rank 0); resumes from ``<out>.parts``.
-
-    Raises:
-        LabelError: no images, unreadable/mismatched weights, a parts directory from another command, or
-            ``--crf`` without a DenseCRF package.
-    """
-    t_start = time.perf_counter()
-    summary = RunSummary()
-    sec = summary.seconds
+def _check_options(cfg: LabelConfig) -> None:
+    """Stage 0: the settings alone (no images, weights or devices touched yet)."""
     if cfg.mode not in MODES:
         raise LabelError(f"unknown mode {cfg.mode!r}; choose one of {', '.join(MODES)}")
     if cfg.crf and not crf_available():
@@ -234,134 +218,43 @@ def run(cfg: LabelConfig) -> RunSummary:
     if cfg.crf and cfg.mode != "maskcut":
         raise LabelError("--crf applies to --mode maskcut only")
     _check_masks_options(cfg)
+    if not 1 <= cfg.fixed_size <= MAX_FIXED_SIZE:
+        raise LabelError(f"--fixed-size must lie in [1, {MAX_FIXED_SIZE}], got {cfg.fixed_size}")
+    if cfg.batch_size < 1:
+        raise LabelError(f"--batch-size must be >= 1, got {cfg.batch_size}")
     try:
         for tau in cfg.taus:
             check_tau(tau)
         check_eps(cfg.eps)
     except (TypeError, ValueError) as exc:
         raise LabelError(str(exc)) from exc
-    root, files = list_images(cfg.images)
-    try:
-        backbone = load_backbone(cfg.arch, cfg.weights)
-    except (WeightsError, BackboneError) as exc:
-        raise LabelError(str(exc)) from exc
-    patch = backbone.patch
-    rank, world, device = _setup_distributed(cfg.device)
-    backbone.to(device)
-    if (note := amp_note(cfg.amp, device)) is not None:
-        log.warning(note)
-    parts = parts_dir_for(cfg.out)
-    manifest = _manifest(cfg, files)
-    try:
-        if rank == 0:
-            write_manifest(parts, manifest)
-        _barrier()
-        if rank != 0:
-            check_manifest(parts, manifest)
-    except ManifestMismatch as exc:
-        raise LabelError(str(exc)) from exc
-    masks = _open_masks(cfg, files, manifest, rank)
+    if Path(cfg.out).is_dir():
+        raise LabelError(f"--out {cfg.out} is a folder; give the path of the JSON file to write, e.g. "
+                         f"{Path(cfg.out) / 'labels.json'}")
 
-    bs = cfg.batch_size
-    n_batches = -(-len(files) // bs)
-    done = read_batches(parts)
-    mine = [j for j in range(rank, n_batches, world) if j not in done]
-    summary.already_done = sum(len(rec["images"]) + len(rec["errors"]) for rec in done.values())
-    if summary.already_done:
-        log.info("resuming: %d images already labelled in %s", summary.already_done, parts)
-    batches = [list(range(j * bs, min(len(files), (j + 1) * bs))) for j in mine]
-    writer = ShardWriter(parts, rank)
-    post_cfg = PostConfig(cfg.mode, patch, cfg.crf)
-    pool = (cf.ProcessPoolExecutor(cfg.post_workers, mp_context=multiprocessing.get_context("spawn"))
-            if cfg.post_workers > 0 else None)
-    loader = DataLoader(_Images(root, files, cfg.mode, patch, cfg.fixed_size),
-                        batch_sampler=batches, collate_fn=_collate, num_workers=cfg.workers)
-    from tqdm import tqdm
 
-    bar = tqdm(total=sum(map(len, batches)), unit="img", disable=not cfg.progress or rank != 0,
-               desc=f"label {cfg.mode}", smoothing=0.1)
-    pending: deque = deque()
-    softs: dict[int, np.ndarray] = {}  # bilateral outputs of the images still to be drawn
+def _check_memory(grids: list[tuple[int, int]], pixels: list[int], cfg: LabelConfig, dim: int,
+                  device: torch.device, what: str) -> None:
+    """:func:`~.machine.check_memory` with the run's ViT width ``dim``, precision and advice."""
+    other = "--fixed-size" if cfg.mode == "maskcut" else "leave out the largest images"
+    advice = f"lower --batch-size or {other}"
+    check_memory(grids, pixels, dim, cfg.precision, device, what, advice)
 
-    def finish_oldest() -> None:
-        batch_id, items, cuts, futures, errors = pending.popleft()
-        t0 = time.perf_counter()
-        images = []
-        for it, cut, fut in zip(items, cuts, futures, strict=True):
-            anns = fut.result() if pool is not None else fut
-            prep = it["prep"]
-            images.append({"index": it["index"], "file_name": files[it["index"]], "width": prep.size[1],
-                           "height": prep.size[0], "annotations": anns})
-            summary.annotations += len(anns)
-            if cfg.visualize is not None and it["index"] < cfg.visualize_count:
-                soft = softs.pop(it["index"], None)
-                extra = [] if soft is None else [_bilateral_overlay_ann(soft, anns)]
-                _visualize(cfg.visualize, root, files[it["index"]], anns + extra, cut)
-        sec["post"] += time.perf_counter() - t0
-        t0 = time.perf_counter()
-        writer.append({"batch": batch_id, "images": images, "errors": errors})
-        sec["write"] += time.perf_counter() - t0
-        bar.update(len(items) + len(errors))
 
-    try:
-        t_wait = time.perf_counter()
-        for batch_id, items in zip(mine, loader, strict=True):
-            sec["wait"] += time.perf_counter() - t_wait
-            errors = [{"index": it["index"], "file_name": files[it["index"]], "error": it["error"]}
-                      for it in items if "error" in it]
-            _log_skips(errors)
-            summary.skipped += len(errors)
-            items = [it for it in items if "error" not in it]
-            sec["decode"] += sum(it["decode_s"] for it in items)
-            summary.images += len(items)
-            cuts: list[ImageCut] = []
-            if items:
-                t0 = time.perf_counter()
-                feats = backbone.batch_keys([it["prep"].rgb for it in items],
-                                            [it["prep"].grid for it in items], cfg.amp)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                sec["vit"] += time.perf_counter() - t0
-                t0 = time.perf_counter()
-                cuts = cut_batch(feats, [it["prep"].grid for it in items], mode=cfg.mode, taus=cfg.taus,
-                                 n_masks=cfg.n_masks, eps=cfg.eps, sign_rule=cfg.sign_rule, patch=patch,
-                                 precision=cfg.precision, backend=cfg.backend)
-                sec["cut"] += time.perf_counter() - t0
-                if masks is not None:
-                    t0 = time.perf_counter()
-                    softs.update(_write_masks(masks, root, files, items, cuts, patch, device, cfg))
-                    sec["masks"] += time.perf_counter() - t0
-            t0 = time.perf_counter()
-            futures = []
-            for it, cut in zip(items, cuts, strict=True):
-                rgb = it["prep"].rgb.numpy() if cfg.crf else None
-                if pool is not None:
-                    futures.append(pool.submit(annotations_for, cut, it["prep"].size, post_cfg, rgb))
-                else:
-                    futures.append(annotations_for(cut, it["prep"].size, post_cfg, rgb))
-            sec["post"] += time.perf_counter() - t0
-            pending.append((batch_id, items, cuts, futures, errors))
-            while len(pending) > (2 if pool is not None else 0):
-                finish_oldest()
-            t_wait = time.perf_counter()
-        while pending:
-            finish_oldest()
-    finally:
-        bar.close()
-        writer.close()
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
-    _barrier()
-    if rank == 0:
-        t0 = time.perf_counter()
-        merge_parts([parts], cfg.out)
-        sec["write"] += time.perf_counter() - t0
-        summary.out = cfg.out
-    _barrier()
+def _setup_distributed(device: torch.device) -> tuple[int, int]:
+    """Join the torchrun process group when ``WORLD_SIZE > 1``; returns (rank, world)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(hours=24))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     if dist.is_initialized():
-        dist.destroy_process_group()
-    sec["total"] = time.perf_counter() - t_start
-    return summary
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
 
 
 def _check_masks_options(cfg: LabelConfig) -> None:
@@ -415,65 +308,242 @@ def _bilateral_overlay_ann(soft: np.ndarray, anns: list[dict]) -> dict:
             "bbox": [float(v) for v in mask_util.toBbox(rle)]}
 
 
-def _visualize(folder: Path, root: Path, file_name: str, anns: list[dict], cut: ImageCut) -> None:
-    """Write ``folder/<file_name>.png``: masks, boxes and (when known) the eigenvector heat-map."""
-    target = folder / (file_name.replace("/", "__") + ".png")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with Image.open(root / file_name) as img:
-        overlay(img, anns, cut.eigenvector).save(target)
+@dataclass
+class _Job:
+    """What the stages of one run share (built by :func:`_open`)."""
+
+    cfg: LabelConfig
+    root: Path
+    files: list[str]
+    backbone: Backbone
+    device: torch.device
+    rank: int
+    world: int
+    manifest: dict
+    overlays: dict[int, str]
+    masks: MaskWriter | None
+    softs: dict[int, np.ndarray] = field(default_factory=dict)  # bilateral outputs still to be drawn
+
+    @property
+    def parts(self) -> Path:
+        return parts_dir_for(self.cfg.out)
+
+    def batch(self, j: int) -> list[int]:
+        """Image indices of global batch ``j``."""
+        bs = self.cfg.batch_size
+        return list(range(j * bs, min(len(self.files), (j + 1) * bs)))
 
 
-def merge_parts(inputs: list[Path], out: Path) -> dict:
-    """Merge finished shards (``<out>.parts`` folders) or COCO JSON files into one JSON at ``out``.
+def _open(cfg: LabelConfig) -> _Job:
+    """Stage 1: device and backend, images, the manifest and ``--out``, the backbone, a MaskCut batch's
+    memory."""
+    device = resolve_device(cfg.device)
+    check_backend(cfg.backend, device)
+    root, files = list_images(cfg.images)
+    if not Path(cfg.weights).is_file():
+        raise LabelError(f"weights file not found: {cfg.weights}")
+    manifest = _manifest(cfg, files)
+    if (parts_dir_for(cfg.out) / "manifest.json").exists():
+        check_manifest(parts_dir_for(cfg.out), manifest)  # another command's shards: say how it differs
+    if Path(cfg.out).exists() and not cfg.overwrite and not same_command(cfg.out, manifest):
+        raise LabelError(f"--out {cfg.out} already exists and is not this label command's earlier output; "
+                         "pass --overwrite to replace it, or choose another --out")
+    try:
+        backbone = load_backbone(cfg.arch, cfg.weights)
+    except (WeightsError, BackboneError) as exc:
+        raise LabelError(str(exc)) from exc
+    if cfg.mode == "maskcut":
+        side, count = max(1, round(cfg.fixed_size / backbone.patch)), min(cfg.batch_size, len(files))
+        _check_memory([(side, side)] * count, [cfg.fixed_size**2] * count, cfg, backbone.dim, device,
+                      f"a batch of {count} images at --fixed-size {cfg.fixed_size}")
+    backbone.to(device)
+    if (note := amp_note(cfg.amp, device)) is not None:
+        log.warning(note)
+    rank, world = _setup_distributed(device)
+    if rank == 0:
+        write_manifest(parts_dir_for(cfg.out), manifest)
+    _barrier()
+    if rank != 0:
+        check_manifest(parts_dir_for(cfg.out), manifest)
+    return _Job(cfg, root, files, backbone, device, rank, world, manifest,
+                overlay_names(files, cfg.visualize_count) if cfg.visualize is not None else {},
+                _open_masks(cfg, files, manifest, rank))
 
-    Parts folders (all written by the same command) are merged by global batch id, so the result equals a
-    one-process run's file. JSON files are concatenated in the given order with image and annotation ids
-    renumbered from 1. The file is written atomically. Returns the merged dict.
+
+def _todo(job: _Job, summary: RunSummary) -> list[int]:
+    """Stage 2: the global batches this rank still owes (corrupted shard records are reported, skipped)."""
+    done, problems = read_batches(job.parts, job.manifest)
+    if job.rank == 0:
+        for problem in problems:
+            log.warning("ignored a corrupted record in %s (%s)", job.parts, problem)
+    n_batches = -(-len(job.files) // job.cfg.batch_size)
+    summary.already_done = sum(len(rec["images"]) + len(rec["errors"]) for rec in done.values())
+    if summary.already_done:
+        log.info("resuming: %d images already labelled in %s", summary.already_done, job.parts)
+    return [j for j in range(job.rank, n_batches, job.world) if j not in done]
+
+
+def _keys_and_cuts(job: _Job, batch_id: int, items: list[dict], summary: RunSummary) -> list[ImageCut]:
+    """ViT keys then the batched cut of the decoded ``items`` (checked against the memory available), and
+    the ``--masks-dir`` files of the batch."""
+    if not items:
+        return []
+    cfg, sec = job.cfg, summary.seconds
+    preps = [it["prep"] for it in items]
+    if cfg.mode != "maskcut":
+        largest = max(items, key=lambda it: it["prep"].grid[0] * it["prep"].grid[1])
+        _check_memory([p.grid for p in preps], [p.rgb.shape[0] * p.rgb.shape[1] for p in preps], cfg,
+                      job.backbone.dim, job.device, f"batch {batch_id} (largest image: {job.files[largest['index']]}, "
+                      f"{largest['prep'].grid[0]}x{largest['prep'].grid[1]} tokens)")
+    t0 = time.perf_counter()
+    feats = job.backbone.batch_keys([p.rgb for p in preps], [p.grid for p in preps], cfg.amp)
+    if job.device.type == "cuda":
+        torch.cuda.synchronize(job.device)
+    sec["vit"] += time.perf_counter() - t0
+    t0 = time.perf_counter()
+    cuts = cut_batch(feats, [p.grid for p in preps], mode=cfg.mode, taus=cfg.taus, n_masks=cfg.n_masks,
+                     eps=cfg.eps, sign_rule=cfg.sign_rule, patch=job.backbone.patch, precision=cfg.precision,
+                     backend=cfg.backend)
+    sec["cut"] += time.perf_counter() - t0
+    if job.masks is not None:
+        t0 = time.perf_counter()
+        job.softs.update(_write_masks(job.masks, job.root, job.files, items, cuts, job.backbone.patch,
+                                      job.device, cfg))
+        sec["masks"] += time.perf_counter() - t0
+    return cuts
+
+
+def _post_pool(workers: int) -> cf.ProcessPoolExecutor | None:
+    """The post-processing pool (spawned workers that die with this process), or None for inline work."""
+    if workers == 0:
+        return None
+    return cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                  initializer=die_with_parent, initargs=(os.getpid(),))
+
+
+def _submit_post(job: _Job, pool: cf.ProcessPoolExecutor | None, items: list[dict],
+                 cuts: list[ImageCut]) -> list:
+    """Pixel masks and RLE of each image: futures when ``pool`` is given, else the annotation lists."""
+    post_cfg = PostConfig(job.cfg.mode, job.backbone.patch, job.cfg.crf)
+    out = []
+    for it, cut in zip(items, cuts, strict=True):
+        rgb = it["prep"].rgb.numpy() if job.cfg.crf else None
+        if pool is not None:
+            out.append(pool.submit(annotations_for, cut, it["prep"].size, post_cfg, rgb))
+        else:
+            out.append(annotations_for(cut, it["prep"].size, post_cfg, rgb))
+    return out
+
+
+@dataclass
+class _Pending:
+    """A batch whose post-processing may still run in the pool."""
+
+    batch_id: int
+    items: list[dict]
+    cuts: list[ImageCut]
+    posts: list
+    errors: list[dict]
+
+
+def _write_batch(job: _Job, batch: _Pending, writer: ShardWriter, bar, summary: RunSummary) -> None:
+    """Collect a batch's annotations (and overlays), append its record to the shard, advance the bar."""
+    t0 = time.perf_counter()
+    images = []
+    for it, cut, post in zip(batch.items, batch.cuts, batch.posts, strict=True):
+        anns = post.result() if isinstance(post, cf.Future) else post
+        prep, i = it["prep"], it["index"]
+        images.append({"index": i, "file_name": job.files[i], "width": prep.size[1], "height": prep.size[0],
+                       "annotations": anns})
+        summary.annotations += len(anns)
+        if i in job.overlays:
+            soft = job.softs.pop(i, None)
+            extra = [] if soft is None else [_bilateral_overlay_ann(soft, anns)]
+            _visualize(job.cfg.visualize / job.overlays[i], job.root / job.files[i], anns + extra, cut)
+        bar.update(1)
+    summary.seconds["post"] += time.perf_counter() - t0
+    t0 = time.perf_counter()
+    writer.append({"batch": batch.batch_id, "images": images, "errors": batch.errors})
+    summary.seconds["write"] += time.perf_counter() - t0
+    bar.update(len(batch.errors))
+
+
+def _label_batches(job: _Job, todo: list[int], summary: RunSummary) -> None:
+    """Stage 3: decode -> keys -> cut -> post -> one shard record per batch (post overlaps the next batch)."""
+    from tqdm import tqdm
+
+    cfg, sec = job.cfg, summary.seconds
+    batches = [job.batch(j) for j in todo]
+    writer = ShardWriter(job.parts, job.rank, job.manifest)
+    pool = _post_pool(cfg.post_workers)
+    loader = DataLoader(_Images(job.root, job.files, cfg.mode, job.backbone.patch, cfg.fixed_size),
+                        batch_sampler=batches, collate_fn=_collate, num_workers=cfg.workers)
+    bar = tqdm(total=sum(map(len, batches)), unit="img", disable=not cfg.progress or job.rank != 0,
+               desc=f"label {cfg.mode}", smoothing=0.1)
+    pending: deque[_Pending] = deque()
+    try:
+        t_wait = time.perf_counter()
+        for batch_id, items in zip(todo, loader, strict=True):
+            sec["wait"] += time.perf_counter() - t_wait
+            errors = [{"index": it["index"], "file_name": job.files[it["index"]], "error": it["error"]}
+                      for it in items if "error" in it]
+            for err in errors:
+                log.warning("skipped unreadable image %s (%s)", err["file_name"], err["error"])
+            summary.skipped += len(errors)
+            items = [it for it in items if "error" not in it]
+            sec["decode"] += sum(it["decode_s"] for it in items)
+            summary.images += len(items)
+            cuts = _keys_and_cuts(job, batch_id, items, summary)
+            t0 = time.perf_counter()
+            pending.append(_Pending(batch_id, items, cuts, _submit_post(job, pool, items, cuts), errors))
+            sec["post"] += time.perf_counter() - t0
+            while len(pending) > (2 if pool is not None else 0):
+                _write_batch(job, pending.popleft(), writer, bar, summary)
+            t_wait = time.perf_counter()
+        while pending:
+            _write_batch(job, pending.popleft(), writer, bar, summary)
+    finally:
+        bar.close()
+        writer.close()
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+
+
+def _finish(job: _Job, summary: RunSummary) -> None:
+    """Stage 4: when every rank is done, rank 0 merges the shards into ``--out`` (atomically)."""
+    _barrier()
+    if job.rank == 0:
+        t0 = time.perf_counter()
+        coco = merge_parts([job.parts], job.cfg.out)
+        summary.seconds["write"] += time.perf_counter() - t0
+        summary.out = job.cfg.out
+        summary.out_images, summary.out_annotations = len(coco["images"]), len(coco["annotations"])
+    _barrier()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def run(cfg: LabelConfig) -> RunSummary:
+    """Label every image of ``cfg.images`` and write ``cfg.out`` (rank 0); resumes from ``<out>.parts``.
 
     Raises:
-        LabelError: a batch is missing (a rank has not finished), inputs mix folders and files, or the
-            folders come from different commands.
+        LabelError: bad settings, no images, unreadable/mismatched weights, no such device or backend, a
+            batch too large for the memory available, an existing ``--out`` that is not this command's
+            output (without ``overwrite``), or a parts directory from another command.
+        OSError: the shards or ``--out`` cannot be written (no temporary file is left behind).
     """
-    import json
-
-    dirs = [Path(p) for p in inputs if Path(p).is_dir()]
-    if dirs and len(dirs) != len(inputs):
-        raise LabelError("merge takes either .parts folders or COCO JSON files, not both")
-    if not dirs:
-        merged: list[dict] = []
-        for path in inputs:
-            with open(path, encoding="utf-8") as fh:
-                data = json.load(fh)
-            old_to_img = {img["id"]: img for img in data["images"]}
-            anns_of: dict[int, list[dict]] = {}
-            for ann in data["annotations"]:
-                anns_of.setdefault(ann["image_id"], []).append(
-                    {k: v for k, v in ann.items() if k not in ("id", "image_id")})
-            images = [{**{k: img[k] for k in ("file_name", "width", "height")},
-                       "annotations": anns_of.get(i, [])} for i, img in old_to_img.items()]
-            merged.append({"batch": len(merged), "errors": [], "images": images})
-            info = data.get("info", {})
-        coco = build_coco(merged, {k: v for k, v in info.items() if k != "skipped_images"})
-        atomic_write_json(Path(out), coco)
-        return coco
-    manifests = []
-    for d in dirs:
-        with open(d / "manifest.json", encoding="utf-8") as fh:
-            manifests.append(json.load(fh))
-    if any(m != manifests[0] for m in manifests[1:]):
-        raise LabelError("the .parts folders were written by different commands")
-    manifest = manifests[0]
-    batches: dict[int, dict] = {}
-    for d in dirs:
-        for j, rec in read_batches(d).items():
-            batches.setdefault(j, rec)
-    n_batches = -(-manifest["n_images"] // manifest["batch_size"])
-    missing = [j for j in range(n_batches) if j not in batches]
-    if missing:
-        raise LabelError(f"{len(missing)} of {n_batches} batches are not finished yet (first missing: batch "
-                         f"{missing[0]}); rerun the same label command to complete them")
-    coco = build_coco([batches[j] for j in range(n_batches)], _info(manifest))
-    atomic_write_json(Path(out), coco)
-    return coco
+    t_start = time.perf_counter()
+    summary = RunSummary()
+    _check_options(cfg)
+    job = _open(cfg)
+    _label_batches(job, _todo(job, summary), summary)
+    _finish(job, summary)
+    summary.seconds["total"] = time.perf_counter() - t_start
+    return summary
 
 
+def _visualize(target: Path, source: Path, anns: list[dict], cut: ImageCut) -> None:
+    """Write ``target``: the image at ``source`` with masks, boxes and (when known) the eigenvector heat-map."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with Image.open(source) as img:
+        overlay(to_rgb(img), anns, cut.eigenvector).save(target)

@@ -12,12 +12,14 @@ any pickle that would import or call something other than tensors and plain cont
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 from pathlib import Path
 
 import torch
 
+from .errors import plain
 from .vit import ARCHS, VisionTransformer
 
 __all__ = ["WeightsError", "read_state_dict", "load_vit"]
@@ -29,6 +31,12 @@ _IGNORED = ("head.", "fc_norm.")
 
 class WeightsError(Exception):
     """A weights file is missing, unreadable, unsafe, or does not match the requested architecture."""
+
+
+def _why(exc: Exception) -> str:
+    """The one line of torch's weights-only refusal that says what was refused (its advice left out)."""
+    lines = [line for line in str(exc).splitlines() if "Unsupported" in line or "Unpickler error" in line]
+    return plain(lines[0] if lines else str(exc).split("\n")[0]).split(" Please use")[0]
 
 
 def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
@@ -57,10 +65,12 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         except pickle.UnpicklingError as exc:
             raise WeightsError(
                 f"refusing to load {path}: it is not a plain tensor checkpoint (torch.load with "
-                f"weights_only=True rejected it; a checkpoint must be data, never code): {exc}".split("\n")[0]
+                f"weights_only=True rejected it; a checkpoint must be data, never code): {_why(exc)}"
             ) from exc
-        except (RuntimeError, EOFError, OSError, ValueError) as exc:
-            raise WeightsError(f"cannot read weights file {path}: {exc}".split("\n")[0]) from exc
+        except Exception as exc:  # noqa: BLE001 -- a text or truncated file fails in many ways inside pickle
+            detail = plain(str(exc).split("\n")[0])
+            raise WeightsError(f"cannot read weights file {path}: not a PyTorch checkpoint "
+                               f"({type(exc).__name__}{': ' + detail if detail else ''})") from exc
     for _ in range(2):
         if isinstance(obj, dict):
             wrapped = [k for k in _WRAPPERS if isinstance(obj.get(k), dict)]
@@ -92,8 +102,8 @@ def load_vit(arch: str, path: str | os.PathLike[str]) -> VisionTransformer:
     """Build the ViT for ``arch`` and load ``path`` into it strictly; returns the model in eval mode.
 
     Raises:
-        WeightsError: unreadable/unsafe file, or a file whose keys or shapes do not match ``arch``; the
-            message names the file, the expected architecture and what the file holds.
+        WeightsError: unreadable/unsafe file, a file whose keys or shapes do not match ``arch`` (the
+            message names the file, the expected architecture and what the file holds), or NaN/inf values.
         ValueError: ``arch`` is not one of :data:`ncutfast.label.vit.ARCHS`.
     """
     if arch not in ARCHS:
@@ -115,5 +125,11 @@ def load_vit(arch: str, path: str | os.PathLike[str]) -> VisionTransformer:
             f"weights file {Path(path)} does not match --arch {arch} (expected dim {spec.dim}, patch "
             f"{spec.patch}, {spec.depth} blocks); the file holds {_describe(state)}. {detail}"
         )
+    # A finite sum screens each tensor in one cheap pass; only an overflowing sum needs the elementwise check.
+    bad = [k for k, v in state.items() if v.is_floating_point() and not math.isfinite(float(v.sum()))
+           and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise WeightsError(f"weights file {Path(path)} holds NaN or infinite values (in {', '.join(bad[:4])}"
+                           f"{' ...' if len(bad) > 4 else ''}); the file is damaged")
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     return model.eval()
