@@ -623,9 +623,10 @@ class Workload:
         cfg, n, c, b = self.cfg["normalize"], self.n, self.c, self.b
         sig = {"x_ptr": ("*fp32", 0), "out_ptr": (f"*{dst}", 0), "len_ptr": ("*i32", 0), "N_max": ("i32", n),
                "C": ("i32", c), "stride_xb": ("i32", n * c), "stride_xn": ("i32", c), "stride_xc": ("i32", 1),
-               "BR": ("constexpr", cfg["BR"]), "BC": ("constexpr", cfg["BC"]), "ACC": ("constexpr", tl.float32)}
+               "BR": ("constexpr", cfg["BR"]), "BC": ("constexpr", cfg["BC"]), "ACC": ("constexpr", tl.float32),
+               "WIDE": ("constexpr", tl.float32)}
         k = compile_triton(_normalize_kernel, sig, {"num_warps": cfg["num_warps"]})
-        trips = {"_normalize_kernel#0": _cdiv(c, cfg["BC"]), "_normalize_kernel#1": _cdiv(c, cfg["BC"])}
+        trips = {f"_normalize_kernel#{i}": _cdiv(c, cfg["BC"]) for i in range(3)}  # max|x|, sum of squares, store
         return Launch(f"normalize-{dst}", k, _cdiv(n, cfg["BR"]) * b, trips, b * n * c * (4 + size),
                       ("feature", b * n * c))
 
@@ -651,7 +652,7 @@ class Workload:
         pairs = tiles * (tiles + 1) // 2
         dram = b * (n * c * size + n * self.words * 4 + n * 4)  # features once, mask and counts written
         label = f"affinity-{precision}" + ("-tf32x3" if dot == "tf32x3" else "")
-        return Launch(label, k, pairs * b, {"_affinity_kernel#0": _cdiv(c, cfg["BK"])}, dram,
+        return Launch(label, k, pairs * b, {"_tile_dot#0": _cdiv(c, cfg["BK"])}, dram,
                       ("similarity", pairs * b * bt * bt))
 
     # -- Lanczos ---------------------------------------------------------------------------------------------
