@@ -117,21 +117,13 @@ def main(argv: list[str] | None = None) -> int:
     _add_demo(sub)
     from .bench.cli import register as register_bench
     from .eval.cli import register as register_eval
-    from .label.cli import missing_dependency
     from .label.cli import register as register_label
+    from .label.cli import run_command
 
     register_label(sub)
     register_eval(sub)
     register_bench(sub)
-    args = parser.parse_args(argv)
-    try:
-        return int(args.func(args))
-    except ModuleNotFoundError as exc:
-        advice = missing_dependency(exc)
-        if advice is None:
-            raise
-        print(f"ncutfast {args.command}: error: {advice}", file=sys.stderr)
-        return 2
+    return run_command(parser.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
   module defining @triton.jit kernels is imported, so it is set here (conftest is imported first). The GPU
   is detected without initialising CUDA (no torch.cuda call at import time).
 - ``rng``: a NumPy Generator seeded from the test's node id, fresh per test and reproducible.
+- ``weights``: a random-init ViT-S/16 state dict saved once per session, for the labeling CLI tests.
 - ``agreement_log``: tests record reference-agreement numbers for ill-conditioned scenes; the terminal
   summary reports them (the issue asks for agreement rates where the eigengap is too small to compare).
 """
@@ -30,6 +31,18 @@ _AGREEMENT: list[tuple[str, bool]] = []
 @pytest.fixture
 def rng(request: pytest.FixtureRequest) -> np.random.Generator:
     return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+
+
+@pytest.fixture(scope="session")
+def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import torch
+
+    from ncutfast.label.vit import build_vit
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("w") / "dino_vits16_random.pth"
+    torch.save(build_vit("vit_small_patch16").state_dict(), path)
+    return path
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from pycocotools import mask as mask_util
 from pycocotools.coco import COCO
@@ -21,17 +20,8 @@ from pycocotools.coco import COCO
 from ncutfast.label.cli import main
 from ncutfast.label.demo import make_demo_images
 from ncutfast.label.post import crf_available
-from ncutfast.label.vit import build_vit
 
 SMALL = ["--arch", "vit_small_patch16", "--fixed-size", "64", "--workers", "0", "--no-progress"]
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("w") / "dino_vits16_random.pth"
-    torch.save(build_vit("vit_small_patch16").state_dict(), path)
-    return path
 
 
 @pytest.fixture(scope="module")

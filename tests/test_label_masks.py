@@ -7,24 +7,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from pycocotools import mask as mask_util
 
 from ncutfast import reference
 from ncutfast.label.cli import main
 from ncutfast.label.demo import make_demo_images
-from ncutfast.label.vit import build_vit
 
 SMALL = ["--arch", "vit_small_patch16", "--workers", "0", "--no-progress", "--mode", "saliency"]
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("w") / "dino_vits16_random.pth"
-    torch.save(build_vit("vit_small_patch16").state_dict(), path)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -30,18 +30,9 @@ from ncutfast.label.cli import LABEL_MODULES, main
 from ncutfast.label.demo import make_demo_images
 from ncutfast.label.geometry import prepare
 from ncutfast.label.records import atomic_write_json, info_from_manifest, parts_dir_for, read_batches
-from ncutfast.label.vit import build_vit
 from ncutfast.label.weights import WeightsError, load_vit
 
 TINY = ["--arch", "vit_small_patch16", "--fixed-size", "32", "--workers", "0", "--no-progress"]
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("w") / "vits16_random.pth"
-    torch.save(build_vit("vit_small_patch16").state_dict(), path)
-    return path
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-__all__ = ["register", "main", "error_line", "missing_dependency"]
+__all__ = ["register", "main", "run_command", "error_line", "missing_dependency"]
 
 #: Modules of the labeling dependencies (required by the package; missing after ``pip install --no-deps``).
 LABEL_MODULES = {"PIL": "pillow", "pycocotools": "pycocotools", "tqdm": "tqdm", "safetensors": "safetensors"}
@@ -35,6 +35,19 @@ def missing_dependency(exc: ModuleNotFoundError) -> str | None:
         return None
     return (f"the labeling dependency {LABEL_MODULES[top]!r} is not installed (no module {top!r}); "
             f"install them with: pip install {' '.join(LABEL_MODULES.values())}")
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """Run a parsed subcommand; a missing labeling dependency is one line on stderr and exit code 2."""
+    try:
+        return int(args.func(args))
+    except ModuleNotFoundError as exc:
+        advice = missing_dependency(exc)
+        if advice is None:
+            raise
+        print(f"ncutfast {args.command}: error: {advice}", file=sys.stderr)
+        return 2
+
 
 _ARCHS = ("vit_small_patch16", "vit_small_patch8", "vit_base_patch16", "vit_base_patch8")
 _AUTO_TAUS = "0.1,0.15,0.2,0.25,0.3"
@@ -251,15 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ncutfast")
     sub = parser.add_subparsers(dest="command", required=True)
     register(sub)
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except ModuleNotFoundError as exc:
-        advice = missing_dependency(exc)
-        if advice is None:
-            raise
-        print(f"ncutfast {args.command}: error: {advice}", file=sys.stderr)
-        return 2
+    return run_command(parser.parse_args(argv))
 
 
 if __name__ == "__main__":
