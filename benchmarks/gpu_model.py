@@ -42,9 +42,11 @@ the whole batch until its slowest problem has converged, and the problems that a
     python benchmarks/gpu_model.py --compare bench_triton.csv  # measured (GPU) beside predicted, per row
 
 The last line printed is ``predicted images/s (H100 SXM, batch 256, N=3600, C=768): fast=.. exact=..
-float32=..``. The mode "exact" does not exist in the library yet: until it does, it is modeled as the
-float32 path (IEEE fp32 affinity; its fp64 recheck of entries near tau is not modeled), as a note under
-each solve table says.
+float32=..``. Precision "exact" is the Triton path of ``kernels.affinity.affinity_exact_fwd``: its float64
+row normalization and fp16 rounding (torch ops, counted as HBM traffic), the fp16 tensor-core screen
+``_affinity_exact_kernel`` (from its SASS), and the float64 recheck of the candidates (gathers of two
+float64 rows each, HBM traffic, at ``EXACT_CANDIDATES``, the largest candidate fraction measured on the
+planted scenes), as a note under each solve table says.
 """
 
 from __future__ import annotations
@@ -556,8 +558,12 @@ ITERATIONS = {
 CHECK_EVERY_GPU = 6  # ncutfast.backends.lanczos.lanczos_fiedler's check interval on a GPU
 BATCH = 256
 PRECISIONS = ("fast", "exact", "float32")
-EXACT_NOTE = ('"exact": precision="exact" is not in the library yet; modeled as the float32 path (IEEE fp32 '
-              "affinity), without its fp64 recheck of the entries near tau.")
+#: Fraction of the entries (i <= j) that the fp16 screen of precision "exact" leaves to the float64 recheck:
+#: the largest measured on the planted scenes (``tests/test_exact.py``'s scenes; 5e-8 .. 3.7e-3).
+EXACT_CANDIDATES = 3.7e-3
+EXACT_NOTE = ('"exact": float64 normalization + fp16 rounding (torch ops, HBM bytes), the fp16 tensor-core screen '
+              f"(_affinity_exact_kernel), and the float64 recheck of {EXACT_CANDIDATES:g} of the entries "
+              "(two float64 rows gathered per candidate, HBM bytes).")
 
 
 def gpu_steps(iterations: Iterable[int], check: int = CHECK_EVERY_GPU, m: int = KRYLOV_DIM) -> list[int]:
@@ -619,7 +625,7 @@ class Workload:
 
         from ncutfast.kernels.affinity import _normalize_kernel
 
-        dst, size = {"fast": ("fp16", 2), "float32": ("fp32", 4), "exact": ("fp32", 4)}[precision]
+        dst, size = {"fast": ("fp16", 2), "float32": ("fp32", 4)}[precision]
         cfg, n, c, b = self.cfg["normalize"], self.n, self.c, self.b
         sig = {"x_ptr": ("*fp32", 0), "out_ptr": (f"*{dst}", 0), "len_ptr": ("*i32", 0), "N_max": ("i32", n),
                "C": ("i32", c), "stride_xb": ("i32", n * c), "stride_xn": ("i32", c), "stride_xc": ("i32", 1),
@@ -636,9 +642,10 @@ class Workload:
 
         from ncutfast.kernels.affinity import _affinity_kernel
 
+        if precision == "exact":
+            return self.affinity_exact()
         cfg = self.cfg["affinity_fast" if precision == "fast" else "affinity"]
-        dtype, size, dot = {"fast": ("fp16", 2, "tf32"), "float32": ("fp32", 4, "ieee"),
-                            "exact": ("fp32", 4, "ieee")}[precision]
+        dtype, size, dot = {"fast": ("fp16", 2, "tf32"), "float32": ("fp32", 4, "ieee")}[precision]
         x3 = cfg["tf32x3"] if tf32x3 is None else tf32x3
         if precision != "fast" and x3:
             dot = "tf32x3"
@@ -654,6 +661,31 @@ class Workload:
         label = f"affinity-{precision}" + ("-tf32x3" if dot == "tf32x3" else "")
         return Launch(label, k, pairs * b, {"_tile_dot#0": _cdiv(c, cfg["BK"])}, dram,
                       ("similarity", pairs * b * bt * bt))
+
+    def affinity_exact(self) -> Launch:
+        """Precision "exact"'s screen: fp16 rows, one tensor-core product, candidates near tau listed."""
+        from ncutfast.kernels.affinity import _affinity_exact_kernel
+
+        cfg = self.cfg["affinity_fast"]
+        n, c, b, bt = self.n, self.c, self.b, cfg["BT"]
+        sig = {"f_ptr": ("*fp16", 0), "pairs_ptr": ("*i32", 0), "len_ptr": ("*i32", 0), "thr_ptr": ("*fp64", 0),
+               "mask_ptr": ("*i32", 0), "count_ptr": ("*i32", 0), "cand_ptr": ("*i64", 0), "ncand_ptr": ("*i32", 0),
+               "N_max": ("i32", n), "C": ("i32", c), "W": ("i32", self.words), "CAPACITY": ("i32", n * n),
+               "BT": ("constexpr", bt), "BK": ("constexpr", cfg["BK"])}
+        k = compile_triton(_affinity_exact_kernel, sig, {"num_warps": cfg["num_warps"],
+                                                         "num_stages": cfg["num_stages"]})
+        tiles = _cdiv(n, bt)
+        pairs = tiles * (tiles + 1) // 2
+        cand = EXACT_CANDIDATES * b * n * (n + 1) / 2
+        dram = b * (n * c * 2 + n * self.words * 4 + n * 4) + cand * 8  # + the candidates' indices
+        return Launch("affinity-exact-screen", k, pairs * b, {"_tile_dot#0": _cdiv(c, cfg["BK"])}, dram,
+                      ("similarity", pairs * b * bt * bt))
+
+    def exact_host_bytes(self) -> tuple[float, float]:
+        """HBM bytes of precision "exact"'s torch ops: (float64 normalization of the fp32 features and the fp16
+        rounding: read 4 + write 8, read 8 + write 2 per entry; the recheck: two float64 rows per candidate)."""
+        n, c, b = self.n, self.c, self.b
+        return b * n * c * (4 + 8 + 8 + 2), EXACT_CANDIDATES * b * n * (n + 1) / 2 * 2 * c * 8
 
     # -- Lanczos ---------------------------------------------------------------------------------------------
     def _state_sig(self) -> dict[str, tuple[str, object]]:
@@ -804,7 +836,14 @@ def solve_time(w: Workload, precision: str, gpu: str, steps: list[int], solver: 
     the default two launches per step, "int8" = with the tensor-core mat-vec, "persistent" = one launch for
     the first cycle) + the convergence checks (one Ritz launch every 6 steps, the last with the vector) +
     the final residual mat-vec. Launch overheads and host synchronizations are not counted."""
-    ph = {"normalize": w.normalize(precision).bound(gpu).seconds, "affinity": w.affinity(precision).bound(gpu).seconds}
+    if precision == "exact":
+        norm_bytes, recheck_bytes = w.exact_host_bytes()
+        bw = RATES[gpu]["dram_bps"]
+        ph = {"normalize": norm_bytes / bw, "affinity": w.affinity("exact").bound(gpu).seconds,
+              "recheck": recheck_bytes / bw}
+    else:
+        ph = {"normalize": w.normalize(precision).bound(gpu).seconds,
+              "affinity": w.affinity(precision).bound(gpu).seconds}
     active = active_per_step(steps, w.b)
     launches = 2
     if solver == "persistent":
@@ -906,7 +945,8 @@ def model(workloads: list[tuple[int, int]], gpus: list[str], alternatives: bool)
         steps = gpu_steps(ITERATIONS[(n, c)])
         active = active_per_step(steps, w.b)
         label = f"batch {w.b}, N={n}, C={c}"
-        launches = [w.normalize("fast"), w.normalize("float32"), w.affinity("fast"), w.affinity("float32"),
+        launches = [w.normalize("fast"), w.normalize("float32"), w.affinity("fast"), w.affinity("exact"),
+                    w.affinity("float32"),
                     w.lanczos_matvec(w.b), w.lanczos_step(w.b, len(active) // 2), w.ritz(len(active), False),
                     w.ritz(len(active), True), w.residual_matvec()]
         if alternatives:
