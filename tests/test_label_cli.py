@@ -200,7 +200,9 @@ def _free_port() -> int:
 
 def test_torchrun_two_ranks_merge_equals_one_process(tmp_path: Path, images: Path, weights: Path) -> None:
     common = ["label", str(images), "--weights", str(weights), *SMALL, "--batch-size", "2"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    scratch = tmp_path / "tmp"  # torchrun's elastic agent leaves its torchelastic_* folder in TMPDIR
+    scratch.mkdir()
+    env = dict(os.environ, OMP_NUM_THREADS="1", TMPDIR=str(scratch))
     one, two = tmp_path / "one.json", tmp_path / "two.json"
     assert subprocess.run(_cli(*common, "--out", str(one)), env=env).returncode == 0
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
