@@ -1069,6 +1069,14 @@ def main(argv: list[str] | None = None) -> int:
         print("gpu_model: TRITON_INTERPRET is set; unset it (kernels must be compiled, not interpreted)",
               file=sys.stderr)
         return 2
+    with tempfile.TemporaryDirectory(prefix="gpu_model-triton-") as cache:
+        # A private Triton cache: a cached cubin's line info names the source path it was first compiled
+        # from (another checkout, maybe gone or at other lines), and loops are named from those lines.
+        os.environ["TRITON_CACHE_DIR"] = cache
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.compare:
         if not args.compare.is_file():
             print(f"gpu_model: --compare: no such file: {args.compare}", file=sys.stderr)
