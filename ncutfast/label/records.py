@@ -67,6 +67,26 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _read_json_object(path: Path, what: str, expected: str, missing: str | None = None) -> dict:
+    """The JSON object in ``path``; a missing, unreadable or non-JSON file, or a top level that is not an
+    object, raises LabelError naming the file (``missing``: the message for a file that does not exist)."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except FileNotFoundError as exc:
+        if missing is None:
+            raise LabelError(f"cannot read {path}: {exc.strerror or exc}") from exc
+        raise LabelError(missing) from None
+    except OSError as exc:
+        raise LabelError(f"cannot read {path}: {exc.strerror or exc}") from exc
+    except (ValueError, RecursionError) as exc:
+        raise LabelError(f"{path} is not valid JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise LabelError(f"{path} is not {what} (its top level is a JSON {type(data).__name__}, expected "
+                         f"{expected})")
+    return data
+
+
 def read_manifest(parts: Path) -> dict:
     """The manifest of a parts folder, checked to be an object with a usable ``n_images`` and ``batch_size``.
 
@@ -74,18 +94,9 @@ def read_manifest(parts: Path) -> dict:
         LabelError: no manifest, unreadable or not JSON, or not a label manifest.
     """
     path = parts / "manifest.json"
-    try:
-        with open(path, encoding="utf-8") as fh:
-            manifest = json.load(fh)
-    except FileNotFoundError:
-        raise LabelError(f"{parts} has no manifest.json: it is not the .parts folder of a label run") from None
-    except OSError as exc:
-        raise LabelError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    except (ValueError, RecursionError) as exc:
-        raise LabelError(f"{path} is not valid JSON ({exc})") from exc
-    if not isinstance(manifest, dict):
-        raise LabelError(f"{path} is not a label manifest (its top level is a JSON {type(manifest).__name__}, "
-                         "expected an object)")
+    manifest = _read_json_object(
+        path, "a label manifest", "an object",
+        missing=f"{parts} has no manifest.json: it is not the .parts folder of a label run")
     for key, low in (("n_images", 0), ("batch_size", 1)):
         if not _is_int(manifest.get(key)) or manifest[key] < low:
             raise LabelError(f"{path} is damaged: {key} must be an integer >= {low}, got {manifest.get(key)!r}")
@@ -258,16 +269,7 @@ def _merge_shards(dirs: list[Path]) -> dict:
 
 def _read_coco(path: Path) -> dict:
     """A COCO JSON file, checked enough to be merged without dropping anything silently."""
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except OSError as exc:
-        raise LabelError(f"cannot read {path}: {exc.strerror or exc}") from exc
-    except (ValueError, RecursionError) as exc:
-        raise LabelError(f"{path} is not valid JSON ({exc})") from exc
-    if not isinstance(data, dict):
-        raise LabelError(f"{path} is not a COCO JSON file (its top level is a JSON {type(data).__name__}, "
-                         "expected an object with 'images' and 'annotations')")
+    data = _read_json_object(path, "a COCO JSON file", "an object with 'images' and 'annotations'")
     images, anns = data.get("images"), data.get("annotations")
     if not isinstance(images, list) or not isinstance(anns, list):
         raise LabelError(f"{path} is not a COCO JSON file ('images' and 'annotations' must be lists)")
