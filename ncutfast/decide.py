@@ -358,38 +358,35 @@ class MaskCutSteps:
     x: torch.Tensor
 
 
-def maskcut(solve: Callable[[torch.Tensor], _Eigen], feats: torch.Tensor, lengths: torch.Tensor,
-            grids: torch.Tensor, n_masks: int, sign_rule: str) -> MaskCutSteps:
+def maskcut(solve: Callable[[torch.Tensor | None], _Eigen], lengths: torch.Tensor, grids: torch.Tensor,
+            n_max: int, n_masks: int, sign_rule: str) -> MaskCutSteps:
     """CutLER's MaskCut steps at token level (spec §4, ``reference.maskcut``) for a padded batch, then the
     masks made disjoint.
 
-    Each step zeroes the keys of the tokens its predecessors cut (the zeroing accumulates), solves every
-    image in one call of ``solve`` (features ``(B, N_max, C)`` -> an object with ``lambda2``, ``lambda3``
-    ``(B,)`` and ``x`` ``(B, N_max)``, as ``backends.Spectrum``), chooses the side with the corner rule
+    Each step zeroes the keys of the tokens its predecessors cut (the zeroing accumulates): it solves every
+    image in one call of ``solve`` (the painted tokens, bool ``(B, N_max)`` or None for none, -> an object
+    with ``lambda2``, ``lambda3`` ``(B,)`` and ``x`` ``(B, N_max)``, as ``backends.Spectrum``; the backends
+    solve painted rows as zero rows, ``backends.contract``), chooses the side with the corner rule
     (``maskcut_side``), keeps the seed's component and, from the second step on, rejects tiny or overlapping
     masks (``maskcut_filter``, against the previous step's mask). The steps themselves see CutLER's masks;
     the returned masks are those minus the earlier returned masks (``disjoint``), so no token belongs to two
     masks and a step that found only tokens of earlier masks comes back empty and not ``valid``.
 
     Args:
-        lengths: int64 ``(B,)`` on ``feats``' device; grids: int64 CPU ``(B, 2)``; sign_rule: as
-            ``maskcut_side``.
+        lengths: int64 ``(B,)`` on the features' device; grids: int64 CPU ``(B, 2)``; n_max: the padded
+            token count; sign_rule: as ``maskcut_side``.
     """
-    bsz, n_max = feats.shape[0], feats.shape[1]
-    dev = feats.device
+    bsz, dev = lengths.shape[0], lengths.device
     painting = torch.zeros(bsz, n_max, dtype=torch.bool, device=dev)
     prev = torch.zeros_like(painting)
     masks = torch.zeros(bsz, n_masks, n_max, dtype=torch.bool, device=dev)
     seeds = torch.zeros(bsz, n_masks, dtype=torch.int64, device=dev)
     lam2, lam3 = (torch.zeros(bsz, n_masks, dtype=torch.float64, device=dev) for _ in range(2))
     vecs = torch.zeros(bsz, n_masks, n_max, dtype=torch.float64, device=dev)
-    k = feats
     for t in range(n_masks):
         if t >= 1:
-            # spec §4 step 1: paint the previous mask and zero the painted keys (accumulating).
-            painting |= prev
-            k = k * (~painting)[:, :, None].to(k.dtype)
-        sp = solve(k)
+            painting |= prev  # spec §4 step 1: paint the previous mask (accumulating); the solve zeroes them
+        sp = solve(painting if t >= 1 else None)
         side = maskcut_side(sp.x, lengths, grids, sign_rule)  # spec §4 steps 2-3
         mask = seed_component(side.partition, side.seed, grids)  # spec §4 step 4
         if t >= 1:
