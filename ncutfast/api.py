@@ -342,7 +342,7 @@ def maskcut(
         return sp
 
     res = decide.maskcut(step, batch.lengths.to(batch.feats.device), torch.tensor(grids, dtype=torch.int64),
-                         batch.feats.shape[1], n_masks, sign_rule)
+                         n_masks, sign_rule)
     return MaskCutResult(
         masks=_grid_out(res.masks, grids, batch),
         valid=_out(res.valid, batch, False),
