@@ -235,7 +235,8 @@ def seed_component(mask: torch.Tensor, seed: torch.Tensor, grids: torch.Tensor) 
 def same_component(labels: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
     """bool ``(B, N_max)``: the tokens labelled as ``seed`` (``token_components``' labels; a seed outside the
     mask selects every token outside it, padding never)."""
-    return (labels == labels.gather(1, seed[:, None])) & (labels != -2)
+    own = labels.gather(1, seed[:, None])
+    return labels == torch.where(own == -2, -3, own)  # a seed in padding: -3, no token's label
 
 
 def boxes(mask: torch.Tensor, grids: torch.Tensor, patch: tuple[int, int], image_sizes: torch.Tensor) -> torch.Tensor:
@@ -322,11 +323,12 @@ def maskcut_filter(mask: torch.Tensor, prev: torch.Tensor, lengths: torch.Tensor
 
     ``mask``, ``prev``: bool ``(B, N_max)``; ``lengths``: int64 ``(B,)``. Returns bool ``(B, N_max)``.
     """
-    inter = (mask & prev).sum(-1).to(torch.float64)
-    union = (mask | prev).sum(-1).to(torch.float64)
-    overlap = (union > 0) & (inter / union.clamp_min(1.0) > 0.5)
-    tiny = mask.sum(-1).to(torch.float64) / lengths.to(torch.float64) <= 0.01
-    return mask & ~(overlap | tiny)[:, None]
+    size = mask.sum(-1)
+    inter = (mask & prev).sum(-1)
+    union = size + prev.sum(-1) - inter
+    overlap = (union > 0) & (inter.to(torch.float64) / union.clamp_min(1).to(torch.float64) > 0.5)
+    tiny = size.to(torch.float64) / lengths.to(torch.float64) <= 0.01
+    return mask.masked_fill((overlap | tiny)[:, None], False)
 
 
 class _Eigen(Protocol):

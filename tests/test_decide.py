@@ -172,6 +172,15 @@ def test_maskcut_filter_matches_the_reference_rule(rng: np.random.Generator) -> 
         np.testing.assert_array_equal(g, np.zeros(n, dtype=bool) if rejected else mask)
 
 
+def test_same_component_never_selects_padding() -> None:
+    """Seeds in a component, outside the mask (every token outside it) and in padding (nothing)."""
+    labels = torch.tensor([[0, 0, -1, 3, 3, -1, -2, -2]] * 3)
+    got = decide.same_component(labels, torch.tensor([1, 2, 7]))
+    assert got.tolist() == [[True, True, False, False, False, False, False, False],
+                            [False, False, True, False, False, True, False, False],
+                            [False] * 8]
+
+
 def test_maskcut_steps_paint_and_subtract_earlier_masks() -> None:
     """decide.maskcut with scripted solves on a 1 x 23 grid: step masks A, B (overlapping A), A again. The
     solves see the union of the earlier steps' masks painted; the returned masks are each minus the earlier
