@@ -70,11 +70,13 @@ class Batch:
 
 
 def _finite(t: torch.Tensor, lengths: torch.Tensor | None) -> bool:
-    """All valid entries finite? max and min propagate NaN and show +-inf, and need no temporary copy."""
+    """All valid entries finite? The min and max propagate NaN and show +-inf: one pass (``aminmax``) and no
+    temporary copy."""
     if lengths is not None:
         valid = torch.arange(t.shape[1], device=t.device)[None, :] < lengths.to(t.device)[:, None]
         t = torch.where(valid[:, :, None], t, torch.zeros((), dtype=t.dtype, device=t.device))
-    return bool(torch.isfinite(t.amax()) & torch.isfinite(t.amin()))
+    low, high = torch.aminmax(t)
+    return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
 def as_batch(features: Any, lengths: Any = None) -> Batch:

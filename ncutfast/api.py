@@ -69,7 +69,7 @@ def _spectrum(feats: torch.Tensor, lengths: torch.Tensor, params: SolveParams, b
 
 def _solve(feats: torch.Tensor, lengths: torch.Tensor, params: SolveParams, backend: str) -> _Cut:
     name, sp = _spectrum(feats, lengths, params, backend)
-    cut = decide.tokencut_cut(sp.x, lengths.to(sp.x.device))
+    cut = decide.tokencut_cut(sp.x, lengths)
     return _Cut(sp.lambda2, sp.lambda3, cut.x, sp.x, cut.partition, cut.seed, sp.residual, sp.converged,
                 sp.iterations, name, _recheck(sp))
 

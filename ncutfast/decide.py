@@ -75,27 +75,42 @@ class TokenCutCut:
     seed: torch.Tensor
 
 
+def _largest_abs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(scale, index)`` ``(B,)``: max|x| of each row of float64 ``(B, N)`` (0 on padding) and the lowest
+    index within ``TIE_RTOL * scale`` of it (``tie_argmax`` of |x|: the maximum over the valid entries is
+    the row's, and padding comes after every valid candidate)."""
+    ax = x.abs()
+    scale = ax.amax(-1)
+    return scale, _first(ax >= (scale - TIE_RTOL * scale)[:, None])
+
+
+def _signs(flip: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``(B, 1)`` -1 where bool ``(B,)`` ``flip`` holds, else 1 (multiplying by it negates exactly)."""
+    return torch.where(flip, -1.0, 1.0).to(dtype)[:, None]
+
+
 def tokencut_cut(x: torch.Tensor, lengths: torch.Tensor) -> TokenCutCut:
     """TokenCut's seed, orientation and partition of each eigenvector (spec §2 steps 6-7, tie rules above).
 
     Args:
         x: float64 ``(B, N_max)``, any sign, 0 on padding.
-        lengths: int64 ``(B,)`` token counts, on ``x``'s device.
+        lengths: int64 CPU ``(B,)`` token counts.
     """
-    valid = _valid(lengths, x.shape[1])
-    ax = x.abs()
-    amax = ax.max(-1).values
-    seed = tie_argmax(ax, valid, amax)  # spec §2 step 7, lowest index among the tied maxima
+    valid = _valid(lengths, x.shape[1]).to(x.device) if bool((lengths != x.shape[1]).any()) else None
+    amax, seed = _largest_abs(x)  # spec §2 step 7, lowest index among the tied maxima
     # Orient x so that the seed's entry is positive; the partition is then TokenCut's for that sign, and
     # tokens tied with the mean (|x - mean| <= TIE_RTOL max|x|: exact in theory, decided by rounding
     # otherwise) stay outside it, as x > mean says in exact arithmetic.
-    sign = torch.where(x.gather(1, seed[:, None]) < 0, -1.0, 1.0).to(x.dtype)
-    xs = x * sign
-    mean = xs.sum(-1) / lengths  # spec §2 step 6: unweighted mean over the image's tokens
-    part = (xs > (mean + TIE_RTOL * amax)[:, None]) & valid
+    xs = x * _signs(x.gather(1, seed[:, None])[:, 0] < 0, x.dtype)
+    mean = xs.sum(-1) / lengths.to(x.device)  # spec §2 step 6: unweighted mean over the image's tokens
+    part = xs > (mean + TIE_RTOL * amax)[:, None]
+    if valid is not None:
+        part &= valid
     flip = ~part.gather(1, seed[:, None])[:, 0]  # only when all entries tie (e.g. N = 1): complement
-    part = torch.where(flip[:, None], ~part & valid, part)
-    return TokenCutCut(torch.where(flip[:, None], -xs, xs), part, seed)
+    part ^= flip[:, None]
+    if valid is not None:
+        part &= valid
+    return TokenCutCut(xs * _signs(flip, x.dtype), part, seed)
 
 
 def _canvas_index(grids: torch.Tensor, n_max: int, device: torch.device) -> tuple[torch.Tensor, int, int]:
@@ -294,13 +309,9 @@ def maskcut_side(x: torch.Tensor, lengths: torch.Tensor, grids: torch.Tensor, si
         sign_rule: "canonical" (orient x so that its largest-|x| entry is positive first) or "cutler".
     """
     valid = _valid(lengths, x.shape[1]) if _ragged(grids, x.shape[1]) else None  # None: no padding
-    ax = x.abs()
-    scale = ax.amax(-1)
-    # The largest |x|: its maximum is scale, and padding (x = 0) never precedes a valid candidate.
-    s = _first(ax >= (scale - TIE_RTOL * scale)[:, None])
-    del ax
+    scale, s = _largest_abs(x)
     if sign_rule == "canonical":
-        x = x * torch.where(x.gather(1, s[:, None]) < 0, -1.0, 1.0).to(x.dtype)
+        x = x * _signs(x.gather(1, s[:, None])[:, 0] < 0, x.dtype)
     mean = x.sum(-1) / lengths.to(x.dtype)
     part = x > (mean + TIE_RTOL * scale)[:, None]
     if valid is not None:
@@ -310,7 +321,7 @@ def maskcut_side(x: torch.Tensor, lengths: torch.Tensor, grids: torch.Tensor, si
     nc = part.gather(1, corners).sum(-1)
     reverse = (nc >= 3) | ~part.gather(1, s[:, None])[:, 0]
     # The seed: the signed argmax on the chosen side, i.e. of -x where reversed (negation is exact).
-    seed = tie_argmax(x * torch.where(reverse, -1.0, 1.0).to(x.dtype)[:, None], valid, scale)
+    seed = tie_argmax(x * _signs(reverse, x.dtype), valid, scale)
     part ^= reverse[:, None]
     if valid is not None:
         part &= valid
