@@ -11,7 +11,7 @@ import torch
 
 from ._validate import check_feature_matrix, check_lengths
 
-__all__ = ["Batch", "as_batch", "to_framework", "framework_of"]
+__all__ = ["Batch", "as_batch", "to_framework", "framework_of", "to_host"]
 
 
 def framework_of(x: Any) -> str:
@@ -47,6 +47,23 @@ def to_framework(t: torch.Tensor, framework: str, device: torch.device) -> Any:
 
         return cupy.from_dlpack(t.contiguous())
     return t
+
+
+def to_host(tensors: list[torch.Tensor]) -> list[np.ndarray]:
+    """Tensors on one device as NumPy arrays, in one device-to-host copy: their bytes are concatenated on
+    the device first (CPU tensors are returned as views, without a copy). Any shapes; dtypes NumPy has."""
+    if not tensors:
+        return []
+    if all(t.device.type == "cpu" for t in tensors):
+        return [t.detach().numpy() for t in tensors]
+    raw = torch.cat([t.detach().contiguous().reshape(-1).view(torch.uint8) for t in tensors]).cpu().numpy()
+    out, at = [], 0
+    for t in tensors:
+        size = t.numel() * t.element_size()
+        dtype = torch.empty(0, dtype=t.dtype).numpy().dtype
+        out.append(raw[at : at + size].copy().view(dtype).reshape(tuple(t.shape)))  # copy: aligned
+        at += size
+    return out
 
 
 @dataclass

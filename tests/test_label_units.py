@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ncutfast import reference
+from ncutfast._arrays import to_host
 from ncutfast.label.cut import ImageCut, cut_batch, relative_gap
 from ncutfast.label.geometry import prepare, to_pixels, upsample_tokens
 from ncutfast.label.post import PostConfig, annotations_for, pixel_masks
@@ -130,10 +131,11 @@ def test_geometry_modes() -> None:
     assert upsample_tokens(np.eye(2, dtype=bool), 3).shape == (6, 6)
 
 
+@pytest.mark.parametrize("ragged", [False, True])
 @pytest.mark.parametrize("mode", ["maskcut", "tokencut"])
-def test_batched_cut_equals_reference(mode: str) -> None:
+def test_batched_cut_equals_reference(mode: str, ragged: bool) -> None:
     rng = np.random.default_rng(6)
-    grids = [(6, 6)] * 3 if mode == "maskcut" else [(5, 7), (6, 6), (4, 9)]
+    grids = [(5, 7), (6, 6), (4, 9)] if ragged else [(6, 6)] * 3
     feats = []
     for h, w in grids:
         base = rng.standard_normal((2, 24))
@@ -159,6 +161,19 @@ def test_batched_cut_equals_reference(mode: str) -> None:
         a, b = annotations_for(f, size, cfg), annotations_for(r, size, cfg)
         assert [x["segmentation"] for x in a] == [x["segmentation"] for x in b]
         assert [x["bbox"] for x in a] == [x["bbox"] for x in b]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device (the one-copy path)"))])
+def test_to_host_returns_every_tensor(device: str) -> None:
+    """to_host (the cut stage's one device-to-host copy): values, shapes and dtypes of mixed tensors."""
+    rng = np.random.default_rng(3)
+    arrays = [rng.uniform(size=(3, 1, 7)) < 0.5, rng.standard_normal(5), np.arange(11, dtype=np.int64).reshape(1, 11),
+              rng.standard_normal((2, 3)).astype(np.float32), np.zeros((0, 4)), rng.standard_normal((4, 3))[:, 1]]
+    got = to_host([torch.from_numpy(np.ascontiguousarray(a)).to(device) for a in arrays])
+    for g, a in zip(got, arrays, strict=True):
+        assert g.dtype == a.dtype and g.shape == a.shape
+        np.testing.assert_array_equal(g, a)
 
 
 def test_tokencut_box_equals_reference_box() -> None:

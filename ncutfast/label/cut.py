@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from .. import reference
+from .._arrays import to_host
 from ..reference import relative_gap
 
 __all__ = ["ImageCut", "relative_gap", "cut_batch"]
@@ -47,10 +48,8 @@ class ImageCut:
     eigenvector: np.ndarray | None = None
 
 
-def _np(x: object) -> np.ndarray | list[np.ndarray]:
-    """A torch tensor or array-like -> NumPy on the CPU (a list of them for a list)."""
-    if isinstance(x, list):
-        return [_np(v) for v in x]
+def _np(x: object) -> np.ndarray:
+    """A torch tensor or array-like -> NumPy on the CPU."""
     if isinstance(x, torch.Tensor):
         return x.detach().cpu().numpy()
     return np.asarray(x)
@@ -78,24 +77,25 @@ def _api_cut(feats: list[torch.Tensor], grids: list[tuple[int, int]], mode: str,
     same = len(set(grids)) == 1
     x = torch.stack(feats) if same else feats  # a padded batch, or the ragged list API
     g = grids[0] if same else grids
-    out = []
-    # Each field comes to the host in one copy (a list of per-image arrays only for ragged grids).
     if mode == "maskcut":
         r = api.maskcut(x, g, n_masks=n_masks, tau=tau, eps=eps, sign_rule=sign_rule, precision=precision,
                         backend=backend)
-        masks, lam2, lam3 = _np(r.masks), _np(r.lambda2), _np(r.lambda3)
-        vecs = _np(r.eigenvectors)
-        for b, (h, w) in enumerate(grids):
+        fields = [r.masks, r.lambda2, r.lambda3, r.eigenvectors]
+    else:
+        r = api.tokencut(x, g, patch=patch, tau=tau, eps=eps, precision=precision, backend=backend)
+        fields = [r.masks, r.ncut.lambda2, r.ncut.lambda3, r.ncut.eigenvector]
+    # Every field (per-image lists for ragged grids) comes to the host in one copy for the whole batch.
+    flat = [t for f in fields for t in (f if isinstance(f, list) else [f])]
+    host = iter(to_host(flat))
+    masks, lam2, lam3, vecs = ([next(host) for _ in f] if isinstance(f, list) else next(host) for f in fields)
+    out = []
+    for b, (h, w) in enumerate(grids):
+        if mode == "maskcut":
             out.append(ImageCut(np.asarray(masks[b], dtype=bool), lam2[b].astype(np.float64),
                                 lam3[b].astype(np.float64), tau, vecs[b][0, : h * w].reshape(h, w)))
-        return out
-    r = api.tokencut(x, g, patch=patch, tau=tau, eps=eps, precision=precision, backend=backend)
-    nc = r.ncut
-    masks, lam2, lam3 = _np(r.masks), _np(nc.lambda2), _np(nc.lambda3)
-    vecs = _np(nc.eigenvector)
-    for b, (h, w) in enumerate(grids):
-        out.append(ImageCut(np.asarray(masks[b], dtype=bool)[None], np.array([float(lam2[b])]),
-                            np.array([float(lam3[b])]), tau, vecs[b][: h * w].reshape(h, w)))
+        else:
+            out.append(ImageCut(np.asarray(masks[b], dtype=bool)[None], np.array([float(lam2[b])]),
+                                np.array([float(lam3[b])]), tau, vecs[b][: h * w].reshape(h, w)))
     return out
 
 
