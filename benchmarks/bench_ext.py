@@ -27,17 +27,16 @@ before and after is printed, and the min beside the median shows the noise.
 
 Memory method: each measurement runs in a fresh interpreter with ``MALLOC_MMAP_THRESHOLD_=65536`` (so large
 blocks are mmapped and returned on free instead of lingering in the heap), after one warm-up solve (BLAS and
-OpenMP buffers, imports), ``gc.collect()`` and ``malloc_trim(0)``; writing "5" to ``/proc/self/clear_refs``
-resets the kernel's peak-RSS counter (VmHWM) to the current RSS, and the peak after one more solve minus
-the RSS before it is the memory the solve needed beyond its inputs (page-granular, includes every
-allocator: torch, the extension's std::vector, MKL). torch's CPU allocator has no peak statistics, so this
-is the measure. Linux only.
+OpenMP buffers, imports); the benchmarks' memory sampler (``ncutfast.bench.measure.peak_memory``:
+``gc.collect()``, ``malloc_trim(0)``, the kernel's peak-RSS counter VmHWM reset through
+``/proc/self/clear_refs``) gives the peak RSS of one more solve minus the RSS before it: the memory the solve
+needed beyond its inputs (page-granular, includes every allocator: torch, the extension's std::vector, MKL).
+torch's CPU allocator has no peak statistics, so this is the measure. Linux only.
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gc
 import json
 import os
@@ -156,29 +155,18 @@ def gemm_upper(f: torch.Tensor) -> Callable[[], object]:
 
 # ---------------------------------------------------------------------------------------------- memory
 
-def _status_bytes(key: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(key):
-                return int(line.split()[1]) * 1024
-    raise KeyError(key)
-
-
 def _memory_child(what: str, n: int, c: int, repeats: int) -> list[int]:
-    """In the fresh interpreter: warm up, then per repeat reset VmHWM and measure one solve's peak."""
-    libc = ctypes.CDLL("libc.so.6")
+    """In the fresh interpreter: warm up, then per repeat one solve's peak (the benchmarks' sampler)."""
+    from ncutfast.bench.measure import peak_memory as sampled_peak
+
     k = scene(n, c, SEED)
     fn = {"cpu": lambda: cpu_solve(k[None], torch.tensor([n])), "reference": lambda: tokencut_reference(k)}[what]
     fn()
     deltas = []
     for _ in range(repeats):
-        gc.collect()
-        libc.malloc_trim(0)
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        base = _status_bytes("VmRSS:")
-        out = fn()
-        deltas.append(_status_bytes("VmHWM:") - base)
+        with sampled_peak("cpu") as peak:
+            out = fn()
+        deltas.append(int(peak[0]))
         del out
     return deltas
 

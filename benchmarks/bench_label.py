@@ -10,7 +10,8 @@ DataLoader workers, batched ViT keys, batched cut, post-processing to RLE, shard
 A warm-up run on one batch comes first (thread pools, allocator, kernels); the timed run starts from an
 empty output. Stage seconds: ``decode`` is the decode+resize time summed over the workers (it overlaps the
 rest), ``wait`` is the time the main loop waited for a decoded batch, ``vit``/``cut``/``post``/``write`` are
-main-process wall times (``write`` includes the final JSON merge), ``total`` is the wall time of the run.
+main-process wall times (``write`` includes the final JSON merge), ``total`` is the wall time of the run
+(the benchmarks' timer, ``ncutfast.bench.measure.timed_call``).
 
 Every run happens in a fresh subprocess whose ``PYTHONPATH`` selects the ``ncutfast`` under test: this
 checkout, and with ``--baseline-src DIR`` also the checkout in ``DIR`` (its extension built in place), on the
@@ -86,8 +87,10 @@ def _worker_run(args: argparse.Namespace, data: Path, out: Path, amp: str) -> di
     import contextlib
     import resource
 
+    import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    from ncutfast.bench.measure import timed_call
     from ncutfast.label.pipeline import run
 
     source = data / ("amp.txt" if amp in ("bf16", "fp16") else "all.txt")
@@ -96,10 +99,11 @@ def _worker_run(args: argparse.Namespace, data: Path, out: Path, amp: str) -> di
     with attention:
         run(_config(args, data, data / "warm.txt", out.with_suffix(".warm.json"), amp))
         before = resource.getrusage(resource.RUSAGE_SELF)
-        summary = run(_config(args, data, source, out, amp))
+        device = "cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu"
+        summary, total = timed_call(lambda: run(_config(args, data, source, out, amp)), device)
         after = resource.getrusage(resource.RUSAGE_SELF)
     cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
-    return {"images": summary.images, "seconds": summary.seconds, "cpu_s": cpu}
+    return {"images": summary.images, "seconds": {**summary.seconds, "total": total}, "cpu_s": cpu}
 
 
 def _worker_keys(args: argparse.Namespace, data: Path) -> dict:

@@ -52,7 +52,6 @@ import contextlib
 import os
 import statistics
 import sys
-import time
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -122,16 +121,17 @@ def _fmt(x: float, scale: float, spec: str) -> str:
 
 def _timer(args: argparse.Namespace):
     """Median seconds of fn() after one warm-up call (compilation, caches): triton.testing.do_bench
-    (synchronizing, L2 flushed) on the GPU; a plain synchronized timer in --dry and for calls that take
-    over half a second (the eigh baseline at large N), where one more call is enough."""
+    (synchronizing, L2 flushed between calls) for the GPU's kernels; the benchmarks' timer
+    (``ncutfast.bench.measure.timed_call``: CUDA events on a GPU) in --dry and for calls that take over half
+    a second (the eigh baseline at large N), where one more call is enough."""
     import torch
 
+    from ncutfast.bench.measure import timed_call
+
+    device = "cuda" if torch.cuda.is_available() and not args.dry else "cpu"
+
     def wall(fn) -> float:
-        t0 = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        return time.perf_counter() - t0
+        return timed_call(fn, device)[1]
 
     def timed(fn) -> float:
         first = wall(fn)

@@ -28,6 +28,24 @@ def _rss_bytes() -> int:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS counter (VmHWM) to the current RSS; False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def _peak_rss_bytes() -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 def _malloc_trim() -> None:
     """Return freed heap pages to the OS (glibc), so that re-using them shows up as RSS growth."""
     with contextlib.suppress(OSError, AttributeError):
@@ -38,8 +56,10 @@ def _malloc_trim() -> None:
 def peak_memory(device: str, cupy_pool: bool = False) -> Iterator[list[float]]:
     """Yield a one-element list that holds the block's peak memory growth in bytes on exit (NaN if unknown).
 
-    CPU: the peak resident set size during the block minus the RSS before it, sampled every millisecond
-    from ``/proc/self/statm`` by a background thread after ``malloc_trim``. CUDA:
+    CPU: the peak resident set size during the block minus the RSS before it, after ``malloc_trim``: the
+    kernel's high-water mark (VmHWM, reset before the block through ``/proc/self/clear_refs``) where it can be
+    reset, and in any case the RSS sampled every millisecond from ``/proc/self/statm`` by a background thread
+    (page-granular, every allocator included). CUDA:
     ``torch.cuda.max_memory_allocated`` growth (plus the CuPy pool's with ``cupy_pool``)."""
     result = [math.nan]
     gc.collect()
@@ -62,6 +82,7 @@ def peak_memory(device: str, cupy_pool: bool = False) -> Iterator[list[float]]:
         return
     _malloc_trim()
     base = _rss_bytes()
+    hwm = _reset_peak_rss()
     peak = [base]
     stop = threading.Event()
 
@@ -76,7 +97,7 @@ def peak_memory(device: str, cupy_pool: bool = False) -> Iterator[list[float]]:
     finally:
         stop.set()
         thread.join()
-        result[0] = max(peak[0], _rss_bytes()) - base
+        result[0] = max(peak[0], _rss_bytes(), _peak_rss_bytes() if hwm else 0) - base
 
 
 def timed_call(fn: Callable[[], Any], device: str) -> tuple[Any, float]:
