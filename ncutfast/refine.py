@@ -64,50 +64,122 @@ def _radices(sizes: list[tuple[int, int]], sigmas: tuple[float, float, float]) -
     return radices, sum(t * s for t, s in zip(top, strides, strict=True)) + strides[-1] + 1
 
 
-def _pixel_keys(image: torch.Tensor, sigmas: tuple[float, float, float], strides: list[int],
-                dtype: torch.dtype) -> torch.Tensor:
-    """The vertex key sum_d coord_d * strides[d] of every pixel of one uint8 ``(H, W, 3)`` image, ``(H * W,)``.
+def _pixel_keys(images: list[torch.Tensor], sigmas: tuple[float, float, float], strides: list[int],
+                dtype: torch.dtype) -> list[torch.Tensor]:
+    """The vertex key sum_d coord_d * strides[d] of every pixel of each uint8 ``(H_i, W_i, 3)`` image, a list
+    of ``(H_i * W_i,)`` tensors of ``dtype``.
 
     The coordinates come from the same float64 operations in the same order as ``reference.rgb_to_yuv`` and
-    ``reference.bilateral_coords``, so they are identical to the reference's (not merely close).
+    ``reference.bilateral_coords``, so they are identical to the reference's (not merely close). The
+    arithmetic writes into buffers shared by the whole batch: fresh pixel-sized temporaries (page faults)
+    would cost more than the arithmetic itself.
     """
-    h, w, _ = image.shape
     sigma_spatial, sigma_luma, sigma_chroma = sigmas
-    dev = image.device
-    r, g, b = image.permute(2, 0, 1).contiguous().to(torch.float64)  # planar: contiguous channels
-    # .to(int) truncates toward zero, as NumPy's astype(int).
-    cols = (torch.arange(w, device=dev, dtype=torch.float64) / sigma_spatial).to(dtype) * strides[0]
-    rows = (torch.arange(h, device=dev, dtype=torch.float64) / sigma_spatial).to(dtype) * strides[1]
-    key = rows[:, None] + cols[None, :]
-    for d, (c, o, sigma) in enumerate(zip(reference.RGB_TO_YUV, reference.YUV_OFFSET,
-                                          (sigma_luma, sigma_chroma, sigma_chroma), strict=True)):
-        yuv = r * c[0] + g * c[1] + b * c[2]
-        if o:  # Y's offset is 0.0: adding it changes no value
-            yuv += o
-        key.add_((yuv / sigma).to(dtype), alpha=strides[2 + d])
-    return key.reshape(-1)
+    dev = images[0].device
+    npix = [im.shape[0] * im.shape[1] for im in images]
+    keys = torch.empty(sum(npix), dtype=dtype, device=dev).split(npix)
+    rgb = torch.empty(3, max(npix), dtype=torch.float64, device=dev)
+    yuv_buf, term_buf = torch.empty_like(rgb[0]), torch.empty_like(rgb[0])
+    coord_buf = torch.empty(max(npix), dtype=dtype, device=dev)
+    for image, key in zip(images, keys, strict=True):
+        h, w, _ = image.shape
+        # .to(int) truncates toward zero, as NumPy's astype(int).
+        cols = (torch.arange(w, device=dev, dtype=torch.float64) / sigma_spatial).to(dtype) * strides[0]
+        rows = (torch.arange(h, device=dev, dtype=torch.float64) / sigma_spatial).to(dtype) * strides[1]
+        torch.add(rows[:, None], cols[None, :], out=key.view(h, w))
+        r, g, b = rgb[:, :h * w].copy_(image.permute(2, 0, 1).reshape(3, h * w))  # planar float64
+        yuv, term, coord = yuv_buf[:h * w], term_buf[:h * w], coord_buf[:h * w]
+        for d, (c, o, sigma) in enumerate(zip(reference.RGB_TO_YUV, reference.YUV_OFFSET,
+                                              (sigma_luma, sigma_chroma, sigma_chroma), strict=True)):
+            torch.mul(r, c[0], out=yuv)  # ((c0 R + c1 G) + c2 B) + o, every step rounded
+            yuv.add_(torch.mul(g, c[1], out=term))
+            yuv.add_(torch.mul(b, c[2], out=term))
+            if o:  # Y's offset is 0.0: adding it changes no value
+                yuv.add_(o)
+            key.add_(coord.copy_(yuv.div_(sigma)), alpha=strides[2 + d])  # copy_ to int truncates toward zero
+    return list(keys)
 
 
-def _neighbours(key: torch.Tensor, strides: list[int]) -> torch.Tensor:
-    """The blur's taps of one image's vertices (``key``: their sorted keys), int64 ``(V, 10)``.
+#: Most entries of a table of the dense neighbour search (``_DenseIndex``); larger grids use ``searchsorted``.
+_DENSE_TABLE_MAX = 1 << 24
+
+Finder = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _search_finder(key: torch.Tensor) -> Finder:
+    """Finds int64 keys among one image's sorted int64 vertex ``key`` by binary search."""
+    last = key.shape[0] - 1
+
+    def find(wanted: torch.Tensor) -> torch.Tensor:
+        loc = torch.searchsorted(key, wanted).clamp_(max=last)
+        return torch.where(key.index_select(0, loc) == wanted, loc, -1)
+
+    return find
+
+
+class _DenseIndex:
+    """Vertex index of a key by two table lookups, for the images of one batch in turn.
+
+    A key splits as ``high * split + low`` (``split``: the spatial cells, so ``high`` holds the colour
+    digits). ``high_rank`` maps a present ``high`` to its rank among the image's distinct ones, and
+    ``cells`` maps ``rank * split + low`` to the vertex: tables of ``n_high`` and of (distinct highs) x
+    ``split`` entries instead of one over the whole key space. ``finder`` fills them for one image and
+    ``clear`` empties them again (-1 = absent), so one allocation serves the batch.
+    """
+
+    def __init__(self, split: int, n_high: int, n_cells: int, device: torch.device) -> None:
+        self.split = split
+        self.high_rank = torch.full((n_high,), -1, dtype=torch.int64, device=device)
+        self.cells = torch.full((n_cells,), -1, dtype=torch.int64, device=device)
+        self._filled: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @staticmethod
+    def distinct_high(key: torch.Tensor, split: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """For sorted int64 ``key``: whether each key starts a new ``high`` (bool), and its ``high``."""
+        high = torch.div(key, split, rounding_mode="floor")
+        first = torch.ones_like(high, dtype=torch.bool)
+        torch.ne(high[1:], high[:-1], out=first[1:])
+        return first, high
+
+    def finder(self, key: torch.Tensor) -> Finder:
+        """Enter one image's sorted int64 vertex ``key``; returns ``find(wanted) -> vertex index or -1``."""
+        split, n_high = self.split, self.high_rank.shape[0]
+        first, high = self.distinct_high(key, split)
+        rank = torch.cumsum(first, 0) - 1
+        distinct = high[first]
+        self.high_rank[distinct] = torch.arange(distinct.shape[0], device=key.device)
+        cell = rank * split + (key - high * split)
+        self.cells[cell] = torch.arange(key.shape[0], device=key.device)
+        self._filled = distinct, cell
+        last_cell = self.cells.shape[0] - 1
+
+        def find(wanted: torch.Tensor) -> torch.Tensor:
+            high = torch.div(wanted, split, rounding_mode="floor")
+            ok = (high >= 0) & (high < n_high)
+            rank = torch.where(ok, self.high_rank.index_select(0, high.clamp(0, n_high - 1)), -1)
+            cell = (rank * split + (wanted - high * split)).clamp_(0, last_cell)
+            return torch.where(rank >= 0, self.cells.index_select(0, cell), -1)
+
+        return find
+
+    def clear(self) -> None:
+        """Empty the tables again (the last ``finder``'s entries only)."""
+        assert self._filled is not None
+        distinct, cell = self._filled
+        self.high_rank[distinct] = -1
+        self.cells[cell] = -1
+        self._filled = None
+
+
+def _neighbours(key: torch.Tensor, strides: list[int], find: Finder) -> torch.Tensor:
+    """The blur's taps of one image's vertices (``key``: their sorted int64 keys), int64 ``(V, 10)``.
 
     Columns: [below in dim 4, ..., below in dim 0, above in dim 0, ..., above in dim 4], -1 where the
-    neighbour does not exist. Keys, hence vertex indices, ascend along a row (key - strides[4] < ... <
-    key - strides[0] < key + strides[0] < ...). Only the neighbours above are searched (``searchsorted``);
-    those below are their transpose. As in TokenCut, a neighbour is any vertex of the image with that key.
+    neighbour does not exist: as in TokenCut, the neighbour in dimension d is any vertex of the image whose
+    key is key -+ strides[d]. Keys, hence vertex indices, ascend along a row.
     """
-    dims = reference.BS_DIMS
-    nv = key.shape[0]
-    table = torch.full((nv, 2 * dims), -1, dtype=torch.int64, device=key.device)
-    vertex = torch.arange(nv, device=key.device)
-    for d in range(dims):
-        wanted = key + strides[d]
-        loc = torch.searchsorted(key, wanted).clamp_(max=nv - 1)
-        ok = key[loc] == wanted
-        src, dst = torch.masked_select(vertex, ok), torch.masked_select(loc, ok)
-        table[src, dims + d] = dst
-        table[dst, dims - 1 - d] = src
-    return table
+    below = [find(key - s) for s in reversed(strides)]
+    return torch.stack(below + [find(key + s) for s in strides], dim=1)
 
 
 class _BatchGrid:
@@ -117,7 +189,7 @@ class _BatchGrid:
     and no neighbour.
 
     Attributes:
-        inverse: int64 ``(P,)``, the slot of every pixel (pixels of all images, concatenated).
+        inverses: per image, int64 ``(H_i * W_i,)``, the vertex (row position in ``(B, vmax)``) of every pixel.
         blur_matrix: ``(B * vmax, B * vmax)`` sparse CSR float64, the blur's off-centre taps (1 per existing
             neighbour).
         counts: float64 ``(B * vmax,)``, pixels per vertex (splat of ones; 0 on padding).
@@ -133,80 +205,98 @@ class _BatchGrid:
             raise ValueError("sigma_spatial / sigma_luma / sigma_chroma: too small, the grid's vertex keys "
                              "overflow int64")
         dtype = torch.int32 if bound < 2**31 else torch.int64
-        grids = []  # per image: vertex of every pixel, pixels per vertex, neighbour table
-        for img in images:
-            key, inverse, counts = torch.unique(_pixel_keys(img, sigmas, strides, dtype), sorted=True,
-                                                return_inverse=True, return_counts=True)
-            grids.append((inverse.reshape(-1), counts, _neighbours(key, strides)))
-        self.vmax = vmax = max(counts.shape[0] for _, counts, _ in grids)
+        grids = [torch.unique(k, sorted=True, return_inverse=True, return_counts=True)
+                 for k in _pixel_keys(images, sigmas, strides, dtype)]
+        keys = [k.to(torch.int64) for k, _, _ in grids]
+        self.inverses = [inverse for _, inverse, _ in grids]
+        self.vmax = vmax = max(k.shape[0] for k in keys)
         self.size = n_images * vmax
+        counts = torch.zeros(n_images, vmax, dtype=torch.float64, device=device)
+        for row, (_, _, c) in zip(counts, grids, strict=True):
+            row[:c.shape[0]] = c
+        self.counts = counts.reshape(-1)
 
-        def padded(x: torch.Tensor) -> torch.Tensor:
-            return torch.cat([x, x.new_zeros(vmax - x.shape[0])])
-
-        self.inverse = torch.cat([inverse + i * vmax for i, (inverse, _, _) in enumerate(grids)])
-        self.counts = torch.cat([padded(counts.to(torch.float64)) for _, counts, _ in grids])
-        present = [table >= 0 for _, _, table in grids]
-        per_row = torch.cat([padded(p.sum(dim=1)) for p in present])
+        split = strides[2]  # keys = colour digits * split + spatial digits
+        n_high = bound // split + 1
+        n_cells = split * max(int(_DenseIndex.distinct_high(k, split)[0].sum()) for k in keys)
+        dense = (_DenseIndex(split, n_high, n_cells, device) if max(n_high, n_cells) <= _DENSE_TABLE_MAX
+                 else None)
         index_dtype = torch.int32 if self.size * 2 * reference.BS_DIMS < 2**31 else torch.int64  # MKL's SpMV
+        table = torch.full((n_images, vmax, 2 * reference.BS_DIMS), -1, dtype=index_dtype, device=device)
+        for i, key in enumerate(keys):
+            if dense is None:
+                taps = _neighbours(key, strides, _search_finder(key))
+            else:
+                taps = _neighbours(key, strides, dense.finder(key))
+                dense.clear()
+            table[i, :key.shape[0]] = torch.where(taps >= 0, taps + i * vmax, -1)
+        table = table.reshape(self.size, -1)
+        present = table >= 0
         crow = torch.zeros(self.size + 1, dtype=index_dtype, device=device)
-        crow[1:] = torch.cumsum(per_row, 0)
-        # Row-major selection keeps every row's columns ascending: CSR order.
-        col = torch.cat([torch.masked_select(table, p) + i * vmax
-                         for i, ((_, _, table), p) in enumerate(zip(grids, present, strict=True))])
+        torch.cumsum(present.sum(dim=1), 0, out=crow[1:])
+        col = table[present]  # row-major: every row's columns ascend (CSR order)
         with warnings.catch_warnings():  # torch flags sparse CSR as beta; the matrix-vector product is stable
             warnings.simplefilter("ignore", UserWarning)
-            self.blur_matrix = torch.sparse_csr_tensor(crow, col.to(index_dtype), torch.ones(
+            self.blur_matrix = torch.sparse_csr_tensor(crow, col, torch.ones(
                 col.shape[0], dtype=torch.float64, device=device), (self.size, self.size))
 
-    def splat(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.zeros(self.size, dtype=x.dtype, device=x.device).index_add_(0, self.inverse, x)
+    def splat(self, values: list[torch.Tensor]) -> torch.Tensor:
+        """Per-image float64 pixel values ``(H_i * W_i,)`` -> their sums on the vertices, ``(B * vmax,)``."""
+        out = torch.zeros(self.n_images, self.vmax, dtype=torch.float64, device=self.counts.device)
+        for row, inverse, v in zip(out, self.inverses, values, strict=True):
+            row.scatter_add_(0, inverse, v)
+        return out.reshape(-1)
 
-    def slice(self, y: torch.Tensor) -> torch.Tensor:
-        return y[self.inverse]
+    def slice(self, y: torch.Tensor) -> list[torch.Tensor]:
+        """A vertex vector ``(B * vmax,)`` -> every pixel's vertex value, per image ``(H_i * W_i,)``."""
+        return [row.index_select(0, inverse) for row, inverse in zip(self.per_image(y), self.inverses,
+                                                                      strict=True)]
 
-    def blur(self, x: torch.Tensor) -> torch.Tensor:
-        return 2 * reference.BS_DIMS * x + self.blur_matrix @ x
+    def blur(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """[1 2 1] in every dimension: 2 * 5 * x + the existing neighbours, into ``out``."""
+        return torch.addmv(x, self.blur_matrix, x, beta=2 * reference.BS_DIMS, out=out)
 
     def per_image(self, x: torch.Tensor) -> torch.Tensor:
         """A vertex vector as ``(B, vmax)`` (a view)."""
         return x.view(self.n_images, self.vmax)
 
 
-def _cg(grid: _BatchGrid, matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, x0: torch.Tensor,
-        precond: torch.Tensor) -> torch.Tensor:
+def _cg(grid: _BatchGrid, matvec: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], b: torch.Tensor,
+        x0: torch.Tensor, precond: torch.Tensor) -> torch.Tensor:
     """SciPy's ``cg`` (rtol 1e-5, atol 0, at most 25 iterations) on every image's block at once.
 
     Vectors are ``(B, vmax)`` (one image per row); dot products are row sums. Every image follows SciPy's
     iteration on its own block, stops when ||r|| < 1e-5 ||b|| and then takes zero steps (its scalars are
-    masked, never the vectors).
+    masked, never the vectors). ``matvec(v, out)`` writes A v into ``out``; the iteration reuses its
+    buffers.
     """
     b, x0, precond = (grid.per_image(v) for v in (b, x0, precond))
-
-    def mv(v: torch.Tensor) -> torch.Tensor:
-        return grid.per_image(matvec(v.reshape(-1)))
+    tmp = torch.empty_like(b)
 
     def dot(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:  # row-wise dot products
-        return (u * v).sum(dim=1)
+        return torch.mul(u, v, out=tmp).sum(dim=1)
 
     bnorm = dot(b, b).sqrt()
     atol = reference.BS_CG_TOL * bnorm
     active = bnorm > 0
     x = torch.where(active[:, None], x0, b)  # SciPy returns b itself when ||b|| = 0
-    r = b - mv(x)
-    p = torch.zeros_like(b)
+    r, z, p, q = (torch.empty_like(b) for _ in range(4))
+    torch.sub(b, matvec(x, q), out=r)
     rho_prev = torch.ones_like(bnorm)
     for it in range(reference.BS_CG_MAXITER):
-        active = active & ~(dot(r, r).sqrt() < atol)
+        active &= ~(dot(r, r).sqrt() < atol)
         if not bool(active.any()):
             break
-        z = precond * r
+        torch.mul(precond, r, out=z)
         rho = dot(r, z)
-        p = z if it == 0 else torch.addcmul(z, torch.where(active, rho / rho_prev, 0.0)[:, None], p)
-        q = mv(p)
+        if it == 0:
+            p.copy_(z)
+        else:  # p = beta p + z
+            p.mul_(torch.where(active, rho / rho_prev, 0.0)[:, None]).add_(z)
+        matvec(p, q)
         alpha = torch.where(active, rho / dot(p, q), 0.0)[:, None]
-        x = torch.addcmul(x, alpha, p)
-        r = torch.addcmul(r, alpha, q, value=-1.0)
+        x.addcmul_(alpha, p)
+        r.addcmul_(alpha, q, value=-1.0)
         rho_prev = rho
     return x.reshape(-1)
 
@@ -277,24 +367,27 @@ def bilateral_solve(
     has_pixels = grid.counts > 0
     m = torch.where(has_pixels, grid.counts, 1.0)  # padding slots: isolated vertices (finite, never used)
     n = torch.ones_like(m)
+    blurred = torch.empty_like(m)
     for _ in range(reference.BS_BISTOCHASTIC_ITERS):
-        n = torch.sqrt(n * m / grid.blur(n))
-    m = n * grid.blur(n)
+        grid.blur(n, blurred)
+        n.mul_(m).div_(blurred).sqrt_()
+    m = n * grid.blur(n, blurred)
 
-    t = torch.cat(tgts)
     c_splat = grid.counts * confidence
-    b = grid.splat(t) * confidence  # splat(t c) for a constant c
+    b = grid.splat(tgts).mul_(confidence)  # splat(t c) for a constant c
     diag = lam * (m - n * (2 * reference.BS_DIMS * n)) + c_splat  # diag(A), rounded as the reference's
     lam_n = lam * n
+    scaled, taps = torch.empty_like(m), torch.empty_like(m)
 
-    def matvec(y: torch.Tensor) -> torch.Tensor:
+    def matvec(y: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         # A y = lam (Dm - Dn B Dn) y + splat(c) y = diag(A) y - lam n (B_off (n y)), B_off = B - 2 * 5 I.
-        return torch.addcmul(diag * y, lam_n, grid.blur_matrix @ (n * y), value=-1.0)
+        y = y.reshape(-1)
+        torch.mv(grid.blur_matrix, torch.mul(n, y, out=scaled), out=taps)
+        return torch.mul(diag, y, out=out.view(-1)).addcmul_(lam_n, taps, value=-1.0).view_as(out)
 
     precond = 1.0 / torch.clamp(diag, min=reference.BS_A_DIAG_MIN)
     y = _cg(grid, matvec, b, torch.where(has_pixels, b / torch.where(has_pixels, c_splat, 1.0), 0.0), precond)
-    out = list(grid.slice(y).split([h * w for h, w in sizes]))
-    out = [o.reshape(s) for o, s in zip(out, sizes, strict=True)]
+    out = [o.reshape(s) for o, s in zip(grid.slice(y), sizes, strict=True)]
     return out[0] if single else out
 
 
