@@ -100,86 +100,50 @@ def _pixel_keys(images: list[torch.Tensor], sigmas: tuple[float, float, float], 
     return list(keys)
 
 
-#: Most entries of a table of the dense neighbour search (``_DenseIndex``); larger grids use ``searchsorted``.
+#: Most entries of a table of the dense neighbour search (``_dense_finder``); larger grids use ``searchsorted``.
 _DENSE_TABLE_MAX = 1 << 24
 
 Finder = Callable[[torch.Tensor], torch.Tensor]
 
 
-def _search_finder(key: torch.Tensor) -> Finder:
-    """Finds int64 keys among one image's sorted int64 vertex ``key`` by binary search."""
-    last = key.shape[0] - 1
+def _search_finder(keys: torch.Tensor, slots: torch.Tensor) -> Finder:
+    """Finds keys among the batch's sorted int64 vertex ``keys`` by binary search (the slot, or -1)."""
+    last = keys.shape[0] - 1
 
     def find(wanted: torch.Tensor) -> torch.Tensor:
-        loc = torch.searchsorted(key, wanted).clamp_(max=last)
-        return torch.where(key.index_select(0, loc) == wanted, loc, -1)
+        loc = torch.searchsorted(keys, wanted).clamp_(max=last)
+        return torch.where(keys.index_select(0, loc) == wanted, slots.index_select(0, loc), -1)
 
     return find
 
 
-class _DenseIndex:
-    """Vertex index of a key by two table lookups, for the images of one batch in turn.
+def _dense_finder(keys: torch.Tensor, slots: torch.Tensor, split: int, n_high: int) -> Finder | None:
+    """Finds keys among the batch's sorted int64 vertex ``keys`` (all < ``n_high * split``) by two table
+    lookups (the slot, or -1); None when a table would exceed ``_DENSE_TABLE_MAX`` entries.
 
-    A key splits as ``high * split + low`` (``split``: the spatial cells, so ``high`` holds the colour
-    digits). ``high_rank`` maps a present ``high`` to its rank among the image's distinct ones, and
-    ``cells`` maps ``rank * split + low`` to the vertex: tables of ``n_high`` and of (distinct highs) x
-    ``split`` entries instead of one over the whole key space. ``finder`` fills them for one image and
-    ``clear`` empties them again (-1 = absent), so one allocation serves the batch.
+    A key splits as ``high * split + low``. ``rank`` maps a present ``high`` to its rank among the distinct
+    ones, and ``cells`` maps ``rank * split + low`` to the slot: tables of ``n_high`` and of (distinct highs)
+    x ``split`` entries, small when ``split`` covers the spatial digits (an image has few colour cells),
+    where one table over the key space would not be.
     """
+    high = torch.div(keys, split, rounding_mode="floor")
+    first = torch.ones_like(high, dtype=torch.bool)
+    torch.ne(high[1:], high[:-1], out=first[1:])
+    n_distinct = int(first.sum())
+    if max(n_high, n_distinct * split) > _DENSE_TABLE_MAX:
+        return None
+    rank = torch.full((n_high,), -1, dtype=torch.int64, device=keys.device)
+    rank[high[first]] = torch.arange(n_distinct, device=keys.device)
+    cells = torch.full((n_distinct * split,), -1, dtype=torch.int64, device=keys.device)
+    cells[(torch.cumsum(first, 0) - 1) * split + (keys - high * split)] = slots
 
-    def __init__(self, split: int, n_high: int, n_cells: int, device: torch.device) -> None:
-        self.split = split
-        self.high_rank = torch.full((n_high,), -1, dtype=torch.int64, device=device)
-        self.cells = torch.full((n_cells,), -1, dtype=torch.int64, device=device)
-        self._filled: tuple[torch.Tensor, torch.Tensor] | None = None
+    def find(wanted: torch.Tensor) -> torch.Tensor:  # every wanted key lies in [0, n_high * split)
+        high = torch.div(wanted, split, rounding_mode="floor")
+        r = rank.index_select(0, high)
+        cell = ((r - high) * split).add_(wanted).clamp_(min=0)  # r * split + low; < 0 where r = -1
+        return torch.where(r >= 0, cells.index_select(0, cell), -1)
 
-    @staticmethod
-    def distinct_high(key: torch.Tensor, split: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """For sorted int64 ``key``: whether each key starts a new ``high`` (bool), and its ``high``."""
-        high = torch.div(key, split, rounding_mode="floor")
-        first = torch.ones_like(high, dtype=torch.bool)
-        torch.ne(high[1:], high[:-1], out=first[1:])
-        return first, high
-
-    def finder(self, key: torch.Tensor) -> Finder:
-        """Enter one image's sorted int64 vertex ``key``; returns ``find(wanted) -> vertex index or -1``."""
-        split, n_high = self.split, self.high_rank.shape[0]
-        first, high = self.distinct_high(key, split)
-        rank = torch.cumsum(first, 0) - 1
-        distinct = high[first]
-        self.high_rank[distinct] = torch.arange(distinct.shape[0], device=key.device)
-        cell = rank * split + (key - high * split)
-        self.cells[cell] = torch.arange(key.shape[0], device=key.device)
-        self._filled = distinct, cell
-        last_cell = self.cells.shape[0] - 1
-
-        def find(wanted: torch.Tensor) -> torch.Tensor:
-            high = torch.div(wanted, split, rounding_mode="floor")
-            ok = (high >= 0) & (high < n_high)
-            rank = torch.where(ok, self.high_rank.index_select(0, high.clamp(0, n_high - 1)), -1)
-            cell = (rank * split + (wanted - high * split)).clamp_(0, last_cell)
-            return torch.where(rank >= 0, self.cells.index_select(0, cell), -1)
-
-        return find
-
-    def clear(self) -> None:
-        """Empty the tables again (the last ``finder``'s entries only)."""
-        assert self._filled is not None
-        distinct, cell = self._filled
-        self.high_rank[distinct] = -1
-        self.cells[cell] = -1
-        self._filled = None
-
-
-def _neighbours(key: torch.Tensor, strides: list[int], find: Finder) -> torch.Tensor:
-    """The blur's taps of one image's vertices (``key``: their sorted int64 keys), int64 ``(V, 10)``.
-
-    Columns: [below in dim 4, ..., below in dim 0, above in dim 0, ..., above in dim 4], -1 where the
-    neighbour does not exist: as in TokenCut, the neighbour in dimension d is any vertex of the image whose
-    key is key -+ strides[d]. Keys, hence vertex indices, ascend along a row.
-    """
-    below = [find(key - s) for s in reversed(strides)]
-    return torch.stack(below + [find(key + s) for s in strides], dim=1)
+    return find
 
 
 class _BatchGrid:
@@ -201,36 +165,42 @@ class _BatchGrid:
         self.n_images = n_images = len(images)
         radices, bound = _radices(sizes, sigmas)
         strides = [int(np.prod(radices[:d], dtype=np.int64)) for d in range(reference.BS_DIMS)]
-        if bound >= 2**63:
+        split = strides[2]  # a key is (colour digits) * split + (spatial digits)
+        n_high = bound // split + 1  # every key + its largest stride is < bound < n_high * split
+        if n_images * n_high * split >= 2**63:
             raise ValueError("sigma_spatial / sigma_luma / sigma_chroma: too small, the grid's vertex keys "
                              "overflow int64")
         dtype = torch.int32 if bound < 2**31 else torch.int64
         grids = [torch.unique(k, sorted=True, return_inverse=True, return_counts=True)
                  for k in _pixel_keys(images, sigmas, strides, dtype)]
-        keys = [k.to(torch.int64) for k, _, _ in grids]
         self.inverses = [inverse for _, inverse, _ in grids]
-        self.vmax = vmax = max(k.shape[0] for k in keys)
+        n_vertices = [k.shape[0] for k, _, _ in grids]
+        self.vmax = vmax = max(n_vertices)
         self.size = n_images * vmax
         counts = torch.zeros(n_images, vmax, dtype=torch.float64, device=device)
         for row, (_, _, c) in zip(counts, grids, strict=True):
             row[:c.shape[0]] = c
         self.counts = counts.reshape(-1)
 
-        split = strides[2]  # keys = colour digits * split + spatial digits
-        n_high = bound // split + 1
-        n_cells = split * max(int(_DenseIndex.distinct_high(k, split)[0].sum()) for k in keys)
-        dense = (_DenseIndex(split, n_high, n_cells, device) if max(n_high, n_cells) <= _DENSE_TABLE_MAX
-                 else None)
+        # The whole batch's vertices: image i's keys offset by i * n_high * split, so that they ascend, and
+        # their slots.
+        local = torch.cat([k for k, _, _ in grids]).to(torch.int64)
+        image = torch.repeat_interleave(torch.arange(n_images, device=device),
+                                        torch.tensor(n_vertices, device=device))
+        keys = local + image * (n_high * split)
+        first_vertex = np.cumsum([0, *n_vertices[:-1]]).tolist()
+        slots = torch.arange(local.shape[0], device=device) + torch.repeat_interleave(
+            torch.tensor([i * vmax - f for i, f in enumerate(first_vertex)], device=device),
+            torch.tensor(n_vertices, device=device))
+        find = _dense_finder(keys, slots, split, n_images * n_high) or _search_finder(keys, slots)
+        # The blur's taps: [below in dim 4, ..., below in dim 0, above in dim 0, ..., above in dim 4], -1 where
+        # absent; as in TokenCut, the neighbour in dimension d is any vertex of the image whose key is
+        # key -+ strides[d] (slots ascend along a row, as keys do). Keys below 0 would be another image's.
+        taps = [torch.where(local >= s, find((keys - s).clamp_(min=0)), -1) for s in reversed(strides)]
+        taps += [find(keys + s) for s in strides]
         index_dtype = torch.int32 if self.size * 2 * reference.BS_DIMS < 2**31 else torch.int64  # MKL's SpMV
-        table = torch.full((n_images, vmax, 2 * reference.BS_DIMS), -1, dtype=index_dtype, device=device)
-        for i, key in enumerate(keys):
-            if dense is None:
-                taps = _neighbours(key, strides, _search_finder(key))
-            else:
-                taps = _neighbours(key, strides, dense.finder(key))
-                dense.clear()
-            table[i, :key.shape[0]] = torch.where(taps >= 0, taps + i * vmax, -1)
-        table = table.reshape(self.size, -1)
+        table = torch.full((self.size, 2 * reference.BS_DIMS), -1, dtype=index_dtype, device=device)
+        table[slots] = torch.stack(taps, dim=1).to(index_dtype)
         present = table >= 0
         crow = torch.zeros(self.size + 1, dtype=index_dtype, device=device)
         torch.cumsum(present.sum(dim=1), 0, out=crow[1:])

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from ncutfast import reference
+from ncutfast import reference, refine
 from ncutfast.refine import _BatchGrid, bilateral_binary, bilateral_solve
 from ncutfast.testing import synthetic_photo
 
@@ -36,16 +36,34 @@ def _assert_same_grid(images: list[np.ndarray], sigmas: tuple[float, float, floa
     assert blur.sum() == sum(_reference_grid(im, sigmas)[1].sum() for im in images)  # no other tap
 
 
-def test_grid_identical_to_reference_on_every_kind_of_colour(rng: np.random.Generator) -> None:
+@pytest.fixture(params=["dense", "search"])
+def neighbour_search(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Runs a test with each of the two neighbour searches, and checks that it ran the one named."""
+    if request.param == "search":
+        monkeypatch.setattr(refine, "_DENSE_TABLE_MAX", 0)  # no table is small enough: searchsorted
+    else:
+        def no_search(*args: object) -> None:
+            raise AssertionError("the dense neighbour search was expected")
+        monkeypatch.setattr(refine, "_search_finder", no_search)
+    return request.param
+
+
+def test_grid_identical_to_reference_on_every_kind_of_colour(rng: np.random.Generator,
+                                                              neighbour_search: str) -> None:
     """Vertices and blur taps equal the reference's exactly, including the colours whose YUV lands on a
-    cell boundary (all 256 greys, e.g. grey 16 has U = 128 - 1 ulp) and random colours."""
+    cell boundary (all 256 greys, e.g. grey 16 has U = 128 - 1 ulp), random colours, extreme colours and
+    odd sizes (1x1, 3x50), with either neighbour search."""
     greys = np.repeat(np.arange(256, dtype=np.uint8).reshape(16, 16, 1), 3, axis=2)
     noise = rng.integers(0, 256, size=(29, 23, 3), dtype=np.uint8)
     _assert_same_grid([greys, noise], SIGMAS)
     _assert_same_grid([noise, greys], (3.0, 1.5, 2.5))
+    corners = np.array([[[r, g, b] for r in (0, 255) for g in (0, 255) for b in (0, 255)]], dtype=np.uint8)
+    one = np.full((1, 1, 3), 255, dtype=np.uint8)
+    _assert_same_grid([one, corners, rng.integers(0, 256, size=(3, 50, 3), dtype=np.uint8), one], SIGMAS)
+    _assert_same_grid([corners, one], (1.5, 1.5, 1.5))
 
 
-def test_grid_keeps_tokencut_hash_wraparound(rng: np.random.Generator) -> None:
+def test_grid_keeps_tokencut_hash_wraparound(rng: np.random.Generator, neighbour_search: str) -> None:
     """Coordinates >= 254 (here sigma_spatial 1 on a 300-px wide image): TokenCut's hash wraps (x = 254 at
     row 0 and x = 0 at row 1 become blur neighbours); the batched grid keeps that behaviour."""
     image = rng.integers(0, 256, size=(3, 300, 3), dtype=np.uint8)
