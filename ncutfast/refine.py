@@ -132,9 +132,9 @@ def _dense_finder(keys: torch.Tensor, slots: torch.Tensor, split: int, n_high: i
     n_distinct = int(first.sum())
     if max(n_high, n_distinct * split) > _DENSE_TABLE_MAX:
         return None
-    rank = torch.full((n_high,), -1, dtype=torch.int64, device=keys.device)
-    rank[high[first]] = torch.arange(n_distinct, device=keys.device)
-    cells = torch.full((n_distinct * split,), -1, dtype=torch.int64, device=keys.device)
+    rank = torch.full((n_high,), -1, dtype=torch.int32, device=keys.device)  # n_distinct <= the table limit
+    rank[high[first]] = torch.arange(n_distinct, dtype=torch.int32, device=keys.device)
+    cells = torch.full((n_distinct * split,), -1, dtype=slots.dtype, device=keys.device)
     cells[(torch.cumsum(first, 0) - 1) * split + (keys - high * split)] = slots
 
     def find(wanted: torch.Tensor) -> torch.Tensor:  # every wanted key lies in [0, n_high * split)
@@ -189,22 +189,23 @@ class _BatchGrid:
                                         torch.tensor(n_vertices, device=device))
         keys = local + image * (n_high * split)
         first_vertex = np.cumsum([0, *n_vertices[:-1]]).tolist()
-        slots = torch.arange(local.shape[0], device=device) + torch.repeat_interleave(
+        index_dtype = torch.int32 if self.size * 2 * reference.BS_DIMS < 2**31 else torch.int64  # MKL's SpMV
+        slots = (torch.arange(local.shape[0], device=device) + torch.repeat_interleave(
             torch.tensor([i * vmax - f for i, f in enumerate(first_vertex)], device=device),
-            torch.tensor(n_vertices, device=device))
+            torch.tensor(n_vertices, device=device))).to(index_dtype)
         find = _dense_finder(keys, slots, split, n_images * n_high) or _search_finder(keys, slots)
         # The blur's taps: [below in dim 4, ..., below in dim 0, above in dim 0, ..., above in dim 4], -1 where
         # absent; as in TokenCut, the neighbour in dimension d is any vertex of the image whose key is
         # key -+ strides[d] (slots ascend along a row, as keys do). Keys below 0 would be another image's.
         taps = [torch.where(local >= s, find((keys - s).clamp_(min=0)), -1) for s in reversed(strides)]
         taps += [find(keys + s) for s in strides]
-        index_dtype = torch.int32 if self.size * 2 * reference.BS_DIMS < 2**31 else torch.int64  # MKL's SpMV
-        table = torch.full((self.size, 2 * reference.BS_DIMS), -1, dtype=index_dtype, device=device)
-        table[slots] = torch.stack(taps, dim=1).to(index_dtype)
-        present = table >= 0
+        taps = torch.stack(taps, dim=1).view(-1)
+        # Row-major: every row's columns ascend, and rows ascend with the slots (CSR order).
+        col = torch.masked_select(taps, taps >= 0)
+        per_slot = torch.zeros(self.size, dtype=index_dtype, device=device)
+        per_slot[slots] = sum((t >= 0).to(index_dtype) for t in taps.view(-1, 2 * reference.BS_DIMS).unbind(1))
         crow = torch.zeros(self.size + 1, dtype=index_dtype, device=device)
-        torch.cumsum(present.sum(dim=1), 0, out=crow[1:])
-        col = table[present]  # row-major: every row's columns ascend (CSR order)
+        torch.cumsum(per_slot, 0, out=crow[1:])
         with warnings.catch_warnings():  # torch flags sparse CSR as beta; the matrix-vector product is stable
             warnings.simplefilter("ignore", UserWarning)
             self.blur_matrix = torch.sparse_csr_tensor(crow, col, torch.ones(
@@ -254,7 +255,7 @@ def _cg(grid: _BatchGrid, matvec: Callable[[torch.Tensor, torch.Tensor], torch.T
     torch.sub(b, matvec(x, q), out=r)
     rho_prev = torch.ones_like(bnorm)
     for it in range(reference.BS_CG_MAXITER):
-        active &= ~(dot(r, r).sqrt() < atol)
+        active &= ~(torch.linalg.vector_norm(r, dim=1) < atol)
         if not bool(active.any()):
             break
         torch.mul(precond, r, out=z)
@@ -325,9 +326,10 @@ def bilateral_solve(
         tag = "" if single else f"[{i}]"
         size = check_rgb_image(image, f"images{tag}")
         check_target(target, size, f"targets{tag}", all_finite=True)  # type, shape, dtype
-        t = _as_tensor(target, device).to(torch.float64)
-        if not bool(torch.isfinite(t).all()):
+        t = _as_tensor(target, device)
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise ValueError(f"targets{tag}: contains NaN or inf")
+        t = t.to(torch.float64)
         imgs.append(_as_tensor(image, device))
         tgts.append(t.reshape(-1))
         sizes.append(size)
