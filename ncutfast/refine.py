@@ -40,8 +40,9 @@ def _as_tensor(x: ArrayLike, device: torch.device) -> torch.Tensor:
     return torch.as_tensor(x).to(device)
 
 
-def _radices(sizes: list[tuple[int, int]], sigmas: tuple[float, float, float]) -> tuple[list[int], int]:
-    """Digit radices of the vertex keys of a batch, and a bound above every key + its largest neighbour step.
+def _radices(sizes: list[tuple[int, int]], sigmas: tuple[float, float, float]) -> tuple[list[int], int, bool]:
+    """Digit radices of the vertex keys of a batch, a bound above every key + its largest neighbour step,
+    and whether the radices are the compact ones (False: TokenCut's 255).
 
     TokenCut's hash is sum_d coord_d * 255**d. While every coordinate is <= 253 (images below 254 grid cells
     per side, sigmas above about 1), a neighbour hash (+- 255**d) can only hit the vertex one cell away, so
@@ -56,12 +57,13 @@ def _radices(sizes: list[tuple[int, int]], sigmas: tuple[float, float, float]) -
     # Y <= 255 and U, V <= 255.5 up to rounding; 256 leaves room for it.
     top = [int((width - 1) / sigma_spatial), int((height - 1) / sigma_spatial), int(256.0 / sigma_luma),
            int(256.0 / sigma_chroma), int(256.0 / sigma_chroma)]
-    if max(top) <= reference.BS_HASH_BASE - 2:
+    compact = max(top) <= reference.BS_HASH_BASE - 2
+    if compact:
         radices = [t + 2 for t in top]
     else:
         radices = [reference.BS_HASH_BASE] * reference.BS_DIMS
     strides = np.cumprod([1, *radices[:-1]]).tolist()
-    return radices, sum(t * s for t, s in zip(top, strides, strict=True)) + strides[-1] + 1
+    return radices, sum(t * s for t, s in zip(top, strides, strict=True)) + strides[-1] + 1, compact
 
 
 def _pixel_keys(images: list[torch.Tensor], sigmas: tuple[float, float, float], strides: list[int],
@@ -100,50 +102,62 @@ def _pixel_keys(images: list[torch.Tensor], sigmas: tuple[float, float, float], 
     return list(keys)
 
 
-#: Most entries of a table of the dense neighbour search (``_dense_finder``); larger grids use ``searchsorted``.
+#: Most entries of a table of the dense neighbour search (``_dense_taps``); larger grids use ``searchsorted``.
 _DENSE_TABLE_MAX = 1 << 24
 
-Finder = Callable[[torch.Tensor], torch.Tensor]
 
-
-def _search_finder(keys: torch.Tensor, slots: torch.Tensor) -> Finder:
-    """Finds keys among the batch's sorted int64 vertex ``keys`` by binary search (the slot, or -1)."""
+def _search_taps(keys: torch.Tensor, local: torch.Tensor, slots: torch.Tensor,
+                 strides: list[int]) -> list[torch.Tensor]:
+    """The blur's taps by binary search among the batch's sorted int64 vertex ``keys`` (image i's local
+    keys ``local`` offset by (i + 1) blocks of at least the image's largest key + stride): the slot of the
+    vertex at key -+ strides[d], or -1, for the columns of ``_BatchGrid``'s table. Any radices."""
     last = keys.shape[0] - 1
 
     def find(wanted: torch.Tensor) -> torch.Tensor:
         loc = torch.searchsorted(keys, wanted).clamp_(max=last)
         return torch.where(keys.index_select(0, loc) == wanted, slots.index_select(0, loc), -1)
 
-    return find
+    below = [torch.where(local >= s, find(keys - s), -1) for s in reversed(strides)]  # else another image's
+    return below + [find(keys + s) for s in strides]
 
 
-def _dense_finder(keys: torch.Tensor, slots: torch.Tensor, split: int, n_high: int) -> Finder | None:
-    """Finds keys among the batch's sorted int64 vertex ``keys`` (all < ``n_high * split``) by two table
-    lookups (the slot, or -1); None when a table would exceed ``_DENSE_TABLE_MAX`` entries.
+def _dense_taps(keys: torch.Tensor, slots: torch.Tensor, strides: list[int],
+                n_high: int) -> list[torch.Tensor] | None:
+    """The blur's taps as ``_search_taps``, by table lookups; compact radices only (no carries). None when a
+    table would exceed ``_DENSE_TABLE_MAX`` entries.
 
-    A key splits as ``high * split + low``. ``rank`` maps a present ``high`` to its rank among the distinct
-    ones, and ``cells`` maps ``rank * split + low`` to the slot: tables of ``n_high`` and of (distinct highs)
-    x ``split`` entries, small when ``split`` covers the spatial digits (an image has few colour cells),
-    where one table over the key space would not be.
+    A key is ``high * split + low`` with ``split = strides[2]``: ``low`` holds the spatial digits, ``high``
+    the image block and the colour digits, and every key of image i has ``high`` in
+    ``[(i + 1) * n_high, (i + 2) * n_high)``. ``rank`` maps a present ``high`` to its rank among the
+    distinct ones (-1 where absent); ``cells`` holds the slot of the vertex at ``(rank + 1) * split + low``
+    (-1 elsewhere, including the first ``split`` entries): tables of (B + 2) * n_high and of (distinct highs
+    + 2) x ``split`` entries, small where one over the key space would not be (an image has few colour
+    cells). A spatial neighbour is then the cell +- strides[d], a colour one the rank of high +- strides[d] /
+    split: with no carry, a step off the grid lands on a digit equal to its radix - 1, which no vertex has,
+    or in a padding row or block.
     """
+    split = strides[2]
     high = torch.div(keys, split, rounding_mode="floor")
+    low = keys - high * split
     first = torch.ones_like(high, dtype=torch.bool)
     torch.ne(high[1:], high[:-1], out=first[1:])
     n_distinct = int(first.sum())
-    if max(n_high, n_distinct * split) > _DENSE_TABLE_MAX:
+    n_rank = int(high[-1]) // n_high * n_high + 2 * n_high  # through the block after the last image
+    if max(n_rank, (n_distinct + 2) * split) > _DENSE_TABLE_MAX:
         return None
-    rank = torch.full((n_high,), -1, dtype=torch.int32, device=keys.device)  # n_distinct <= the table limit
-    rank[high[first]] = torch.arange(n_distinct, dtype=torch.int32, device=keys.device)
-    cells = torch.full((n_distinct * split,), -1, dtype=slots.dtype, device=keys.device)
-    cells[(torch.cumsum(first, 0) - 1) * split + (keys - high * split)] = slots
+    rank = torch.full((n_rank,), -1, dtype=torch.int64, device=keys.device)
+    rank[high[first]] = torch.arange(n_distinct, device=keys.device)
+    cells = torch.full(((n_distinct + 2) * split,), -1, dtype=slots.dtype, device=keys.device)
+    cell = torch.cumsum(first, 0).mul_(split).add_(low)  # (rank + 1) * split + low
+    cells[cell] = slots
 
-    def find(wanted: torch.Tensor) -> torch.Tensor:  # every wanted key lies in [0, n_high * split)
-        high = torch.div(wanted, split, rounding_mode="floor")
-        r = rank.index_select(0, high)
-        cell = ((r - high) * split).add_(wanted).clamp_(min=0)  # r * split + low; < 0 where r = -1
-        return torch.where(r >= 0, cells.index_select(0, cell), -1)
+    def tap(sign: int, stride: int) -> torch.Tensor:
+        if stride < split:  # spatial: same colour row
+            return cells.index_select(0, cell + sign * stride)
+        row = rank.index_select(0, high + sign * (stride // split)).add_(1)  # 0 where absent: padding row
+        return cells.index_select(0, row.mul_(split).add_(low))
 
-    return find
+    return [tap(-1, s) for s in reversed(strides)] + [tap(1, s) for s in strides]
 
 
 class _BatchGrid:
@@ -163,11 +177,11 @@ class _BatchGrid:
                  sigmas: tuple[float, float, float]) -> None:
         device = images[0].device
         self.n_images = n_images = len(images)
-        radices, bound = _radices(sizes, sigmas)
+        radices, bound, compact = _radices(sizes, sigmas)
         strides = [int(np.prod(radices[:d], dtype=np.int64)) for d in range(reference.BS_DIMS)]
         split = strides[2]  # a key is (colour digits) * split + (spatial digits)
         n_high = bound // split + 1  # every key + its largest stride is < bound < n_high * split
-        if n_images * n_high * split >= 2**63:
+        if (n_images + 2) * n_high * split >= 2**63:
             raise ValueError("sigma_spatial / sigma_luma / sigma_chroma: too small, the grid's vertex keys "
                              "overflow int64")
         dtype = torch.int32 if bound < 2**31 else torch.int64
@@ -182,23 +196,22 @@ class _BatchGrid:
             row[:c.shape[0]] = c
         self.counts = counts.reshape(-1)
 
-        # The whole batch's vertices: image i's keys offset by i * n_high * split, so that they ascend, and
-        # their slots.
+        # The whole batch's vertices: image i's keys offset by (i + 1) * n_high * split, so that they ascend
+        # and no step off an image reaches another, and their slots.
         local = torch.cat([k for k, _, _ in grids]).to(torch.int64)
         image = torch.repeat_interleave(torch.arange(n_images, device=device),
                                         torch.tensor(n_vertices, device=device))
-        keys = local + image * (n_high * split)
+        keys = local + (image + 1) * (n_high * split)
         first_vertex = np.cumsum([0, *n_vertices[:-1]]).tolist()
         index_dtype = torch.int32 if self.size * 2 * reference.BS_DIMS < 2**31 else torch.int64  # MKL's SpMV
         slots = (torch.arange(local.shape[0], device=device) + torch.repeat_interleave(
             torch.tensor([i * vmax - f for i, f in enumerate(first_vertex)], device=device),
             torch.tensor(n_vertices, device=device))).to(index_dtype)
-        find = _dense_finder(keys, slots, split, n_images * n_high) or _search_finder(keys, slots)
-        # The blur's taps: [below in dim 4, ..., below in dim 0, above in dim 0, ..., above in dim 4], -1 where
-        # absent; as in TokenCut, the neighbour in dimension d is any vertex of the image whose key is
-        # key -+ strides[d] (slots ascend along a row, as keys do). Keys below 0 would be another image's.
-        taps = [torch.where(local >= s, find((keys - s).clamp_(min=0)), -1) for s in reversed(strides)]
-        taps += [find(keys + s) for s in strides]
+        # The blur's taps: [below in dim 4, ..., below in dim 0, above in dim 0, ..., above in dim 4], the slot
+        # or -1 where absent; as in TokenCut, the neighbour in dimension d is any vertex of the image whose
+        # key is key -+ strides[d] (slots ascend along a row, as keys do).
+        taps = (_dense_taps(keys, slots, strides, n_high) if compact else None) or _search_taps(
+            keys, local, slots, strides)
         taps = torch.stack(taps, dim=1).view(-1)
         # Row-major: every row's columns ascend, and rows ascend with the slots (CSR order).
         col = torch.masked_select(taps, taps >= 0)
