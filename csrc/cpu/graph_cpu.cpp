@@ -1,11 +1,21 @@
 #include "graph_cpu.h"
 
+#include <algorithm>
+#include <climits>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
 #if defined(__SSE2__)
 #include <emmintrin.h>
+#endif
+// The int16 screen's AVX2 kernel is compiled for AVX2 whatever the build's -march and chosen at run time.
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+#define NCUTFAST_X86_SIMD 1
+#include <immintrin.h>
+#else
+#define NCUTFAST_X86_SIMD 0
 #endif
 
 #include "../ncut/exact.h"
@@ -187,58 +197,6 @@ struct ExactRows {
   }
 };
 
-/// Decisions of up to 64 columns (j0, j0 + 1, ...) of row i of the exact graph. The screening value
-/// v = s (times scale[j] when given) decides where it is outside [lo, hi] (which contain the row's
-/// [tau - bound, tau + bound]); the others are recomputed in float64 and counted in `*rechecked`. Columns in
-/// `skip` (left of the diagonal: mirrored later) are never rechecked. fi: row i's float64 values, filled on
-/// first use (`*fi_ready`); fj: scratch for the other row.
-template <typename T>
-uint64_t decide_exact(const float* s, const float* scale, int64_t count, uint64_t skip, float lo, float hi,
-                      const ExactRows<T>& rows, int64_t i, int64_t j0, double* fi, bool* fi_ready, double* fj,
-                      double tau, double dot_bound, double dot2_bound, int64_t* rechecked) {
-  uint64_t above = 0, unsure = 0;
-  int64_t k = 0;
-#if defined(__SSE2__)
-  const __m128 vlo = _mm_set1_ps(lo), vhi = _mm_set1_ps(hi);
-  for (; k + 4 <= count; k += 4) {
-    __m128 v = _mm_loadu_ps(s + k);
-    if (scale) v = _mm_mul_ps(v, _mm_loadu_ps(scale + k));
-    const int gt = _mm_movemask_ps(_mm_cmpgt_ps(v, vhi));
-    const int lt = _mm_movemask_ps(_mm_cmplt_ps(v, vlo));
-    above |= static_cast<uint64_t>(gt) << k;
-    unsure |= static_cast<uint64_t>(~(gt | lt) & 0xF) << k;
-  }
-#endif
-  for (; k < count; ++k) {
-    const float v = scale ? s[k] * scale[k] : s[k];
-    above |= static_cast<uint64_t>(v > hi) << k;
-    unsure |= static_cast<uint64_t>(!(v > hi) && !(v < lo)) << k;  // NaN is unsure too
-  }
-  unsure &= ~skip;
-  *rechecked += __builtin_popcountll(unsure);
-  if (unsure && !*fi_ready) {
-    rows.row(i, fi);
-    *fi_ready = true;
-  }
-  while (unsure) {
-    const int j = __builtin_ctzll(unsure);
-    rows.row(j0 + j, fj);
-    above |= static_cast<uint64_t>(exact_edge(fi, fj, rows.c, tau, dot_bound, dot2_bound)) << j;
-    unsure &= unsure - 1;
-  }
-  return above;
-}
-
-/// Smallest float >= x and largest float <= x, for x a finite double, widened by a relative 2^-50 first
-/// (x itself carries one float64 rounding).
-float float_above(double x) {
-  x += std::fabs(x) * std::ldexp(1.0, -50);
-  float r = static_cast<float>(x);
-  if (static_cast<double>(r) < x) r = std::nextafter(r, std::numeric_limits<float>::infinity());
-  return r;
-}
-float float_below(double x) { return -float_above(-x); }
-
 template <typename T>
 int64_t exact_norms_impl(const T* k, int64_t batch, int64_t n_max, int64_t c, const int64_t* lengths,
                          double* norms) {
@@ -267,48 +225,205 @@ int64_t exact_norms_impl(const T* k, int64_t batch, int64_t n_max, int64_t c, co
   return bad;
 }
 
+/// The int16 screen (ncutfast.exact, step 2): q = clamp(rint(f * 2^15), +-32767) of the float64 rows
+/// f = k / norms, and err_i >= ||f_i - q_i 2^-15||_2 rounded upwards.
 template <typename T>
-void pack_exact_impl(const float* s, const float* scale, const T* k, int64_t c, const double* norms, int64_t batch,
-                     int64_t n_max, int64_t row0, int64_t rows, const int64_t* lengths, double tau, double bound,
-                     double dot_bound, double dot2_bound, uint64_t* bits, int64_t* rechecked) {
+void exact_quantize_impl(const T* k, int64_t batch, int64_t n_max, int64_t c, const int64_t* lengths,
+                         const double* norms, int16_t* q, int64_t cq, double* err) {
+  const double widen = 1.0 + static_cast<double>(c + 4) * std::ldexp(1.0, -52);
+  const double underflow = static_cast<double>(c) * std::ldexp(1.0, -1074);
+#pragma omp parallel for collapse(2) schedule(static)
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t i = 0; i < n_max; ++i) {
+      int16_t* out = q + (b * n_max + i) * cq;
+      if (i >= lengths[b]) {
+        std::fill(out, out + cq, int16_t{0});
+        err[b * n_max + i] = 0.0;
+        continue;
+      }
+      const T* row = k + (b * n_max + i) * c;
+      const double norm = norms[b * n_max + i];
+      double sq[4] = {0.0, 0.0, 0.0, 0.0};  // any summation order: four partial sums let it vectorize
+      for (int64_t p = 0; p < c; ++p) {
+        const double f = static_cast<double>(row[p]) / norm;
+        // f * 2^15 is exact; adding and subtracting 1.5 * 2^52 rounds it to the nearest integer (ties to
+        // even) for |f * 2^15| < 2^51, and unlike nearbyint it vectorizes
+        double v = (f * 32768.0 + 0x1.8p52) - 0x1.8p52;
+        v = v > 32767.0 ? 32767.0 : (v < -32767.0 ? -32767.0 : v);
+        const double e = f - v * (1.0 / 32768.0);  // exact (exact.py, step 2)
+        sq[p % 4] += e * e;
+        out[p] = static_cast<int16_t>(v);
+      }
+      for (int64_t p = c; p < cq; ++p) out[p] = 0;
+      const double total = (sq[0] + sq[1]) + (sq[2] + sq[3]);
+      err[b * n_max + i] = std::sqrt(total * widen + underflow) * (1.0 + std::ldexp(1.0, -50));
+    }
+  }
+}
+
+constexpr int kTileRows = 6;   // rows i of a register tile
+constexpr int kTileCols = 16;  // columns j of a register tile (one B panel)
+constexpr int kBlockTiles = 8;  // row tiles per scheduled task (48 rows share the B panels in cache)
+
+/// Screening decisions of one 6 x 16 tile: bit m of above[r] / unsure[r] for row r, column m.
+struct TileBits {
+  uint16_t above[kTileRows];
+  uint16_t unsure[kTileRows];
+};
+
+/// acc[r][m] = sum_p a[r][p] * panel[p / 2][m][p % 2] over p < 2 kp (the int16 products summed in int32:
+/// exact, see exact.py step 2), then compared with the integer thresholds: above = acc > hi, unsure =
+/// lo <= acc <= hi.
+TileBits tile_scalar(const int16_t* const a[kTileRows], const int16_t* panel, int64_t kp, int32_t lo, int32_t hi) {
+  int32_t acc[kTileRows][kTileCols] = {};
+  for (int64_t t = 0; t < kp; ++t) {
+    const int16_t* bp = panel + t * 2 * kTileCols;
+    for (int r = 0; r < kTileRows; ++r) {
+      const int32_t a0 = a[r][2 * t], a1 = a[r][2 * t + 1];
+      for (int m = 0; m < kTileCols; ++m) acc[r][m] += a0 * bp[2 * m] + a1 * bp[2 * m + 1];
+    }
+  }
+  TileBits out{};
+  for (int r = 0; r < kTileRows; ++r)
+    for (int m = 0; m < kTileCols; ++m) {
+      out.above[r] |= static_cast<uint16_t>((acc[r][m] > hi) << m);
+      out.unsure[r] |= static_cast<uint16_t>((acc[r][m] >= lo && acc[r][m] <= hi) << m);
+    }
+  return out;
+}
+
+#if NCUTFAST_X86_SIMD
+/// tile_scalar with AVX2: vpmaddwd multiplies a broadcast pair of row r's channels with 8 columns x 2
+/// channels of the panel and adds the pairs into 8 int32 lanes; 12 accumulators hold the tile.
+__attribute__((target("avx2"))) TileBits tile_avx2(const int16_t* const a[kTileRows], const int16_t* panel,
+                                                   int64_t kp, int32_t lo, int32_t hi) {
+  // Twelve named accumulators (an array of vectors indexed in loops gets spilled to the stack by GCC).
+  __m256i c00 = _mm256_setzero_si256(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00,
+          c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+  const int16_t *a0 = a[0], *a1 = a[1], *a2 = a[2], *a3 = a[3], *a4 = a[4], *a5 = a[5];
+  for (int64_t t = 0; t < kp; ++t) {
+    const __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + t * 2 * kTileCols));
+    const __m256i b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + t * 2 * kTileCols + 16));
+#define NCUTFAST_ROW(ar, x0, x1)                               \
+  {                                                            \
+    int32_t pair;                                              \
+    std::memcpy(&pair, (ar) + 2 * t, sizeof pair);             \
+    const __m256i av = _mm256_set1_epi32(pair);                \
+    x0 = _mm256_add_epi32(x0, _mm256_madd_epi16(av, b0));      \
+    x1 = _mm256_add_epi32(x1, _mm256_madd_epi16(av, b1));      \
+  }
+    NCUTFAST_ROW(a0, c00, c01)
+    NCUTFAST_ROW(a1, c10, c11)
+    NCUTFAST_ROW(a2, c20, c21)
+    NCUTFAST_ROW(a3, c30, c31)
+    NCUTFAST_ROW(a4, c40, c41)
+    NCUTFAST_ROW(a5, c50, c51)
+#undef NCUTFAST_ROW
+  }
+  const __m256i acc[kTileRows][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
+  const __m256i vhi = _mm256_set1_epi32(hi), vlo = _mm256_set1_epi32(lo);
+  TileBits out{};
+  for (int r = 0; r < kTileRows; ++r) {
+    int above = 0, decided = 0;
+    for (int h = 0; h < 2; ++h) {
+      const __m256i gt = _mm256_cmpgt_epi32(acc[r][h], vhi);
+      const __m256i lt = _mm256_cmpgt_epi32(vlo, acc[r][h]);
+      above |= _mm256_movemask_ps(_mm256_castsi256_ps(gt)) << (8 * h);
+      decided |= _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_or_si256(gt, lt))) << (8 * h);
+    }
+    out.above[r] = static_cast<uint16_t>(above);
+    out.unsure[r] = static_cast<uint16_t>(~decided);
+  }
+  return out;
+}
+#endif
+
+template <typename T>
+void exact_graph_impl(const int16_t* q, int64_t cq, const T* k, int64_t c, const double* norms, int64_t batch,
+                      int64_t n_max, const int64_t* lengths, double tau, double bound, double dot_bound,
+                      double dot2_bound, uint64_t* bits, int64_t* rechecked, bool simd) {
   const int64_t words = words_per_row(n_max);
-  const int64_t cols = n_max - row0;
-  const int64_t w0 = row0 / 64;
-  const double margin = bound * (1.0 + std::ldexp(1.0, -40));
+  const int64_t kp = cq / 2;
+  const int64_t panels = (n_max + kTileCols - 1) / kTileCols;
+  const int64_t blocks = (n_max + kTileRows * kBlockTiles - 1) / (kTileRows * kBlockTiles);
+  // Integer thresholds on acc = q_i . q_j = 2^30 s~_ij: acc > hi implies s~ > tau + bound, acc < lo implies
+  // s~ < tau - bound (the doubles are rounded outwards, then scaled exactly by 2^30).
+  const double up = std::ldexp(std::nextafter(tau + bound, HUGE_VAL), 30);
+  const double down = std::ldexp(std::nextafter(tau - bound, -HUGE_VAL), 30);
+  const int32_t hi = up >= 2147483647.0 ? INT32_MAX : static_cast<int32_t>(std::floor(up));
+  const int32_t lo = down <= -2147483648.0 ? INT32_MIN : static_cast<int32_t>(std::ceil(down));
+  auto tile = tile_scalar;
+#if NCUTFAST_X86_SIMD
+  if (simd && __builtin_cpu_supports("avx2")) tile = tile_avx2;
+#else
+  (void)simd;
+#endif
+  // The B operand: per problem, panels of 16 rows of q with channel pairs interleaved
+  // (panel[t][m][0..1] = q[16 p + m][2 t .. 2 t + 1]), zero beyond n_max.
+  std::vector<int16_t> packed(static_cast<size_t>(batch * panels * kTileCols * cq));
+  const std::vector<int16_t> zero_row(static_cast<size_t>(cq), 0);
 #pragma omp parallel
   {
+#pragma omp for collapse(2) schedule(static)
+    for (int64_t b = 0; b < batch; ++b)
+      for (int64_t p = 0; p < panels; ++p) {
+        int16_t* dst = packed.data() + (b * panels + p) * kTileCols * cq;
+        for (int m = 0; m < kTileCols; ++m) {
+          const int64_t j = p * kTileCols + m;
+          const int16_t* src = j < n_max ? q + (b * n_max + j) * cq : zero_row.data();
+          for (int64_t t = 0; t < kp; ++t) {
+            dst[(t * kTileCols + m) * 2] = src[2 * t];
+            dst[(t * kTileCols + m) * 2 + 1] = src[2 * t + 1];
+          }
+        }
+        for (int64_t i = p * kTileCols; i < n_max && i < (p + 1) * kTileCols; ++i)
+          std::fill(bits + (b * n_max + i) * words, bits + (b * n_max + i + 1) * words, uint64_t{0});
+      }
     std::vector<double> fi(static_cast<size_t>(c)), fj(static_cast<size_t>(c));
-#pragma omp for collapse(2) schedule(dynamic, 4)
-    for (int64_t b = 0; b < batch; ++b) {
-      for (int64_t r = 0; r < rows; ++r) {
-        const int64_t n = lengths[b], i = row0 + r;
-        const float* row = s + (b * rows + r) * cols;  // row[j - row0]: the screening product of (i, j)
-        const float* sc = scale ? scale + b * n_max : nullptr;
-        // With scale, v_ij = s_ij * scale_j estimates f_i . f_j * norm_i: the thresholds scale by norm_i.
-        const double d = sc && i < n ? norms[b * n_max + i] : 1.0;
-        const float hi = float_above((tau + margin) * d), lo = float_below((tau - margin) * d);
-        const ExactRows<T> src{k + b * n_max * c, norms + b * n_max, c};
-        uint64_t* out = bits + (b * n_max + i) * words;
-        int64_t count_row = 0;
-        bool fi_ready = false;
-        // Words left of the diagonal's are mirrored from the block's upper part in phase 2; so are the bits
-        // left of the diagonal in its word.
-        for (int64_t w = w0; w < words; ++w) {
-          const int64_t count = i < n && w >= i / 64 ? (n - 64 * w < 64 ? n - 64 * w : 64) : 0;
-          const uint64_t skip = w == i / 64 ? (1ull << (i % 64)) - 1 : 0;
-          out[w] = count > 0 ? decide_exact(row + (64 * w - row0), sc ? sc + 64 * w : nullptr, count, skip, lo, hi,
-                                            src, i, 64 * w, fi.data(), &fi_ready, fj.data(), tau, dot_bound,
-                                            dot2_bound, &count_row)
-                             : 0;
+    // Tasks (problem, block of 48 rows) in order of decreasing work; every tile on or right of the diagonal.
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < batch * blocks; ++task) {
+      const int64_t blk = task % blocks, b = task / blocks;
+      const int64_t n = lengths[b], row0 = blk * kTileRows * kBlockTiles;
+      if (row0 >= n) continue;
+      const ExactRows<T> src{k + b * n_max * c, norms + b * n_max, c};
+      int64_t fi_row = -1, count = 0;
+      for (int64_t p = row0 / kTileCols; p * kTileCols < n; ++p) {
+        const int16_t* panel = packed.data() + (b * panels + p) * kTileCols * cq;
+        const int64_t j0 = p * kTileCols;
+        for (int tr = 0; tr < kBlockTiles; ++tr) {
+          const int64_t i0 = row0 + tr * kTileRows;
+          if (i0 >= n || j0 + kTileCols <= i0) continue;  // beyond the problem, or left of the diagonal
+          const int16_t* a[kTileRows];
+          for (int r = 0; r < kTileRows; ++r) a[r] = i0 + r < n ? q + (b * n_max + i0 + r) * cq : zero_row.data();
+          const TileBits tb = tile(a, panel, kp, lo, hi);
+          for (int r = 0; r < kTileRows && i0 + r < n; ++r) {
+            const int64_t i = i0 + r;
+            // columns j >= i within the problem (those left of the diagonal are mirrored below)
+            uint32_t keep = n - j0 >= kTileCols ? 0xFFFFu : (1u << (n - j0)) - 1u;
+            if (i > j0) keep &= ~((1u << (i - j0)) - 1u);
+            uint32_t above = tb.above[r] & keep, unsure = tb.unsure[r] & keep;
+            count += __builtin_popcount(unsure);
+            if (unsure && fi_row != i) {
+              src.row(i, fi.data());
+              fi_row = i;
+            }
+            for (; unsure; unsure &= unsure - 1) {
+              const int m = __builtin_ctz(unsure);
+              src.row(j0 + m, fj.data());
+              above |= static_cast<uint32_t>(exact_edge(fi.data(), fj.data(), c, tau, dot_bound, dot2_bound)) << m;
+            }
+            bits[(b * n_max + i) * words + j0 / 64] |= static_cast<uint64_t>(above) << (j0 % 64);
+          }
         }
-        if (count_row) {
+      }
+      if (count) {
 #pragma omp atomic
-          rechecked[b] += count_row;
-        }
+        rechecked[b] += count;
       }
     }
   }
-  mirror_block(bits, batch, n_max, row0, rows);
+  mirror_block(bits, batch, n_max, 0, n_max);
 }
 
 }  // namespace
@@ -341,13 +456,19 @@ int64_t exact_row_norms_cpu(const void* k, DType dtype, int64_t batch, int64_t n
   return bad;
 }
 
-void pack_graph_block_exact_cpu(const float* s, const float* scale, const void* k, DType dtype, int64_t c,
-                                const double* norms, int64_t batch, int64_t n_max, int64_t row0, int64_t rows,
-                                const int64_t* lengths, double tau, double bound, double dot_bound,
-                                double dot2_bound, uint64_t* bits, int64_t* rechecked) {
+void exact_quantize_cpu(const void* k, DType dtype, int64_t batch, int64_t n_max, int64_t c, const int64_t* lengths,
+                        const double* norms, int16_t* q, int64_t cq, double* err) {
   NCUT_DISPATCH_FLOAT(dtype, [&] {
-    pack_exact_impl(s, scale, static_cast<const scalar_t*>(k), c, norms, batch, n_max, row0, rows, lengths, tau,
-                    bound, dot_bound, dot2_bound, bits, rechecked);
+    exact_quantize_impl(static_cast<const scalar_t*>(k), batch, n_max, c, lengths, norms, q, cq, err);
+  });
+}
+
+void exact_graph_cpu(const int16_t* q, int64_t cq, const void* k, DType dtype, int64_t c, const double* norms,
+                     int64_t batch, int64_t n_max, const int64_t* lengths, double tau, double bound, double dot_bound,
+                     double dot2_bound, uint64_t* bits, int64_t* rechecked, bool simd) {
+  NCUT_DISPATCH_FLOAT(dtype, [&] {
+    exact_graph_impl(q, cq, static_cast<const scalar_t*>(k), c, norms, batch, n_max, lengths, tau, bound, dot_bound,
+                     dot2_bound, bits, rechecked, simd);
   });
 }
 
