@@ -232,50 +232,49 @@ void exact_quantize_impl(const T* k, int64_t batch, int64_t n_max, int64_t c, co
                          const double* norms, int16_t* q, int64_t cq, double* err) {
   const double widen = 1.0 + static_cast<double>(c + 4) * std::ldexp(1.0, -52);
   const double underflow = static_cast<double>(c) * std::ldexp(1.0, -1074);
-#pragma omp parallel for collapse(2) schedule(static)
-  for (int64_t b = 0; b < batch; ++b) {
-    for (int64_t i = 0; i < n_max; ++i) {
-      int16_t* out = q + (b * n_max + i) * cq;
-      if (i >= lengths[b]) {
-        std::fill(out, out + cq, int16_t{0});
-        err[b * n_max + i] = 0.0;
-        continue;
+#pragma omp parallel
+  {
+    std::vector<double> buf(static_cast<size_t>(c));
+    double* f = buf.data();
+#pragma omp for collapse(2) schedule(static)
+    for (int64_t b = 0; b < batch; ++b) {
+      for (int64_t i = 0; i < n_max; ++i) {
+        int16_t* out = q + (b * n_max + i) * cq;
+        if (i >= lengths[b]) {
+          std::fill(out, out + cq, int16_t{0});
+          err[b * n_max + i] = 0.0;
+          continue;
+        }
+        const T* row = k + (b * n_max + i) * c;
+        const double norm = norms[b * n_max + i];
+        for (int64_t p = 0; p < c; ++p) f[p] = static_cast<double>(row[p]) / norm;
+        for (int64_t p = 0; p < c; ++p) {
+          // f * 2^15 is exact; adding and subtracting 1.5 * 2^52 rounds it to the nearest integer (ties to
+          // even) for |f * 2^15| < 2^51, and unlike nearbyint it vectorizes
+          const double v = std::min(std::max((f[p] * 32768.0 + 0x1.8p52) - 0x1.8p52, -32767.0), 32767.0);
+          out[p] = static_cast<int16_t>(v);
+          const double e = f[p] - v * (1.0 / 32768.0);  // exact (exact.py, step 2)
+          f[p] = e * e;
+        }
+        for (int64_t p = c; p < cq; ++p) out[p] = 0;
+        const double sq = numpy_pairwise_sum(f, c);  // any order will do; this one has 8 partial sums
+        err[b * n_max + i] = std::sqrt(sq * widen + underflow) * (1.0 + std::ldexp(1.0, -50));
       }
-      const T* row = k + (b * n_max + i) * c;
-      const double norm = norms[b * n_max + i];
-      double sq[4] = {0.0, 0.0, 0.0, 0.0};  // any summation order: four partial sums let it vectorize
-      for (int64_t p = 0; p < c; ++p) {
-        const double f = static_cast<double>(row[p]) / norm;
-        // f * 2^15 is exact; adding and subtracting 1.5 * 2^52 rounds it to the nearest integer (ties to
-        // even) for |f * 2^15| < 2^51, and unlike nearbyint it vectorizes
-        double v = (f * 32768.0 + 0x1.8p52) - 0x1.8p52;
-        v = v > 32767.0 ? 32767.0 : (v < -32767.0 ? -32767.0 : v);
-        const double e = f - v * (1.0 / 32768.0);  // exact (exact.py, step 2)
-        sq[p % 4] += e * e;
-        out[p] = static_cast<int16_t>(v);
-      }
-      for (int64_t p = c; p < cq; ++p) out[p] = 0;
-      const double total = (sq[0] + sq[1]) + (sq[2] + sq[3]);
-      err[b * n_max + i] = std::sqrt(total * widen + underflow) * (1.0 + std::ldexp(1.0, -50));
     }
   }
 }
 
-constexpr int kTileRows = 6;   // rows i of a register tile
-constexpr int kTileCols = 16;  // columns j of a register tile (one B panel)
-constexpr int kBlockTiles = 8;  // row tiles per scheduled task (48 rows share the B panels in cache)
+constexpr int kTileRows = 6;    // rows i of a register tile
+constexpr int kTileCols = 16;   // columns j of a register tile (one B panel)
+constexpr int kBlockTiles = 8;  // row tiles per scheduled task: 48 rows share each B panel
+constexpr int64_t kChunkPairs = 128;  // channel pairs per pass: an 8 KiB slice of the panel stays in L1
 
-/// Screening decisions of one 6 x 16 tile: bit m of above[r] / unsure[r] for row r, column m.
-struct TileBits {
-  uint16_t above[kTileRows];
-  uint16_t unsure[kTileRows];
-};
+/// One 6 x 16 tile of int32 sums.
+using TileAcc = int32_t[kTileRows][kTileCols];
 
-/// acc[r][m] = sum_p a[r][p] * panel[p / 2][m][p % 2] over p < 2 kp (the int16 products summed in int32:
-/// exact, see exact.py step 2), then compared with the integer thresholds: above = acc > hi, unsure =
-/// lo <= acc <= hi.
-TileBits tile_scalar(const int16_t* const a[kTileRows], const int16_t* panel, int64_t kp, int32_t lo, int32_t hi) {
-  int32_t acc[kTileRows][kTileCols] = {};
+/// acc[r][m] += sum_p a[r][p] * panel[p / 2][m][p % 2] over the channels p < 2 kp of this pass: int16
+/// products summed in int32, exact (exact.py step 2).
+void tile_scalar(const int16_t* const a[kTileRows], const int16_t* panel, int64_t kp, TileAcc& acc) {
   for (int64_t t = 0; t < kp; ++t) {
     const int16_t* bp = panel + t * 2 * kTileCols;
     for (int r = 0; r < kTileRows; ++r) {
@@ -283,34 +282,30 @@ TileBits tile_scalar(const int16_t* const a[kTileRows], const int16_t* panel, in
       for (int m = 0; m < kTileCols; ++m) acc[r][m] += a0 * bp[2 * m] + a1 * bp[2 * m + 1];
     }
   }
-  TileBits out{};
-  for (int r = 0; r < kTileRows; ++r)
-    for (int m = 0; m < kTileCols; ++m) {
-      out.above[r] |= static_cast<uint16_t>((acc[r][m] > hi) << m);
-      out.unsure[r] |= static_cast<uint16_t>((acc[r][m] >= lo && acc[r][m] <= hi) << m);
-    }
-  return out;
 }
 
 #if NCUTFAST_X86_SIMD
 /// tile_scalar with AVX2: vpmaddwd multiplies a broadcast pair of row r's channels with 8 columns x 2
-/// channels of the panel and adds the pairs into 8 int32 lanes; 12 accumulators hold the tile.
-__attribute__((target("avx2"))) TileBits tile_avx2(const int16_t* const a[kTileRows], const int16_t* panel,
-                                                   int64_t kp, int32_t lo, int32_t hi) {
-  // Twelve named accumulators (an array of vectors indexed in loops gets spilled to the stack by GCC).
-  __m256i c00 = _mm256_setzero_si256(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00, c30 = c00,
-          c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+/// channels of the panel and adds the pairs into 8 int32 lanes; twelve named accumulators hold the tile
+/// (an array of vectors indexed in loops gets spilled to the stack by GCC).
+__attribute__((target("avx2"))) void tile_avx2(const int16_t* const a[kTileRows], const int16_t* panel, int64_t kp,
+                                               TileAcc& acc) {
+#define NCUTFAST_LD(r, h) _mm256_loadu_si256(reinterpret_cast<const __m256i*>(&acc[r][8 * (h)]))
+  __m256i c00 = NCUTFAST_LD(0, 0), c01 = NCUTFAST_LD(0, 1), c10 = NCUTFAST_LD(1, 0), c11 = NCUTFAST_LD(1, 1),
+          c20 = NCUTFAST_LD(2, 0), c21 = NCUTFAST_LD(2, 1), c30 = NCUTFAST_LD(3, 0), c31 = NCUTFAST_LD(3, 1),
+          c40 = NCUTFAST_LD(4, 0), c41 = NCUTFAST_LD(4, 1), c50 = NCUTFAST_LD(5, 0), c51 = NCUTFAST_LD(5, 1);
+#undef NCUTFAST_LD
   const int16_t *a0 = a[0], *a1 = a[1], *a2 = a[2], *a3 = a[3], *a4 = a[4], *a5 = a[5];
   for (int64_t t = 0; t < kp; ++t) {
     const __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + t * 2 * kTileCols));
     const __m256i b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + t * 2 * kTileCols + 16));
-#define NCUTFAST_ROW(ar, x0, x1)                               \
-  {                                                            \
-    int32_t pair;                                              \
-    std::memcpy(&pair, (ar) + 2 * t, sizeof pair);             \
-    const __m256i av = _mm256_set1_epi32(pair);                \
-    x0 = _mm256_add_epi32(x0, _mm256_madd_epi16(av, b0));      \
-    x1 = _mm256_add_epi32(x1, _mm256_madd_epi16(av, b1));      \
+#define NCUTFAST_ROW(ar, x0, x1)                          \
+  {                                                       \
+    int32_t pair;                                         \
+    std::memcpy(&pair, (ar) + 2 * t, sizeof pair);        \
+    const __m256i av = _mm256_set1_epi32(pair);           \
+    x0 = _mm256_add_epi32(x0, _mm256_madd_epi16(av, b0)); \
+    x1 = _mm256_add_epi32(x1, _mm256_madd_epi16(av, b1)); \
   }
     NCUTFAST_ROW(a0, c00, c01)
     NCUTFAST_ROW(a1, c10, c11)
@@ -320,21 +315,16 @@ __attribute__((target("avx2"))) TileBits tile_avx2(const int16_t* const a[kTileR
     NCUTFAST_ROW(a5, c50, c51)
 #undef NCUTFAST_ROW
   }
-  const __m256i acc[kTileRows][2] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
-  const __m256i vhi = _mm256_set1_epi32(hi), vlo = _mm256_set1_epi32(lo);
-  TileBits out{};
-  for (int r = 0; r < kTileRows; ++r) {
-    int above = 0, decided = 0;
-    for (int h = 0; h < 2; ++h) {
-      const __m256i gt = _mm256_cmpgt_epi32(acc[r][h], vhi);
-      const __m256i lt = _mm256_cmpgt_epi32(vlo, acc[r][h]);
-      above |= _mm256_movemask_ps(_mm256_castsi256_ps(gt)) << (8 * h);
-      decided |= _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_or_si256(gt, lt))) << (8 * h);
-    }
-    out.above[r] = static_cast<uint16_t>(above);
-    out.unsure[r] = static_cast<uint16_t>(~decided);
-  }
-  return out;
+#define NCUTFAST_ST(r, v0, v1)                                               \
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(&acc[r][0]), v0);           \
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(&acc[r][8]), v1);
+  NCUTFAST_ST(0, c00, c01)
+  NCUTFAST_ST(1, c10, c11)
+  NCUTFAST_ST(2, c20, c21)
+  NCUTFAST_ST(3, c30, c31)
+  NCUTFAST_ST(4, c40, c41)
+  NCUTFAST_ST(5, c50, c51)
+#undef NCUTFAST_ST
 }
 #endif
 
@@ -380,6 +370,7 @@ void exact_graph_impl(const int16_t* q, int64_t cq, const T* k, int64_t c, const
           std::fill(bits + (b * n_max + i) * words, bits + (b * n_max + i + 1) * words, uint64_t{0});
       }
     std::vector<double> fi(static_cast<size_t>(c)), fj(static_cast<size_t>(c));
+    TileAcc acc[kBlockTiles];
     // Tasks (problem, block of 48 rows) in order of decreasing work; every tile on or right of the diagonal.
 #pragma omp for schedule(dynamic, 1)
     for (int64_t task = 0; task < batch * blocks; ++task) {
@@ -387,22 +378,43 @@ void exact_graph_impl(const int16_t* q, int64_t cq, const T* k, int64_t c, const
       const int64_t n = lengths[b], row0 = blk * kTileRows * kBlockTiles;
       if (row0 >= n) continue;
       const ExactRows<T> src{k + b * n_max * c, norms + b * n_max, c};
+      const int16_t* a[kBlockTiles][kTileRows];
+      for (int tr = 0; tr < kBlockTiles; ++tr)
+        for (int r = 0; r < kTileRows; ++r) {
+          const int64_t i = row0 + tr * kTileRows + r;
+          a[tr][r] = i < n ? q + (b * n_max + i) * cq : zero_row.data();
+        }
       int64_t fi_row = -1, count = 0;
       for (int64_t p = row0 / kTileCols; p * kTileCols < n; ++p) {
         const int16_t* panel = packed.data() + (b * panels + p) * kTileCols * cq;
         const int64_t j0 = p * kTileCols;
-        for (int tr = 0; tr < kBlockTiles; ++tr) {
-          const int64_t i0 = row0 + tr * kTileRows;
-          if (i0 >= n || j0 + kTileCols <= i0) continue;  // beyond the problem, or left of the diagonal
-          const int16_t* a[kTileRows];
-          for (int r = 0; r < kTileRows; ++r) a[r] = i0 + r < n ? q + (b * n_max + i0 + r) * cq : zero_row.data();
-          const TileBits tb = tile(a, panel, kp, lo, hi);
-          for (int r = 0; r < kTileRows && i0 + r < n; ++r) {
-            const int64_t i = i0 + r;
+        // tiles of the block within the problem and not left of the diagonal
+        int tiles = 0;
+        while (tiles < kBlockTiles && row0 + tiles * kTileRows < n && row0 + tiles * kTileRows < j0 + kTileCols)
+          ++tiles;
+        std::memset(acc, 0, sizeof(TileAcc) * static_cast<size_t>(tiles));
+        for (int64_t t0 = 0; t0 < kp; t0 += kChunkPairs) {
+          const int64_t len = kp - t0 < kChunkPairs ? kp - t0 : kChunkPairs;
+          for (int tr = 0; tr < tiles; ++tr) {
+            const int16_t* at[kTileRows];
+            for (int r = 0; r < kTileRows; ++r) at[r] = a[tr][r] + 2 * t0;
+            tile(at, panel + t0 * 2 * kTileCols, len, acc[tr]);
+          }
+        }
+        for (int tr = 0; tr < tiles; ++tr) {
+          for (int r = 0; r < kTileRows && row0 + tr * kTileRows + r < n; ++r) {
+            const int64_t i = row0 + tr * kTileRows + r;
+            uint32_t above = 0, unsure = 0;
+            for (int m = 0; m < kTileCols; ++m) {
+              const int32_t v = acc[tr][r][m];
+              above |= static_cast<uint32_t>(v > hi) << m;
+              unsure |= static_cast<uint32_t>(v >= lo && v <= hi) << m;
+            }
             // columns j >= i within the problem (those left of the diagonal are mirrored below)
             uint32_t keep = n - j0 >= kTileCols ? 0xFFFFu : (1u << (n - j0)) - 1u;
             if (i > j0) keep &= ~((1u << (i - j0)) - 1u);
-            uint32_t above = tb.above[r] & keep, unsure = tb.unsure[r] & keep;
+            above &= keep;
+            unsure &= keep;
             count += __builtin_popcount(unsure);
             if (unsure && fi_row != i) {
               src.row(i, fi.data());
