@@ -111,8 +111,9 @@ _DENSE_TABLE_MAX = 1 << 24
 def _search_taps(keys: torch.Tensor, local: torch.Tensor, slots: torch.Tensor,
                  strides: list[int]) -> list[torch.Tensor]:
     """The blur's taps by binary search among the batch's sorted int64 vertex ``keys`` (image i's local
-    keys ``local`` offset by (i + 1) blocks of at least the image's largest key + stride): the slot of the
-    vertex at key -+ strides[d], or -1, for the columns of ``_BatchGrid``'s table. Any radices."""
+    keys ``local`` offset by (i + 1) blocks of at least the image's largest key + stride), any radices: per
+    direction (below in dim 4, ..., dim 0, then above in dim 0, ..., dim 4), the slot of each vertex's
+    neighbour at key -+ strides[d], or -1, as ``(V,)`` tensors of ``slots``' dtype."""
     last = keys.shape[0] - 1
 
     def find(wanted: torch.Tensor) -> torch.Tensor:
