@@ -8,7 +8,8 @@ Run from a checkout's root::
 
     python benchmarks/bench_decide.py --batch 256 --grid 28 28 --channels 384 --repeats 3
 
-Prints one markdown row per function: median call, solve and outside times and outside / solve.
+Prints one markdown row per function: median call, solve and outside times, outside / solve of the medians,
+and the smallest and largest outside / solve of the single repeats (the machine may be shared).
 """
 
 from __future__ import annotations
@@ -65,8 +66,8 @@ def main() -> None:
              "maskcut (3 steps)": lambda: ncutfast.maskcut(feats, grid, n_masks=3)}
     print(f"B = {args.batch}, grid {grid[0]}x{grid[1]} (N = {grid[0] * grid[1]}), C = {args.channels}, "
           f"torch threads {torch.get_num_threads()}, backend {real('auto', feats.device)[0]}")
-    print("| call | call s | solve s | outside s | outside / solve |")
-    print("|---|---|---|---|---|")
+    print("| call | call s | solve s | outside s | outside / solve | per repeat: min, max |")
+    print("|---|---|---|---|---|---|")
     for name, call in calls.items():
         call()  # warm-up
         total, solve = [], []
@@ -75,7 +76,9 @@ def main() -> None:
             total.append(timed_call(call, device)[1])
             solve.append(spent[0])
         t, s = statistics.median(total), statistics.median(solve)
-        print(f"| {name} | {t:.3f} | {s:.3f} | {t - s:.3f} | {(t - s) / s:.1%} |")
+        ratios = [(ti - si) / si for ti, si in zip(total, solve, strict=True)]
+        print(f"| {name} | {t:.3f} | {s:.3f} | {t - s:.3f} | {(t - s) / s:.1%} | {min(ratios):.1%}, "
+              f"{max(ratios):.1%} |")
 
 
 if __name__ == "__main__":
