@@ -340,8 +340,12 @@ void exact_graph_impl(const int16_t* q, int64_t cq, const T* k, int64_t c, const
   // s~ < tau - bound (the doubles are rounded outwards, then scaled exactly by 2^30).
   const double up = std::ldexp(std::nextafter(tau + bound, HUGE_VAL), 30);
   const double down = std::ldexp(std::nextafter(tau - bound, -HUGE_VAL), 30);
-  const int32_t hi = up >= 2147483647.0 ? INT32_MAX : static_cast<int32_t>(std::floor(up));
-  const int32_t lo = down <= -2147483648.0 ? INT32_MIN : static_cast<int32_t>(std::ceil(down));
+  // Thresholds beyond the int32 range are clamped to it: |acc| < 2^31, so a clamped hi (lo) still never
+  // calls an entry above (below) wrongly; at worst it is left to the recheck.
+  auto to_int32 = [](double x) {
+    return x >= 2147483647.0 ? INT32_MAX : x <= -2147483648.0 ? INT32_MIN : static_cast<int32_t>(x);
+  };
+  const int32_t hi = to_int32(std::floor(up)), lo = to_int32(std::ceil(down));
   auto tile = tile_scalar;
 #if NCUTFAST_X86_SIMD
   if (simd && __builtin_cpu_supports("avx2")) tile = tile_avx2;
