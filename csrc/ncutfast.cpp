@@ -75,14 +75,16 @@ void check_solved(const SolveOutputs& out, const int64_t* lengths, int64_t batch
                                std::to_string(b));
 }
 
-/// Inverse row norms must be positive and finite where they are read (within the lengths).
+/// Inverse row norms must be positive (or, with `zero_rows`, zero: a zero row) and finite where they are read
+/// (within the lengths).
 template <typename T>
-void check_inv_norms(const T* inv, const int64_t* lengths, int64_t batch, int64_t n_max) {
+void check_inv_norms(const T* inv, const int64_t* lengths, int64_t batch, int64_t n_max, bool zero_rows = false) {
   for (int64_t b = 0; b < batch; ++b)
     for (int64_t i = 0; i < lengths[b]; ++i) {
       const T v = inv[b * n_max + i];
-      NCUT_CHECK(v > 0 && std::isfinite(v), "inv_norms",
-                 "entry [" << b << ", " << i << "] is " << v << ", must be positive and finite");
+      NCUT_CHECK((v > 0 || (zero_rows && v == 0)) && std::isfinite(v), "inv_norms",
+                 "entry [" << b << ", " << i << "] is " << v << ", must be " << (zero_rows ? ">= 0" : "positive")
+                           << " and finite");
     }
 }
 
@@ -221,7 +223,7 @@ PYBIND11_MODULE(_C, m) {
         check_host_lengths(as_ptr<const int64_t>(lengths), batch, n_max);
         if (inv_norms != 0) {
           NCUT_DISPATCH_FLOAT(dt, [&] {
-            check_inv_norms(as_ptr<const scalar_t>(inv_norms), as_ptr<const int64_t>(lengths), batch, n_max);
+            check_inv_norms(as_ptr<const scalar_t>(inv_norms), as_ptr<const int64_t>(lengths), batch, n_max, true);
           });
         }
         int64_t nan;
@@ -237,9 +239,10 @@ PYBIND11_MODULE(_C, m) {
       py::arg("lengths"), py::arg("tau"), py::arg("bits"), py::arg("inv_norms") = 0,
       "pack_graph_cpu from the upper part of S only, one block of rows at a time: s (batch, rows, n_max - row0)\n"
       "holds S[row0:row0+rows, row0:]; blocks tiling [0, n_max) in order fill bits. Entries S_ij with i > j\n"
-      "are never read (the graph is exactly symmetric). inv_norms: 0, or the address of (batch, n_max) positive\n"
-      "inverse row norms in `dtype`; then s holds raw dot products and the edge test is the cosine's,\n"
-      "s_ij * inv_j > tau / inv_i. Host pointers.");
+      "are never read (the graph is exactly symmetric). inv_norms: 0, or the address of (batch, n_max) finite\n"
+      "inverse row norms >= 0 in `dtype`; then s holds raw dot products and the edge test is the cosine's,\n"
+      "s_ij * inv_j > tau / inv_i; an inverse norm 0 marks a zero row (cosine 0 with every row; its products\n"
+      "in s must be finite). Host pointers.");
 
   m.def(
       "exact_row_norms_cpu",

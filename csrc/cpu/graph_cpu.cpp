@@ -170,7 +170,11 @@ int64_t pack_block_impl(const T* s, int64_t batch, int64_t n_max, int64_t row0, 
       const int64_t n = lengths[b], i = row0 + r;
       const T* row = s + (b * rows + r) * cols;  // row[j - row0] = S_ij
       const T* scale = inv ? inv + b * n_max : nullptr;
-      const T thr = round_down<T>(inv ? tau / static_cast<double>(scale[i < n ? i : 0]) : tau);
+      const double si = inv ? static_cast<double>(scale[i < n ? i : 0]) : 1.0;
+      // si = 0: a zero row (MaskCut's painted token) has cosine 0 with every row: an edge iff 0 > tau. Its
+      // columns in the other rows are s_ij * 0 = 0 (s is finite), compared with tau / inv_i as any 0 is.
+      const T inf = std::numeric_limits<T>::infinity();
+      const T thr = si == 0 ? (tau < 0 ? -inf : inf) : round_down<T>(tau / si);
       uint64_t* out = bits + (b * n_max + i) * words;
       for (int64_t w = w0; w < words; ++w) {
         const int64_t count = i < n ? (n - 64 * w < 64 ? n - 64 * w : 64) : 0;

@@ -19,7 +19,8 @@ int64_t pack_graph_cpu(const void* s, DType dtype, int64_t batch, int64_t n_max,
 ///   s: (batch, rows, n_max - row0) with s[b][i - row0][j - row0] = S_ij (j >= row0).
 ///   inv_norms: null, or (batch, n_max) of the similarity's dtype: then s holds raw dot products k_i . k_j
 ///     and the edge test is s_ij * inv_j > tau / inv_i (the cosine s_ij inv_i inv_j > tau, rounded once in
-///     the similarity's dtype), so no normalized copy of the features is needed.
+///     the similarity's dtype), so no normalized copy of the features is needed. inv_i = 0 marks a zero row
+///     (MaskCut's painted token): cosine 0 with every row, whatever its (finite) products in s.
 ///   row0: a multiple of 64; row0 + rows: a multiple of 64 or n_max.
 /// Writes rows [row0, row0 + rows) at columns >= row0 and rows >= row0 + rows at columns
 /// [row0, row0 + rows); blocks that tile [0, n_max) in order write every word of bits (same layout as

@@ -46,7 +46,9 @@ from .contract import (
     Spectrum,
     batch_slices,
     check_batch,
+    check_painted,
     normalized_features,
+    paint,
     similarity,
 )
 
@@ -83,10 +85,16 @@ ROW_BLOCK = 192
 NORM_RANGE = (2.0**-40, 2.0**40)
 
 
-def _inverse_norms(k: torch.Tensor, lengths: torch.Tensor, feats: torch.Tensor) -> torch.Tensor | None:
-    """``1 / max(||k_i||, 1e-12)`` ``(B, n)`` in k's dtype (1 on padding), or None where a norm is outside
-    ``NORM_RANGE`` (the caller normalizes first). ``k`` is ``feats`` converted to the similarity's dtype.
-    Raises for NaN or infinite features."""
+def _inverse_norms(k: torch.Tensor, lengths: torch.Tensor, feats: torch.Tensor,
+                   painted: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The rows the raw products read and their inverse norms ``1 / max(||k_i||, 1e-12)`` ``(B, n)`` in k's
+    dtype (1 on padding), or None where an unpainted norm is outside ``NORM_RANGE`` (the caller normalizes
+    first). ``k`` is ``feats`` converted to the similarity's dtype. Raises for NaN or infinite features.
+
+    Painted rows (bool ``(B, n)`` or None) get inverse norm 0, which the packing reads as a zero row, so
+    their features are never rewritten; only when one of their norms exceeds ``NORM_RANGE`` (its products
+    might overflow) are they zeroed in a copy of ``k``.
+    """
     norms = torch.linalg.vector_norm(k, dim=-1)
     valid = torch.arange(k.shape[1])[None, :] < lengths[:, None]
     vn = norms[valid]
@@ -94,14 +102,21 @@ def _inverse_norms(k: torch.Tensor, lengths: torch.Tensor, feats: torch.Tensor) 
         rows = feats[valid][~torch.isfinite(vn)]
         if not bool(torch.isfinite(rows).all()):
             raise ValueError("feats: contains NaN or inf")
-        return None  # finite features whose norm (or float32 conversion) overflows
+    live = valid
+    if painted is not None:
+        live = valid & ~painted
+        if not bool((norms[painted] <= NORM_RANGE[1]).all()):
+            k = paint(k, painted)
+        vn = norms[live]
+    if not bool(torch.isfinite(vn).all()):
+        return k, None  # finite features whose norm (or float32 conversion) overflows
     if bool(((vn > 0) & (vn < NORM_RANGE[0])).any()) or bool((vn > NORM_RANGE[1]).any()):
-        return None
-    zero = (norms == 0) & valid  # MaskCut's painted rows; only these rows are read again
+        return k, None
+    zero = (norms == 0) & live
     if bool(zero.any()) and bool(k[zero].any()):
-        return None  # a nonzero row whose squares underflow: its raw dot products would too
-    one = torch.ones((), dtype=k.dtype)
-    return torch.where(valid, 1.0 / norms.clamp_min(1e-12), one).contiguous()
+        return k, None  # a nonzero row whose squares underflow: its raw dot products would too
+    one, nil = torch.ones((), dtype=k.dtype), torch.zeros((), dtype=k.dtype)
+    return k, torch.where(live, 1.0 / norms.clamp_min(1e-12), torch.where(valid, nil, one)).contiguous()
 
 
 def exact_graph_bits(feats: torch.Tensor, lengths: torch.Tensor, tau: float, *,
@@ -146,8 +161,11 @@ def exact_graph_bits(feats: torch.Tensor, lengths: torch.Tensor, tau: float, *,
 
 
 def solve(feats: torch.Tensor, lengths: torch.Tensor, params: SolveParams, *, device_type: str = "cpu",
-          table: bool = True, team: int = 0) -> Spectrum:
+          painted: torch.Tensor | None = None, table: bool = True, team: int = 0) -> Spectrum:
     """The backend contract (``backends.contract``) on ``device_type`` ("cpu" or "cuda") tensors.
+
+    Painted rows: on the CPU's binary "float32" / "fast" / "float64" graphs, inverse norm 0 (``_inverse_norms``:
+    no copy of the features); elsewhere a zeroed copy (``contract.paint``).
 
     Any strides and float dtypes (float16/bfloat16/float32/float64) are accepted. NaN or infinite features
     (within the lengths) raise ``ValueError`` on the CPU (finiteness of CUDA features is the caller's, as
@@ -165,14 +183,16 @@ def solve(feats: torch.Tensor, lengths: torch.Tensor, params: SolveParams, *, de
     if _ext.C is None:
         raise RuntimeError(f"backend: the compiled extension ncutfast._C is not available ({_ext.IMPORT_ERROR})")
     team = check_positive_int(team, "team", minimum=0, maximum=_ext.C.MAX_TEAM)
+    painted = check_painted(painted, feats)
     n = int(lengths.max())  # columns beyond every length are padding: drop them
+    painted = None if painted is None else painted[:, :n]
     out = Outputs.allocate(feats.shape[0], n, feats.device)
     if device_type == "cuda":
         if not table or team:
             raise ValueError("table, team: the CUDA kernels take neither (they are CPU test settings)")
-        _solve_cuda(feats[:, :n], lengths, params, out)
+        _solve_cuda(paint(feats[:, :n], painted), lengths, params, out)
     else:
-        _solve_cpu(feats[:, :n], lengths, params, out, table=table, team=team)
+        _solve_cpu(feats[:, :n], lengths, params, out, painted, table=table, team=team)
     return out.spectrum(feats.shape[1], params.tol)
 
 
@@ -181,13 +201,14 @@ def _common(p: SolveParams, device_type: str) -> dict[str, object]:
                 check_every=SETTINGS[device_type].check_every)
 
 
-def _solve_cpu(feats: torch.Tensor, lengths: torch.Tensor, p: SolveParams, out: Outputs, *, table: bool,
-               team: int) -> None:
+def _solve_cpu(feats: torch.Tensor, lengths: torch.Tensor, p: SolveParams, out: Outputs,
+               painted: torch.Tensor | None, *, table: bool, team: int) -> None:
     C = _ext.C
     bsz, n = feats.shape[0], feats.shape[1]
     cfg = SETTINGS["cpu"]
     common = _common(p, "cpu") | dict(team=team)
     if p.binary and p.precision == "exact":
+        feats = paint(feats, painted)
         # before any product; padding is finite by contract, so one float64 sum finds NaN and inf in a
         # single pass (a huge finite sum takes the exact look)
         if not math.isfinite(float(feats.sum(dtype=torch.float64))):
@@ -205,18 +226,18 @@ def _solve_cpu(feats: torch.Tensor, lengths: torch.Tensor, p: SolveParams, out: 
         return
     wide = p.precision in ("float64", "exact")  # non-binary "exact": the float64 similarity
     dtype = torch.float64 if wide else torch.float32
-    k = feats.to(dtype)  # a view when the dtype already matches
-    inv = _inverse_norms(k, lengths, feats)
+    k, inv = _inverse_norms(feats.to(dtype), lengths, feats, painted)  # a view when the dtype matches
     sim_dtype = "float64" if wide else "float32"
     itemsize = 8 if wide else 4
     if not p.binary:
+        feats = paint(feats, painted)
         for sl in batch_slices(0, bsz, n * n * itemsize, cfg.memory_budget):
             s = similarity(feats[sl], lengths[sl], p.precision)
             C.solve_dense_cpu(s.data_ptr(), sim_dtype, s.shape[0], n, lengths[sl].data_ptr(), p.tau, p.eps,
                               **common, **out.pointers(sl))
         return
     if inv is None:  # extreme norms: normalize first, then the products are cosines already
-        k = normalized_features(feats, lengths, p.precision)
+        k = normalized_features(paint(feats, painted), lengths, p.precision)
     words = C.words_per_row(n)
     block = min(ROW_BLOCK, n)
     # Groups of problems share one solver call (at least one problem per thread keeps all busy); their
