@@ -1103,14 +1103,16 @@ def predicted_for_bench(w: Workload, precision: str, kernel: str, gpu: str) -> t
     if precision not in ("fast", "float32"):
         return None
     step_at = 16  # bench_triton's _STEP_AT
-    single = {"matvec": w.residual_matvec, "step-matvec": lambda: w.step_matvec(w.b),
+    single = {"matvec": w.residual_matvec, "matvec-fp64": lambda: w.residual_matvec(0),
+              "step-matvec": lambda: w.step_matvec(w.b), "step-matvec-fp64": lambda: w.step_matvec(w.b, 0),
               "step-matvec-int8": lambda: w.int8_matvec(w.b), "step-reorth": lambda: [w.lanczos_step(w.b, step_at)],
               "step": lambda: [*w.step_matvec(w.b), w.lanczos_step(w.b, step_at)],
               "affinity": lambda: [w.normalize(precision), w.affinity(precision)]}
     if kernel in single:
         bounds = [ln.bound(gpu) for ln in single[kernel]()]
         return sum(b.seconds for b in bounds), "+".join(b.binds for b in bounds)
-    solver = {"ncut": "steps", "ncut-steps-int8": "int8", "ncut-persistent": "persistent"}.get(kernel)
+    solver = {"ncut": "steps", "ncut-steps-fp64": "fp64", "ncut-steps-int8": "int8",
+              "ncut-persistent": "persistent"}.get(kernel)
     if solver is None:
         return None
     return solve_time(w, precision, gpu, _steps_for(w.n, w.c), solver).seconds, "sum of launches"
