@@ -210,6 +210,32 @@ def test_gpu_screening_error_stays_inside_the_proven_bound(rng: np.random.Genera
     assert 0.0 < worst <= exact.tensor_core_error_bound(c)
 
 
+@pytest.mark.parametrize("c", [1, 3, 64, 768, 1024])
+def test_float32_screening_error_stays_inside_the_proven_bound(rng: np.random.Generator, c: int) -> None:
+    """Precision float32's screen: float32 rows of norm just below 1 whose entries lie just under half an
+    fp16 ulp above an fp16 value, all products positive; the fp16 product (BLAS and naive float32 sums)
+    stays within float32_screen_error_bound of the float32 dots (BLAS and the sequential order)."""
+    ulp = float(np.spacing(np.float16(0.999 / np.sqrt(c))))
+    base = np.float16(0.999 / np.sqrt(c)) + (ulp * rng.integers(-3, 1, size=(4, c))).astype(np.float16)
+    g = (base.astype(np.float64) + 0.499 * ulp).astype(np.float32)
+    assert np.linalg.norm(g.astype(np.float64), axis=1).max() <= exact.float32_norm_bound(c)
+    h = torch.from_numpy(g).to(torch.float16).to(torch.float32)
+    np.testing.assert_array_equal(h.numpy(), base.astype(np.float32))
+    screens = (h @ h.T).numpy()
+    dots = (torch.from_numpy(g) @ torch.from_numpy(g).T).numpy()
+    worst = 0.0
+    for i in range(4):
+        for j in range(i, 4):
+            naive_h = naive_g = np.float32(0.0)
+            for q in range(c):
+                naive_h = np.float32(naive_h + h[i, q].item() * h[j, q].item())
+                naive_g = np.float32(naive_g + g[i, q] * g[j, q])
+            for v in (screens[i, j], naive_h):
+                for w in (dots[i, j], naive_g):
+                    worst = max(worst, abs(float(Fraction(float(v)) - Fraction(float(w)))))
+    assert 0.0 < worst <= exact.float32_screen_error_bound(c)
+
+
 def test_recheck_decides_dot2_ties_and_near_ties() -> None:
     """exact.recheck's second stage: a float64 dot that rounds onto tau although the exact one is above."""
     tau = 0.5
@@ -369,3 +395,19 @@ def test_triton_backend_solves_the_exact_graph(rng: np.random.Generator) -> None
     assert abs(float(res.lambda2[0]) - lam2) <= 1e-8
     assert d_alignment(np.asarray(res.eigenvector[0]), x_ref, reference.degrees(w)) >= TOLERANCES["exact"]["alignment"]
     assert float(res.recheck_fraction[0]) * 41 * 42 / 2 >= 40 and float(res.recheck_fraction[1]) == 0.0
+
+
+def test_triton_exact_recheck_resolves_below_float64_rounding(rng: np.random.Generator) -> None:
+    """Float64 dots within float64 rounding of tau (C = 3: rows one ulp apart, tau one of their dots): the
+    recheck kernel leaves them undecided and Dot2 decides them exactly, edges and non-edges."""
+    base = rng.standard_normal((2, 3))
+    f = np.vstack([base[:1], base[1] + np.arange(-6, 7)[:, None] * np.spacing(base[1])])
+    fn = reference.normalize_rows(f)
+    tau = float(fn[0] @ fn[7])
+    (g,), _, rechecked = _triton_graphs([f], tau)
+    dots = [_exact_dot(fn[0], fn[j]) for j in range(1, 14)]
+    np.testing.assert_array_equal(g[0, 1:], [d > Fraction(tau) for d in dots])
+    np.testing.assert_array_equal(g[1:, 1:], reference.affinity(f[1:], tau) == 1.0)  # far from tau
+    near = [d for d in dots if abs(d - Fraction(tau)) <= exact.dot_bound(3)]
+    assert len(near) >= 4 and any(d > Fraction(tau) for d in near) and any(d <= Fraction(tau) for d in near)
+    assert rechecked[0] >= 13

@@ -13,6 +13,11 @@ a bitmask and its row popcounts without ever writing an N x N float matrix:
    solver relies on a symmetric operator), which an independent computation of both triangles does not
    guarantee under floating-point rounding.
 
+Precisions "exact" and "float32" (certified, the default launch setting) instead screen the tiles with
+``_affinity_exact_kernel`` (fp16 tensor cores, a proven error bound, ``ncutfast.exact``), which sets the
+bits it can decide and lists the pairs within the bound of tau; ``_recheck_kernel`` then decides those in
+float64 ("exact") or as float32 dots in one fixed order ("float32").
+
 Bitmask layout (shared with csrc/): int32 ``(B, N_max, W)`` with ``W = 2 * ceil(N_max / 64)``; column j of
 row i is bit ``j % 32`` (LSB first) of word ``j // 32``; bits of columns >= lengths[b] and rows >=
 lengths[b] are 0. Viewed as int64 (little-endian) it is the C++ helper's uint64 layout ``(B, N_max,
@@ -27,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..exact import normalized_rows, recheck, tensor_core_bound
+from ..exact import dot_bound, float32_screen_bound, normalized_rows, recheck, tensor_core_bound
 from ._utils import block_sizes, popc32, words_per_row
 
 __all__ = ["normalize_fwd", "affinity_fwd", "affinity_exact_fwd"]
@@ -238,6 +243,61 @@ def _affinity_exact_kernel(
             tl.store(cand_ptr + slot, tl.reshape(lin, (BT * BT,)), mask=(flat > 0) & (slot < CAPACITY))
 
 
+@triton.jit
+def _recheck_kernel(
+    rows_ptr, cand_ptr, thr_ptr, mask_ptr, count_ptr, undecided_ptr,
+    N_max, C, W, total,
+    BLOCK: tl.constexpr, BC: tl.constexpr, EXACT: tl.constexpr,
+):
+    """Decide BLOCK of the screen's candidates (linear indices (b * N_max + i) * N_max + j, i <= j, slots
+    below ``total``) from the rows (``(B, N_max, C)``) and set their bits (i, j) and (j, i) and counts with
+    integer atomics (the screen left those bits 0, so or-ing and adding commute).
+
+    EXACT (precision "exact", float64 rows): a float64 dot in any order, blocked by BC; |dot - tau| >
+    thr[1] (``exact.dot_bound``) decides, the others are flagged in ``undecided`` (int8) for Dot2 on the
+    host. Otherwise (precision "float32", float32 rows): the float32 dot in one fixed order, products
+    rounded to float32 and added sequentially over the features (the launch disables FMA contraction),
+    compared with tau in float64 as ``_affinity_kernel`` compares."""
+    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = idx < total
+    lin = tl.load(cand_ptr + idx, mask=ok, other=0)
+    nn = N_max.to(tl.int64) * N_max
+    img = lin // nn
+    rest = lin - img * nn
+    i = rest // N_max
+    j = rest - i * N_max
+    row_i = img * N_max + i
+    row_j = img * N_max + j
+    a_ptr = rows_ptr + row_i * C
+    b_ptr = rows_ptr + row_j * C
+    tau = tl.load(thr_ptr)
+    if EXACT:
+        k = tl.arange(0, BC)
+        acc = tl.zeros((BLOCK, BC), dtype=tl.float64)
+        for c0 in range(0, C, BC):
+            m = ok[:, None] & (c0 + k[None, :] < C)
+            x = tl.load(a_ptr[:, None] + c0 + k[None, :], mask=m, other=0.0)
+            y = tl.load(b_ptr[:, None] + c0 + k[None, :], mask=m, other=0.0)
+            acc += x * y
+        d = tl.sum(acc, axis=1) - tau
+        bound = tl.load(thr_ptr + 1)
+        edge = ok & (d > bound)
+        tl.store(undecided_ptr + idx, (tl.abs(d) <= bound).to(tl.int8), mask=ok)
+    else:
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for q in range(0, C):
+            x = tl.load(a_ptr + q, mask=ok, other=0.0)
+            y = tl.load(b_ptr + q, mask=ok, other=0.0)
+            acc = acc + x * y
+        edge = ok & (acc.to(tl.float64) > tau)
+    one = tl.full((BLOCK,), 1, tl.int32)
+    tl.atomic_or(mask_ptr + row_i * W + j // 32, one << (j % 32).to(tl.int32), mask=edge)
+    tl.atomic_add(count_ptr + row_i, one, mask=edge)
+    off = edge & (i != j)
+    tl.atomic_or(mask_ptr + row_j * W + i // 32, one << (i % 32).to(tl.int32), mask=off)
+    tl.atomic_add(count_ptr + row_j, one, mask=off)
+
+
 def _acc_dtype(dtype: torch.dtype) -> tl.dtype:
     """Accumulation dtype of the kernels for rows stored as ``dtype``: fp64 for fp64, else fp32."""
     return tl.float64 if dtype == torch.float64 else tl.float32
@@ -302,8 +362,13 @@ def affinity_fwd(
         feats: ``(B, N_max, C)`` floating point, rows >= lengths[b] are padding (ignored).
         lengths: ``(B,)`` integer, ``1 <= lengths[b] <= N_max``.
         tau: threshold; bit (i, j) is set iff cos(f_i, f_j) > tau (strict), i, j < lengths[b].
-        precision: "float32" (IEEE fp32 dot, no tf32), "fast" (fp16 inputs, fp32 accumulation on tensor
-            cores) or "float64" (fp64 dot; for checks, slow on most GPUs).
+        precision: "float32" (the fp32 dot of the fp32-normalized rows, no tf32; by default certified: an
+            fp16 tensor-core screen with the bound ``exact.float32_screen_bound`` decides the entries far
+            from tau and the others are recomputed as fp32 dots in one fixed order, sequential over the
+            features without FMA, so the graph is [that dot > tau] on any device; launch setting
+            affinity.certified = 0 computes every entry with one IEEE fp32 ``tl.dot`` instead), "fast"
+            (fp16 inputs, fp32 accumulation on tensor cores) or "float64" (fp64 dot; for checks, slow on
+            most GPUs).
 
     Returns:
         ``mask``: int32 ``(B, N_max, W)``, ``W = 2 * ceil(N_max / 64)``, layout in the module docstring;
@@ -316,6 +381,11 @@ def affinity_fwd(
     lens = _check_batch(feats, lengths)
     dtype, dot_precision = _PRECISIONS[precision]
     cfg = block_sizes("affinity_fast" if precision == "fast" else "affinity")
+    if precision == "float32" and cfg["certified"] and not cfg["tf32x3"]:
+        g = normalize_fwd(feats, lens, torch.float32)
+        mask, counts, cand = _screen(g.to(torch.float16), lens, tau, float32_screen_bound(g.shape[2]))
+        _recheck(g, cand, tau, 0.0, mask, counts)
+        return mask, counts
     if precision == "float32" and cfg["tf32x3"]:
         dot_precision = "tf32x3"  # 3 tf32 tensor-core products: ~2^-22 relative error instead of 2^-24
     f = normalize_fwd(feats, lens, dtype)
@@ -337,40 +407,21 @@ def affinity_fwd(
     return mask, counts
 
 
-#: Candidate pairs rechecked per gather (float64 rows of two (K, C) blocks at a time).
-_RECHECK_CHUNK = 1 << 16
-#: Smallest candidate list of the first launch (then 1/256 of the entries; more triggers a second launch).
+#: Smallest candidate list of the first screen launch (then 1/256 of the entries; more triggers a second launch).
 _MIN_CANDIDATES = 1024
 
 
-def affinity_exact_fwd(
-    feats: torch.Tensor, lengths: torch.Tensor, *, tau: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``affinity_fwd`` for precision "exact" (``ncutfast.exact``): the float64 reference's graph.
-
-    The rows are normalized in float64 exactly as the reference does (``exact.normalized_rows``), rounded to
-    fp16 and screened by ``_affinity_exact_kernel`` (one tensor-core product) against
-    ``exact.tensor_core_bound``; the candidates it leaves (|S - tau| <= bound) are decided by
-    ``exact.recheck`` in float64 and their bits set here.
-
-    Args:
-        feats: ``(B, N_max, C)`` floating point, finite within the lengths; rows >= lengths[b] are padding.
-        lengths: ``(B,)`` integer, ``1 <= lengths[b] <= N_max``.
-        tau: threshold; bit (i, j) is set iff f_i . f_j > tau exactly (strict).
-
-    Returns:
-        ``(mask, counts, rechecked)``: mask and counts as ``affinity_fwd``; ``rechecked`` int64 ``(B,)``, the
-        number of entries (i <= j) of each image decided by the float64 recheck.
-    """
-    lens = _check_batch(feats, lengths)
-    f64 = normalized_rows(feats, lens)
-    h = f64.to(torch.float16).contiguous()
+def _screen(h: torch.Tensor, lens: torch.Tensor, tau: float, bound: float,
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``_affinity_exact_kernel`` on fp16 rows ``h`` ``(B, N_max, C)``: (mask, counts) of the entries the screen
+    decides (S > tau + bound) and the int64 ``(K,)`` candidates (|S - tau| <= bound, i <= j) as linear indices
+    (b * N_max + i) * N_max + j, roughly in image order (the order the programs ran)."""
     B, N_max, C = h.shape
     W = words_per_row(N_max)
     cfg = block_sizes("affinity_fast")
     BT = cfg["BT"]
     pairs = _tile_pairs(triton.cdiv(N_max, BT), h.device)
-    thr = torch.tensor([float(tau), tensor_core_bound(C)], dtype=torch.float64, device=h.device)
+    thr = torch.tensor([float(tau), bound], dtype=torch.float64, device=h.device)
     capacity = max(_MIN_CANDIDATES, B * N_max * N_max // 256)
     while True:  # a second launch only when the candidates outgrow the first guess
         mask = torch.zeros((B, N_max, W), dtype=torch.int32, device=h.device)
@@ -383,15 +434,59 @@ def affinity_exact_fwd(
         )
         total = int(ncand.item())
         if total <= capacity:
-            break
+            return mask, counts, cand[:total]
         capacity = total
-    lin = cand[:total]
+
+
+def _recheck(rows: torch.Tensor, cand: torch.Tensor, tau: float, bound: float, mask: torch.Tensor,
+             counts: torch.Tensor) -> torch.Tensor:
+    """``_recheck_kernel`` on the candidates ``cand`` of ``_screen``: sets the bits and counts of those that are
+    edges. ``rows``: float64 ``(B, N_max, C)`` (precision "exact": decided when |dot - tau| > ``bound``) or
+    float32 (precision "float32": the fixed-order float32 dot decides; ``bound`` unused). Returns bool
+    ``(K,)``: the candidates left undecided (always False for float32 rows)."""
+    B, N_max, C = rows.shape
+    exact = rows.dtype == torch.float64
+    cfg = block_sizes("recheck")
+    undecided = torch.zeros(cand.shape[0], dtype=torch.int8, device=rows.device)
+    if cand.numel():
+        thr = torch.tensor([float(tau), bound], dtype=torch.float64, device=rows.device)
+        _recheck_kernel[(triton.cdiv(cand.shape[0], cfg["BLOCK"]),)](
+            rows, cand, thr, mask, counts, undecided, N_max, C, words_per_row(N_max), cand.shape[0],
+            BLOCK=cfg["BLOCK"], BC=cfg["BC"], EXACT=exact, num_warps=cfg["num_warps"], enable_fp_fusion=False,
+        )
+    return undecided.bool()
+
+
+def affinity_exact_fwd(
+    feats: torch.Tensor, lengths: torch.Tensor, *, tau: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``affinity_fwd`` for precision "exact" (``ncutfast.exact``): the float64 reference's graph.
+
+    The rows are normalized in float64 exactly as the reference does (``exact.normalized_rows``), rounded to
+    fp16 and screened by ``_affinity_exact_kernel`` (one tensor-core product) against
+    ``exact.tensor_core_bound``; the candidates it leaves (|S - tau| <= bound) are decided by
+    ``_recheck_kernel``'s float64 dot against ``exact.dot_bound``, and the few it cannot decide (ties, in
+    practice) by ``exact.recheck`` (Dot2) on the host side.
+
+    Args:
+        feats: ``(B, N_max, C)`` floating point, finite within the lengths; rows >= lengths[b] are padding.
+        lengths: ``(B,)`` integer, ``1 <= lengths[b] <= N_max``.
+        tau: threshold; bit (i, j) is set iff f_i . f_j > tau exactly (strict).
+
+    Returns:
+        ``(mask, counts, rechecked)``: mask and counts as ``affinity_fwd``; ``rechecked`` int64 ``(B,)``, the
+        number of entries (i <= j) of each image decided by the float64 recheck.
+    """
+    lens = _check_batch(feats, lengths)
+    f64 = normalized_rows(feats, lens)
+    B, N_max, C = f64.shape
+    W = words_per_row(N_max)
+    mask, counts, cand = _screen(f64.to(torch.float16).contiguous(), lens, tau, tensor_core_bound(C))
+    rechecked = torch.bincount(cand // (N_max * N_max), minlength=B)
+    lin = cand[_recheck(f64, cand, tau, dot_bound(C), mask, counts)]
     img, rest = lin // (N_max * N_max), lin % (N_max * N_max)
-    rechecked = torch.bincount(img, minlength=B)
     i, j = rest // N_max, rest % N_max
-    edge = torch.cat([recheck(f64[img[s:s + _RECHECK_CHUNK], i[s:s + _RECHECK_CHUNK]],
-                              f64[img[s:s + _RECHECK_CHUNK], j[s:s + _RECHECK_CHUNK]], tau)
-                      for s in range(0, total, _RECHECK_CHUNK)] or [torch.zeros(0, dtype=torch.bool, device=h.device)])
+    edge = recheck(f64[img, i], f64[img, j], tau)
     # Distinct bits of still-zero words: adding them is or-ing them. The mirror (j, i) of an off-diagonal
     # candidate is its own bit.
     img, i, j = img[edge], i[edge], j[edge]
