@@ -23,7 +23,13 @@ def _variants() -> list[tuple[str, object, dict, dict, dict]]:
     import triton.language as tl
 
     from ncutfast.kernels import _utils
-    from ncutfast.kernels.affinity import _PRECISIONS, _affinity_exact_kernel, _affinity_kernel, _normalize_kernel
+    from ncutfast.kernels.affinity import (
+        _PRECISIONS,
+        _affinity_exact_kernel,
+        _affinity_kernel,
+        _normalize_kernel,
+        _recheck_kernel,
+    )
     from ncutfast.kernels.lanczos import _lanczos_matvec_kernel, _lanczos_persistent_kernel, _lanczos_step_kernel
     from ncutfast.kernels.matvec import _bitmask_matvec_i8_kernel, _bitmask_matvec_kernel, _digits_kernel
     from ncutfast.kernels.ritz import _ritz_top2_kernel
@@ -57,6 +63,13 @@ def _variants() -> list[tuple[str, object, dict, dict, dict]]:
            "CAPACITY": "i32", "BT": "constexpr", "BK": "constexpr"}
     out.append(("affinity-exact", _affinity_exact_kernel, sig, {"BT": fast["BT"], "BK": fast["BK"]},
                 {"num_warps": fast["num_warps"], "num_stages": fast["num_stages"]}))
+    rc = _utils.block_sizes("recheck")  # the screen's candidates: float64 ("exact") or fixed-order float32
+    for label, rows, exact in (("recheck-exact", "*fp64", True), ("recheck-float32", "*fp32", False)):
+        sig = {"rows_ptr": rows, "cand_ptr": "*i64", "thr_ptr": "*fp64", "mask_ptr": "*i32", "count_ptr": "*i32",
+               "undecided_ptr": "*i8", "N_max": "i32", "C": "i32", "W": "i32", "total": "i32",
+               "BLOCK": "constexpr", "BC": "constexpr", "EXACT": "constexpr"}
+        out.append((label, _recheck_kernel, sig, {"BLOCK": rc["BLOCK"], "BC": rc["BC"], "EXACT": exact},
+                    {"num_warps": rc["num_warps"], "enable_fp_fusion": False}))
     mv = _utils.block_sizes("matvec")
     for kp in (1, 4):
         sig = {"mask_ptr": "*i32", "s_ptr": "*fp64", "len_ptr": "*i32", "eps_ptr": "*fp64", "idx_ptr": "*i32",
@@ -147,7 +160,7 @@ def _compile_all() -> None:
         ptx = k.asm["ptx"]
         regs, spills = _registers(ptx)
         print(json.dumps({"label": label, "registers": regs, "spill_bytes": spills, "cubin": len(k.asm["cubin"]),
-                          "popc": "popc.b32" in ptx,
+                          "popc": "popc.b32" in ptx, "fma_f32": "fma.rn.f32" in ptx,
                           "wgmma": "wgmma" in ptx, "pipelined": "async_copy_global_to_local" in k.asm["ttgir"],
                           "shared": k.metadata.shared}), flush=True)
 
@@ -185,6 +198,12 @@ def test_exact_affinity_does_not_spill(compiled):
     assert compiled["affinity-float32-tf32x3"]["wgmma"]
     assert not compiled["affinity-float32"]["wgmma"]  # IEEE fp32: no tf32 tensor-core path
     assert all(compiled[f"matvec-int8-{tag}"]["wgmma"] for tag in ("k2", "k4", "k2-stepped"))  # int8 wgmma
+
+
+def test_recheck_kernels(compiled):
+    """The recheck kernels stay in registers; the float32 one has no FMA (its order rounds every product)."""
+    assert compiled["recheck-exact"]["spill_bytes"] == 0 and compiled["recheck-float32"]["spill_bytes"] == 0
+    assert not compiled["recheck-float32"]["fma_f32"]
 
 
 def test_fp64_kernels_do_not_spill(compiled):
