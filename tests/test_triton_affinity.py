@@ -13,7 +13,7 @@ import torch
 triton = pytest.importorskip("triton")
 
 from ncutfast import exact, reference, testing  # noqa: E402
-from ncutfast.kernels import _utils, affinity  # noqa: E402
+from ncutfast.kernels import _utils  # noqa: E402
 from ncutfast.kernels.affinity import affinity_fwd, normalize_fwd  # noqa: E402
 from ncutfast.kernels.matvec import degrees_from_counts  # noqa: E402
 
@@ -156,14 +156,14 @@ def test_float32_is_the_fixed_order_float32_dot(c):
     assert check_fixed_order(mask, counts, x, lengths, tau) >= (60 if c >= 2 else 1)
 
 
-def test_float32_candidate_relaunch(monkeypatch: pytest.MonkeyPatch):
-    """A candidate list smaller than the candidates forces the screen's second launch: same graph."""
+def test_float32_duplicates_and_ties():
+    """Many exact duplicates (their dots all equal, far more candidates than 1/256 of the entries) with tau
+    equal to one of the dots: ties everywhere, all decided by the recheck."""
     rng = np.random.default_rng(7)
     pool = rng.standard_normal((3, 2)).astype(np.float32)
-    x = torch.from_numpy(pool[rng.integers(0, 3, size=(1, 67))]).to(DEVICE)  # many exact duplicates
+    x = torch.from_numpy(pool[rng.integers(0, 3, size=(1, 67))]).to(DEVICE)
     g = normalize_fwd(x, torch.tensor([67]), torch.float32).cpu().numpy()
-    tau = float(fixed_order_dots(g[0])[0, 0])  # every duplicate pair of row 0's kind is a tie at tau
-    monkeypatch.setattr(affinity, "_MIN_CANDIDATES", 8)
+    tau = float(fixed_order_dots(g[0])[0, 0])
     mask, counts = affinity_fwd(x, torch.tensor([67]), tau=tau, precision="float32")
     assert check_fixed_order(mask, counts, x, [67], tau) > 67 * 67 // 256
 

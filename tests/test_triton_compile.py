@@ -58,9 +58,9 @@ def _variants() -> list[tuple[str, object, dict, dict, dict]]:
             consts = {"BT": cfg["BT"], "BK": cfg["BK"], "ACC": acc, "DOT_PRECISION": dot}
             out.append((f"affinity-{label}", _affinity_kernel, sig, consts, options))
     fast = _utils.block_sizes("affinity_fast")  # precision "exact": fp16 screen + candidate list
-    sig = {"f_ptr": "*fp16", "pairs_ptr": "*i32", "len_ptr": "*i32", "thr_ptr": "*fp64", "mask_ptr": "*i32",
-           "count_ptr": "*i32", "cand_ptr": "*i64", "ncand_ptr": "*i32", "N_max": "i32", "C": "i32", "W": "i32",
-           "CAPACITY": "i32", "BT": "constexpr", "BK": "constexpr"}
+    sig = {"f_ptr": "*fp16", "pairs_ptr": "*i32", "len_ptr": "*i32", "thr_ptr": "*fp32", "mask_ptr": "*i32",
+           "count_ptr": "*i32", "cand_ptr": "*i32", "N_max": "i32", "C": "i32", "W": "i32",
+           "BT": "constexpr", "BK": "constexpr"}
     out.append(("affinity-exact", _affinity_exact_kernel, sig, {"BT": fast["BT"], "BK": fast["BK"]},
                 {"num_warps": fast["num_warps"], "num_stages": fast["num_stages"]}))
     rc = _utils.block_sizes("recheck")  # the screen's candidates: float64 ("exact") or fixed-order float32

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -145,13 +146,19 @@ def _tile_dot(f_ptr, b, rows, cols, N_max, C, BT: tl.constexpr, BK: tl.constexpr
 
 
 @triton.jit
+def _pack_words(bit, BT: tl.constexpr):
+    """int32 ``(BT, BT // 32)``: the bits of a BT x BT boolean tile, column j = bit j % 32 of word j // 32."""
+    sh = tl.arange(0, 32)
+    return tl.sum(tl.reshape(bit.to(tl.int32), (BT, BT // 32, 32)) << sh[None, None, :], axis=2)
+
+
+@triton.jit
 def _store_tile(bit, b, bi, bj, rows, cols, n, mask_ptr, count_ptr, N_max, W, BT: tl.constexpr):
     """Pack one BT x BT tile of bits (already mirrored on the diagonal) into words at (rows of bi, words of
     bj) and, off the diagonal, the transposed bits at (rows of bj, words of bi); add the popcounts of the
     written rows to the degree counts (integer atomics, so the result does not depend on their order)."""
-    sh = tl.arange(0, 32)
     w_idx = tl.arange(0, BT // 32)
-    words = tl.sum(tl.reshape(bit.to(tl.int32), (BT, BT // 32, 32)) << sh[None, None, :], axis=2)
+    words = _pack_words(bit, BT)
     mrow = mask_ptr + b.to(tl.int64) * N_max * W
     # word columns past W only ever hold zero bits (columns >= n); rows >= n are all-zero too and the
     # buffer starts zeroed, so neither is written
@@ -160,8 +167,7 @@ def _store_tile(bit, b, bi, bj, rows, cols, n, mask_ptr, count_ptr, N_max, W, BT
     cnt = tl.sum(popc32(words), axis=1).to(tl.int32)
     tl.atomic_add(count_ptr + b * N_max + rows, cnt, mask=rows < n)
     if bi != bj:
-        bit_t = tl.trans(bit)
-        words_t = tl.sum(tl.reshape(bit_t.to(tl.int32), (BT, BT // 32, 32)) << sh[None, None, :], axis=2)
+        words_t = _pack_words(tl.trans(bit), BT)
         tl.store(mrow + cols[:, None].to(tl.int64) * W + bi * (BT // 32) + w_idx[None, :], words_t,
                  mask=(cols[:, None] < n) & (bi * (BT // 32) + w_idx[None, :] < W))
         cnt_t = tl.sum(popc32(words_t), axis=1).to(tl.int32)
@@ -205,16 +211,16 @@ def _affinity_kernel(
 
 @triton.jit
 def _affinity_exact_kernel(
-    f_ptr, pairs_ptr, len_ptr, thr_ptr, mask_ptr, count_ptr, cand_ptr, ncand_ptr,
-    N_max, C, W, CAPACITY,
+    f_ptr, pairs_ptr, len_ptr, thr_ptr, mask_ptr, count_ptr, cand_ptr,
+    N_max, C, W,
     BT: tl.constexpr, BK: tl.constexpr,
 ):
-    """Precision "exact": ``_affinity_kernel`` on fp16 rows (tensor cores, fp32 accumulation) whose
-    similarity is only a screen. thr = (tau, bound): entries with S > tau + bound are edges, S < tau - bound
-    are not, and the others (pairs i <= j) are appended to the candidate list as linear indices
-    (b * N_max + i) * N_max + j (an atomic counter hands out the slots; slots at or past CAPACITY are
-    dropped and the host relaunches with room for all) for the float64 recheck on the host side. Their bits
-    are left 0 here."""
+    """Precisions "exact" and "float32": ``_affinity_kernel`` on fp16 rows (tensor cores, fp32 accumulation)
+    whose similarity is only a screen. thr = fp32 (lo, hi) with lo <= tau - bound and hi >= tau + bound
+    (rounded outward on the host, so the fp32 tile is compared without converting it to fp64): entries with
+    S > hi are edges, S < lo are not, and the others (pairs i <= j) are the candidates, left 0 in the mask
+    and set in ``cand`` (a second bitmask of the mask's layout, zeroed by the caller: only its nonzero words
+    are written) for ``_recheck_kernel``."""
     pid = tl.program_id(0)
     b = tl.program_id(1)
     bi = tl.load(pairs_ptr + 2 * pid)
@@ -225,22 +231,28 @@ def _affinity_exact_kernel(
         rows = bi * BT + r
         cols = bj * BT + r
         acc = _tile_dot(f_ptr, b, rows, cols, N_max, C, BT, BK, tl.float32, "tf32")
-        d = acc.to(tl.float64) - tl.load(thr_ptr)
-        bound = tl.load(thr_ptr + 1)
+        lo = tl.load(thr_ptr)
+        hi = tl.load(thr_ptr + 1)
         valid = (rows[:, None] < n) & (cols[None, :] < n)
-        bit = (d > bound) & valid
+        bit = (acc > hi) & valid
         # the upper triangle decides (i <= j); the diagonal tile mirrors it
-        unsure = (d <= bound) & (d >= -bound) & valid & (rows[:, None] <= cols[None, :])
+        unsure = (acc <= hi) & (acc >= lo) & valid & (rows[:, None] <= cols[None, :])
         if bi == bj:
             bit = tl.where(r[:, None] <= r[None, :], bit, tl.trans(bit))
         _store_tile(bit, b, bi, bj, rows, cols, n, mask_ptr, count_ptr, N_max, W, BT)
-        flat = tl.reshape(unsure.to(tl.int32), (BT * BT,))
-        total = tl.sum(flat, axis=0)
-        if total > 0:
-            start = tl.atomic_add(ncand_ptr, total)
-            slot = start + tl.cumsum(flat, axis=0) - 1
-            lin = (b.to(tl.int64) * N_max + rows[:, None].to(tl.int64)) * N_max + cols[None, :].to(tl.int64)
-            tl.store(cand_ptr + slot, tl.reshape(lin, (BT * BT,)), mask=(flat > 0) & (slot < CAPACITY))
+        words = _pack_words(unsure, BT)
+        w_idx = bj * (BT // 32) + tl.arange(0, BT // 32)
+        tl.store(cand_ptr + (b * N_max + rows[:, None]).to(tl.int64) * W + w_idx[None, :], words,
+                 mask=(words != 0) & (rows[:, None] < n) & (w_idx[None, :] < W))
+
+
+@triton.jit
+def _columns4(x):
+    """The four columns of a (BLOCK, 4) tensor, in order."""
+    even, odd = tl.split(tl.reshape(x, (x.shape[0], 2, 2)))  # columns (0, 2) and (1, 3)
+    c0, c2 = tl.split(even)
+    c1, c3 = tl.split(odd)
+    return c0, c1, c2, c3
 
 
 @triton.jit
@@ -260,7 +272,8 @@ def _recheck_kernel(
     compared with tau in float64 as ``_affinity_kernel`` compares."""
     idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = idx < total
-    lin = tl.load(cand_ptr + idx, mask=ok, other=0)
+    # slots past the list (last program) recompute the last candidate, so no row load needs a mask
+    lin = tl.load(cand_ptr + tl.minimum(idx, total - 1))
     nn = N_max.to(tl.int64) * N_max
     img = lin // nn
     rest = lin - img * nn
@@ -275,7 +288,7 @@ def _recheck_kernel(
         k = tl.arange(0, BC)
         acc = tl.zeros((BLOCK, BC), dtype=tl.float64)
         for c0 in range(0, C, BC):
-            m = ok[:, None] & (c0 + k[None, :] < C)
+            m = (c0 + k[None, :]) < C
             x = tl.load(a_ptr[:, None] + c0 + k[None, :], mask=m, other=0.0)
             y = tl.load(b_ptr[:, None] + c0 + k[None, :], mask=m, other=0.0)
             acc += x * y
@@ -284,11 +297,19 @@ def _recheck_kernel(
         edge = ok & (d > bound)
         tl.store(undecided_ptr + idx, (tl.abs(d) <= bound).to(tl.int8), mask=ok)
     else:
+        # four features per load (one 16-byte access per row), split into columns and added in order
         acc = tl.zeros((BLOCK,), dtype=tl.float32)
-        for q in range(0, C):
-            x = tl.load(a_ptr + q, mask=ok, other=0.0)
-            y = tl.load(b_ptr + q, mask=ok, other=0.0)
-            acc = acc + x * y
+        r4 = tl.arange(0, 4)
+        c4 = C - C % 4
+        for q in range(0, c4, 4):
+            x0, x1, x2, x3 = _columns4(tl.load(a_ptr[:, None] + q + r4[None, :]))
+            y0, y1, y2, y3 = _columns4(tl.load(b_ptr[:, None] + q + r4[None, :]))
+            acc = acc + x0 * y0
+            acc = acc + x1 * y1
+            acc = acc + x2 * y2
+            acc = acc + x3 * y3
+        for q in range(c4, C):
+            acc = acc + tl.load(a_ptr + q) * tl.load(b_ptr + q)
         edge = ok & (acc.to(tl.float64) > tau)
     one = tl.full((BLOCK,), 1, tl.int32)
     tl.atomic_or(mask_ptr + row_i * W + j // 32, one << (j % 32).to(tl.int32), mask=edge)
@@ -407,35 +428,32 @@ def affinity_fwd(
     return mask, counts
 
 
-#: Smallest candidate list of the first screen launch (then 1/256 of the entries; more triggers a second launch).
-_MIN_CANDIDATES = 1024
-
-
 def _screen(h: torch.Tensor, lens: torch.Tensor, tau: float, bound: float,
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``_affinity_exact_kernel`` on fp16 rows ``h`` ``(B, N_max, C)``: (mask, counts) of the entries the screen
     decides (S > tau + bound) and the int64 ``(K,)`` candidates (|S - tau| <= bound, i <= j) as linear indices
-    (b * N_max + i) * N_max + j, roughly in image order (the order the programs ran)."""
+    (b * N_max + i) * N_max + j, in increasing order (so in image order)."""
     B, N_max, C = h.shape
     W = words_per_row(N_max)
     cfg = block_sizes("affinity_fast")
     BT = cfg["BT"]
     pairs = _tile_pairs(triton.cdiv(N_max, BT), h.device)
-    thr = torch.tensor([float(tau), bound], dtype=torch.float64, device=h.device)
-    capacity = max(_MIN_CANDIDATES, B * N_max * N_max // 256)
-    while True:  # a second launch only when the candidates outgrow the first guess
-        mask = torch.zeros((B, N_max, W), dtype=torch.int32, device=h.device)
-        counts = torch.zeros((B, N_max), dtype=torch.int32, device=h.device)
-        cand = torch.empty(capacity, dtype=torch.int64, device=h.device)
-        ncand = torch.zeros(1, dtype=torch.int32, device=h.device)
-        _affinity_exact_kernel[(pairs.shape[0], B)](
-            h, pairs, lens, thr, mask, counts, cand, ncand, N_max, C, W, capacity,
-            BT=BT, BK=cfg["BK"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        )
-        total = int(ncand.item())
-        if total <= capacity:
-            return mask, counts, cand[:total]
-        capacity = total
+    lo, hi = np.float32(tau - bound), np.float32(tau + bound)  # then rounded outward (the margin absorbs
+    lo = np.nextafter(lo, np.float32(-np.inf)) if lo > tau - bound else lo  # fp64's rounding of tau -+ bound)
+    hi = np.nextafter(hi, np.float32(np.inf)) if hi < tau + bound else hi
+    thr = torch.tensor([float(lo), float(hi)], dtype=torch.float32, device=h.device)
+    mask = torch.zeros((B, N_max, W), dtype=torch.int32, device=h.device)
+    counts = torch.zeros((B, N_max), dtype=torch.int32, device=h.device)
+    cand = torch.zeros_like(mask)
+    _affinity_exact_kernel[(pairs.shape[0], B)](
+        h, pairs, lens, thr, mask, counts, cand, N_max, C, W,
+        BT=BT, BK=cfg["BK"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    word = cand.view(-1).nonzero().squeeze(1)  # the few nonzero words, then their set bits
+    k, bit = ((cand.view(-1)[word, None] >> torch.arange(32, device=h.device, dtype=torch.int32)) & 1).nonzero(
+        as_tuple=True)
+    word = word[k]
+    return mask, counts, (word // W) * N_max + (word % W) * 32 + bit
 
 
 def _recheck(rows: torch.Tensor, cand: torch.Tensor, tau: float, bound: float, mask: torch.Tensor,
