@@ -42,11 +42,11 @@ the whole batch until its slowest problem has converged, and the problems that a
     python benchmarks/gpu_model.py --compare bench_triton.csv  # measured (GPU) beside predicted, per row
 
 The last line printed is ``predicted images/s (H100 SXM, batch 256, N=3600, C=768): fast=.. exact=..
-float32=..``. Precision "exact" is the Triton path of ``kernels.affinity.affinity_exact_fwd``: its float64
-row normalization and fp16 rounding (torch ops, counted as HBM traffic), the fp16 tensor-core screen
-``_affinity_exact_kernel`` (from its SASS), and the float64 recheck of the candidates (gathers of two
-float64 rows each, HBM traffic, at ``EXACT_CANDIDATES``, the largest candidate fraction measured on the
-planted scenes), as a note under each solve table says.
+float32=..``. Precisions "exact" and "float32" (its default launch setting affinity.certified = 1) are
+certified: a normalization (exact: ``_exact_normalize_kernel``; float32: the fp32 one plus the fp16 copy, HBM
+bytes), the fp16 tensor-core screen ``_affinity_exact_kernel`` and ``_recheck_kernel`` on the candidates
+(``EXACT_CANDIDATES``, the largest candidate fraction measured on the planted scenes, scaled for float32's
+bound), all from their SASS, as a note under each solve table says.
 """
 
 from __future__ import annotations
@@ -565,11 +565,12 @@ FLOAT32_VARIANTS = ("float32-fma", "float32-tf32x3")
 #: the largest measured on the planted scenes (``tests/test_exact.py``'s scenes; 5e-8 .. 3.7e-3). The float32
 #: screen's fraction is this one scaled by the ratio of the two bounds (candidates lie within the bound of tau).
 EXACT_CANDIDATES = 3.7e-3
-EXACT_NOTE = ('"exact": float64 normalization + fp16 rounding (torch ops, HBM bytes), the fp16 tensor-core screen '
-              f"(_affinity_exact_kernel), and the float64 recheck kernel (_recheck_kernel) on {EXACT_CANDIDATES:g} "
-              "of the entries (candidates in image order: each image's float64 rows read once from HBM, then from "
-              'L2). "float32" (certified): fp32 normalization + fp16 rounding (HBM bytes), the same screen, and the '
-              "fixed-order float32 recheck kernel on the candidates of its bound (fp32 rows read once per image).")
+EXACT_NOTE = ('"exact": the float64 normalization and fp16 rounding (_exact_normalize_kernel), the fp16 '
+              "tensor-core screen (_affinity_exact_kernel), and the float64 recheck kernel (_recheck_kernel) on "
+              f"{EXACT_CANDIDATES:g} of the entries (candidates in image order: each image's float64 rows read "
+              'once from HBM, then from L2). "float32" (certified): fp32 normalization + fp16 rounding (HBM '
+              "bytes), the same screen, and the fixed-order float32 recheck kernel on the candidates of its bound "
+              "(fp32 rows read once per image).")
 
 
 def gpu_steps(iterations: Iterable[int], check: int = CHECK_EVERY_GPU, m: int = KRYLOV_DIM) -> list[int]:
@@ -721,10 +722,18 @@ class Workload:
         return Launch(f"recheck-{precision}", k, _cdiv(round(cand), cfg["BLOCK"]), trips, dram,
                       ("candidate", cand), unroll)
 
-    def exact_host_bytes(self) -> float:
-        """HBM bytes of precision "exact"'s torch ops: the float64 normalization of the fp32 features and the
-        fp16 rounding (read 4 + write 8, read 8 + write 2 per entry)."""
-        return self.b * self.n * self.c * (4 + 8 + 8 + 2)
+    def normalize_exact(self) -> Launch:
+        """Precision "exact"'s rows (``_exact_normalize_kernel``): float64 rows bit for bit as the reference's
+        and their fp16 copy, from the fp32 features (read for the sum of squares, then again for the division)."""
+        from ncutfast.kernels.affinity import _exact_normalize_kernel
+
+        cfg, n, c, b = self.cfg["normalize_exact"], self.n, self.c, self.b
+        sig = {"x_ptr": ("*fp32", 0), "f_ptr": ("*fp64", 0), "h_ptr": ("*fp16", 0), "len_ptr": ("*i32", 0),
+               "N_max": ("i32", n), "stride_xb": ("i32", n * c), "stride_xn": ("i32", c), "stride_xc": ("i32", 1),
+               "C": ("constexpr", c), "BR": ("constexpr", cfg["BR"]), "BC": ("constexpr", cfg["BC"])}
+        k = compile_triton(_exact_normalize_kernel, sig, {"num_warps": cfg["num_warps"]})
+        return Launch("normalize-exact", k, _cdiv(n, cfg["BR"]) * b, {"_exact_normalize_kernel#0": _cdiv(c, cfg["BC"])},
+                      b * n * c * (4 + 8 + 2), ("feature", b * n * c))  # unique bytes: the re-read hits L2
 
     # -- Lanczos ---------------------------------------------------------------------------------------------
     def _state_sig(self) -> dict[str, tuple[str, object]]:
@@ -877,7 +886,7 @@ def solve_time(w: Workload, precision: str, gpu: str, steps: list[int], solver: 
     the final residual mat-vec. Launch overheads and host synchronizations are not counted."""
     bw = RATES[gpu]["dram_bps"]
     if precision == "exact":
-        ph = {"normalize": w.exact_host_bytes() / bw}
+        ph = {"normalize": w.normalize_exact().bound(gpu).seconds}
     elif precision == "float32":  # fp32 rows, then their fp16 copy (torch: read 4, write 2 bytes per entry)
         ph = {"normalize": w.normalize("float32").bound(gpu).seconds + w.b * w.n * w.c * 6 / bw}
     else:
@@ -988,8 +997,9 @@ def model(workloads: list[tuple[int, int]], gpus: list[str], alternatives: bool)
         steps = gpu_steps(ITERATIONS[(n, c)])
         active = active_per_step(steps, w.b)
         label = f"batch {w.b}, N={n}, C={c}"
-        launches = [w.normalize("fast"), w.normalize("float32"), w.affinity("fast"), w.screen("exact"),
-                    w.recheck("exact"), w.screen("float32"), w.recheck("float32"), w.affinity("float32"),
+        launches = [w.normalize("fast"), w.normalize("float32"), w.normalize_exact(), w.affinity("fast"),
+                    w.screen("exact"), w.recheck("exact"), w.screen("float32"), w.recheck("float32"),
+                    w.affinity("float32"),
                     w.lanczos_matvec(w.b), w.lanczos_step(w.b, len(active) // 2), w.ritz(len(active), False),
                     w.ritz(len(active), True), w.residual_matvec()]
         if alternatives:

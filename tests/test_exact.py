@@ -350,6 +350,24 @@ def _triton_graphs(feats: list[np.ndarray], tau: float) -> tuple[list[np.ndarray
     return [bits[b, :m, :m].astype(bool) for b, m in enumerate(lengths)], counts.cpu().numpy(), rechecked.numpy()
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("c", [1, 7, 8, 9, 127, 128, 129, 384, 1000])
+def test_triton_exact_rows_are_the_references(rng: np.random.Generator, dtype: type, c: int) -> None:
+    """exact_normalize_fwd (one kernel, NumPy's pairwise sum of squares unrolled for C) equals
+    exact.normalized_rows bit for bit on strided input with a zero row, a row under the 1e-12 clamp and
+    padding; the fp16 copy is torch's rounding of those rows."""
+    from ncutfast.kernels.affinity import exact_normalize_fwd
+
+    k = (rng.standard_normal((2, c, 13)) * rng.uniform(0.01, 100.0)).astype(dtype)
+    k[0, :, 3] = 0.0
+    k[1, :, 2] *= 1e-15
+    x, lengths = torch.from_numpy(k).transpose(1, 2), torch.tensor([13, 6])
+    f, h = exact_normalize_fwd(x, lengths)
+    want = exact.normalized_rows(x, lengths)
+    assert torch.equal(f, want) and torch.equal(h, want.to(torch.float16))
+    np.testing.assert_array_equal(f[0].numpy(), reference.normalize_rows(np.ascontiguousarray(k[0].T)))
+
+
 def test_triton_exact_kernel_matches_the_float64_graph(rng: np.random.Generator) -> None:
     """The fp16 tensor-core screen plus float64 recheck (interpreter): zero flips on a ragged batch of
     Gaussian features, a planted scene, rows planted within the screen's bound of tau, one token, and

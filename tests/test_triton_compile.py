@@ -27,6 +27,7 @@ def _variants() -> list[tuple[str, object, dict, dict, dict]]:
         _PRECISIONS,
         _affinity_exact_kernel,
         _affinity_kernel,
+        _exact_normalize_kernel,
         _normalize_kernel,
         _recheck_kernel,
     )
@@ -63,6 +64,13 @@ def _variants() -> list[tuple[str, object, dict, dict, dict]]:
            "BT": "constexpr", "BK": "constexpr"}
     out.append(("affinity-exact", _affinity_exact_kernel, sig, {"BT": fast["BT"], "BK": fast["BK"]},
                 {"num_warps": fast["num_warps"], "num_stages": fast["num_stages"]}))
+    ne = _utils.block_sizes("normalize_exact")  # sum of squares unrolled per C: the benchmark's C
+    for src in ("fp32", "fp64"):
+        sig = {"x_ptr": f"*{src}", "f_ptr": "*fp64", "h_ptr": "*fp16", "len_ptr": "*i32", "N_max": "i32",
+               "stride_xb": "i32", "stride_xn": "i32", "stride_xc": "i32",
+               "C": "constexpr", "BR": "constexpr", "BC": "constexpr"}
+        out.append((f"normalize-exact-{src}", _exact_normalize_kernel, sig,
+                    {"C": 768, "BR": ne["BR"], "BC": ne["BC"]}, {"num_warps": ne["num_warps"]}))
     rc = _utils.block_sizes("recheck")  # the screen's candidates: float64 ("exact") or fixed-order float32
     for label, rows, exact in (("recheck-exact", "*fp64", True), ("recheck-float32", "*fp32", False)):
         sig = {"rows_ptr": rows, "cand_ptr": "*i64", "thr_ptr": "*fp64", "mask_ptr": "*i32", "count_ptr": "*i32",
@@ -201,9 +209,11 @@ def test_exact_affinity_does_not_spill(compiled):
 
 
 def test_recheck_kernels(compiled):
-    """The recheck kernels stay in registers; the float32 one has no FMA (its order rounds every product)."""
+    """The recheck kernels and exact's normalization stay in registers; the float32 recheck has no FMA (its
+    order rounds every product)."""
     assert compiled["recheck-exact"]["spill_bytes"] == 0 and compiled["recheck-float32"]["spill_bytes"] == 0
     assert not compiled["recheck-float32"]["fma_f32"]
+    assert all(compiled[f"normalize-exact-{src}"]["spill_bytes"] == 0 for src in ("fp32", "fp64"))
 
 
 def test_fp64_kernels_do_not_spill(compiled):

@@ -26,7 +26,8 @@ __all__ = ["interpreting", "block_sizes", "override", "popc32", "words_per_row"]
 #           order (kernels/affinity.py); certified = 0 keeps the single-kernel float32 product above.
 # recheck: the recheck of the screens' candidates: BLOCK candidates per program, BC = feature chunk of
 #          the float64 dot (precision "exact"; the float32 dot is sequential over the features).
-# normalize: BR = rows per program, BC = feature chunk.
+# normalize: BR = rows per program, BC = feature chunk; normalize_exact: the same for precision "exact"'s
+#            float64 rows (the sum of squares is unrolled for each C at compile time).
 # matvec: BM = rows per program, BN = columns per inner step (multiple of 32), scaled down by the number of
 #         vectors so that the (BM, BN, K) fp64 accumulator stays in registers (32 per thread by default);
 #         int8 = 1 selects the tensor-core variant (fixed-point digits, int8 tl.dot) with the matvec_int8
@@ -47,6 +48,7 @@ _GPU = {
     "affinity_fast": {"BT": 128, "BK": 64, "num_warps": 8, "num_stages": 3, "tf32x3": 0},
     "recheck": {"BLOCK": 128, "BC": 16, "num_warps": 4},
     "normalize": {"BR": 16, "BC": 256, "num_warps": 4},
+    "normalize_exact": {"BR": 16, "BC": 64, "num_warps": 4},
     "matvec": {"BM": 32, "BN": 128, "num_warps": 4, "int8": 0},
     "matvec_int8": {"BM": 128, "BN": 128, "BR": 256, "num_warps": 8},
     "lanczos": {"solve": "steps", "BM": 32, "BN": 64, "BS": 32, "num_warps": 8},
@@ -57,6 +59,7 @@ _INTERP = {
     "affinity_fast": {"BT": 64, "BK": 64, "num_warps": 4, "num_stages": 1, "tf32x3": 0},
     "recheck": {"BLOCK": 4096, "BC": 64, "num_warps": 4},
     "normalize": {"BR": 128, "BC": 128, "num_warps": 4},
+    "normalize_exact": {"BR": 128, "BC": 128, "num_warps": 4},
     "matvec": {"BM": 128, "BN": 128, "num_warps": 4, "int8": 0},
     "matvec_int8": {"BM": 128, "BN": 128, "BR": 128, "num_warps": 4},
     "lanczos": {"solve": "steps", "BM": 128, "BN": 128, "BS": 128, "num_warps": 4},

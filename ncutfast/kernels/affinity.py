@@ -33,10 +33,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ..exact import dot_bound, float32_screen_bound, normalized_rows, recheck, tensor_core_bound
+from ..exact import dot_bound, float32_screen_bound, recheck, tensor_core_bound
 from ._utils import block_sizes, popc32, words_per_row
 
-__all__ = ["normalize_fwd", "affinity_fwd", "affinity_exact_fwd"]
+__all__ = ["normalize_fwd", "exact_normalize_fwd", "affinity_fwd", "affinity_exact_fwd"]
 
 # precision -> (dtype of the normalized rows, tl.dot input_precision).
 # "float32" uses IEEE fp32 products (no tf32) so threshold decisions match float64 except within fp32
@@ -123,6 +123,69 @@ def _normalize_kernel(
             y = tl.div_rn(g, div[:, None])
         tl.store(out_row + cols[None, :], y.to(out_ptr.dtype.element_ty),
                  mask=(rows[:, None] < N_max) & col_ok)
+
+
+@triton.jit
+def _sq(x_row, row_ok, stride_xc, q, BR: tl.constexpr, NQ: tl.constexpr):
+    """Squares in fp64 of the features q .. q + NQ - 1 of BR rows: (BR, NQ)."""
+    x = tl.load(x_row + (q + tl.arange(0, NQ))[None, :] * stride_xc, mask=row_ok[:, None], other=0.0)
+    x = x.to(tl.float64)
+    return x * x
+
+
+@triton.jit
+def _pairwise_sq(x_row, row_ok, stride_xc, START: tl.constexpr, N: tl.constexpr, BR: tl.constexpr):
+    """Sum of the squares of features START .. START + N - 1 of BR rows in NumPy's pairwise order
+    (``exact._pairwise_sum``: blocks of at most 128 summed by 8 partial sums, halves combined), unrolled at
+    compile time for this N."""
+    if N < 8:
+        res = tl.zeros((BR,), dtype=tl.float64)
+        for i in tl.static_range(N):
+            res = res + tl.reshape(_sq(x_row, row_ok, stride_xc, START + i, BR, 1), (BR,))
+    elif N <= 128:
+        r = _sq(x_row, row_ok, stride_xc, START, BR, 8)
+        for i in tl.static_range(8, N - N % 8, 8):
+            r = r + _sq(x_row, row_ok, stride_xc, START + i, BR, 8)
+        a, b = tl.split(tl.reshape(r, (BR, 4, 2)))  # (r0, r2, r4, r6), (r1, r3, r5, r7)
+        a, b = tl.split(tl.reshape(a + b, (BR, 2, 2)))  # (r0 + r1, r4 + r5), (r2 + r3, r6 + r7)
+        a, b = tl.split(a + b)
+        res = a + b
+        for i in tl.static_range(N - N % 8, N):
+            res = res + tl.reshape(_sq(x_row, row_ok, stride_xc, START + i, BR, 1), (BR,))
+    else:
+        H: tl.constexpr = N // 2 - (N // 2) % 8
+        res = (_pairwise_sq(x_row, row_ok, stride_xc, START, H, BR)
+               + _pairwise_sq(x_row, row_ok, stride_xc, START + H, N - H, BR))
+    return res
+
+
+@triton.jit
+def _exact_normalize_kernel(
+    x_ptr, f_ptr, h_ptr, len_ptr,
+    N_max,
+    stride_xb, stride_xn, stride_xc,
+    C: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
+):
+    """Precision "exact": ``exact.normalized_rows`` bit for bit in one pass over the features: the float64
+    squares summed in NumPy's pairwise order (``_pairwise_sq``), IEEE sqrt, the clamp max(norm, 1e-12) and
+    the IEEE float64 division; writes those rows (``f``, for the recheck) and their fp16 copy (``h``,
+    rounded through fp32 as torch rounds, for the screen). Rows at or beyond lengths[b] are zeros."""
+    b = tl.program_id(1)
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    n = tl.load(len_ptr + b).to(tl.int32)
+    row_ok = rows < n
+    x_row = x_ptr + b.to(tl.int64) * stride_xb + rows[:, None].to(tl.int64) * stride_xn
+    # the clamp as an fp64 constant (a bare 1e-12 would be rounded to fp32 first)
+    norm = tl.maximum(tl.sqrt(_pairwise_sq(x_row, row_ok, stride_xc, 0, C, BR)), tl.full((BR,), 1e-12, tl.float64))
+    out = (b * N_max + rows[:, None].to(tl.int64)) * C
+    for c0 in range(0, C, BC):
+        cols = c0 + tl.arange(0, BC)
+        col_ok = cols[None, :] < C
+        x = tl.load(x_row + cols[None, :] * stride_xc, mask=row_ok[:, None] & col_ok, other=0.0)
+        f = x.to(tl.float64) / norm[:, None]
+        keep = (rows[:, None] < N_max) & col_ok
+        tl.store(f_ptr + out + cols[None, :], f, mask=keep)
+        tl.store(h_ptr + out + cols[None, :], f.to(tl.float32).to(tl.float16), mask=keep)
 
 
 @triton.jit
@@ -374,6 +437,28 @@ def normalize_fwd(feats: torch.Tensor, lengths: torch.Tensor, out_dtype: torch.d
     return out
 
 
+def exact_normalize_fwd(feats: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Precision "exact"'s rows: ``exact.normalized_rows`` bit for bit, and their fp16 copy, in one kernel.
+
+    Args:
+        feats: ``(B, N_max, C)`` floating point (any strides), finite within the lengths.
+        lengths: ``(B,)`` integer, ``1 <= lengths[b] <= N_max``.
+
+    Returns:
+        ``(f, h)``: float64 and float16 ``(B, N_max, C)``, contiguous; padding rows are zero.
+    """
+    lens = _check_batch(feats, lengths)
+    B, N_max, C = feats.shape
+    f = torch.empty((B, N_max, C), dtype=torch.float64, device=feats.device)
+    h = torch.empty((B, N_max, C), dtype=torch.float16, device=feats.device)
+    cfg = block_sizes("normalize_exact")
+    _exact_normalize_kernel[(triton.cdiv(N_max, cfg["BR"]), B)](
+        feats, f, h, lens, N_max, feats.stride(0), feats.stride(1), feats.stride(2),
+        C=C, BR=cfg["BR"], BC=cfg["BC"], num_warps=cfg["num_warps"],
+    )
+    return f, h
+
+
 def affinity_fwd(
     feats: torch.Tensor, lengths: torch.Tensor, *, tau: float, precision: str = "float32",
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -480,11 +565,11 @@ def affinity_exact_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``affinity_fwd`` for precision "exact" (``ncutfast.exact``): the float64 reference's graph.
 
-    The rows are normalized in float64 exactly as the reference does (``exact.normalized_rows``), rounded to
-    fp16 and screened by ``_affinity_exact_kernel`` (one tensor-core product) against
-    ``exact.tensor_core_bound``; the candidates it leaves (|S - tau| <= bound) are decided by
-    ``_recheck_kernel``'s float64 dot against ``exact.dot_bound``, and the few it cannot decide (ties, in
-    practice) by ``exact.recheck`` (Dot2) on the host side.
+    The rows are normalized in float64 exactly as the reference does (``_exact_normalize_kernel``, equal to
+    ``exact.normalized_rows`` bit for bit), rounded to fp16 and screened by ``_affinity_exact_kernel`` (one
+    tensor-core product) against ``exact.tensor_core_bound``; the candidates it leaves (|S - tau| <= bound)
+    are decided by ``_recheck_kernel``'s float64 dot against ``exact.dot_bound``, and the few it cannot
+    decide (ties, in practice) by ``exact.recheck`` (Dot2) on the host side.
 
     Args:
         feats: ``(B, N_max, C)`` floating point, finite within the lengths; rows >= lengths[b] are padding.
@@ -496,10 +581,10 @@ def affinity_exact_fwd(
         number of entries (i <= j) of each image decided by the float64 recheck.
     """
     lens = _check_batch(feats, lengths)
-    f64 = normalized_rows(feats, lens)
-    B, N_max, C = f64.shape
+    f64, h = exact_normalize_fwd(feats, lens)
+    B, N_max, C = feats.shape
     W = words_per_row(N_max)
-    mask, counts, cand = _screen(f64.to(torch.float16).contiguous(), lens, tau, tensor_core_bound(C))
+    mask, counts, cand = _screen(h, lens, tau, tensor_core_bound(C))
     rechecked = torch.bincount(cand // (N_max * N_max), minlength=B)
     lin = cand[_recheck(f64, cand, tau, dot_bound(C), mask, counts)]
     img, rest = lin // (N_max * N_max), lin % (N_max * N_max)
