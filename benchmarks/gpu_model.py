@@ -43,8 +43,8 @@ the whole batch until its slowest problem has converged, and the problems that a
 
 The last line printed is ``predicted images/s (H100 SXM, batch 256, N=3600, C=768): fast=.. exact=..
 float32=..``. Precisions "exact" and "float32" (its default launch setting affinity.certified = 1) are
-certified: a normalization (exact: ``_exact_normalize_kernel``; float32: the fp32 one plus the fp16 copy, HBM
-bytes), the fp16 tensor-core screen ``_affinity_exact_kernel`` and ``_recheck_kernel`` on the candidates
+certified: a normalization (exact: ``_exact_normalize_kernel``; float32: the fp32 one, also writing the fp16
+copy), the fp16 tensor-core screen ``_affinity_exact_kernel`` and ``_recheck_kernel`` on the candidates
 (``EXACT_CANDIDATES``, the largest candidate fraction measured on the planted scenes, scaled for float32's
 bound), all from their SASS, as a note under each solve table says.
 """
@@ -568,9 +568,9 @@ EXACT_CANDIDATES = 3.7e-3
 EXACT_NOTE = ('"exact": the float64 normalization and fp16 rounding (_exact_normalize_kernel), the fp16 '
               "tensor-core screen (_affinity_exact_kernel), and the float64 recheck kernel (_recheck_kernel) on "
               f"{EXACT_CANDIDATES:g} of the entries (candidates in image order: each image's float64 rows read "
-              'once from HBM, then from L2). "float32" (certified): fp32 normalization + fp16 rounding (HBM '
-              "bytes), the same screen, and the fixed-order float32 recheck kernel on the candidates of its bound "
-              "(fp32 rows read once per image).")
+              'once from HBM, then from L2). "float32" (certified): fp32 normalization writing an fp16 copy too '
+              "(_normalize_kernel, HALF), the same screen, and the fixed-order float32 recheck kernel on the "
+              "candidates of its bound (fp32 rows read once per image).")
 
 
 def gpu_steps(iterations: Iterable[int], check: int = CHECK_EVERY_GPU, m: int = KRYLOV_DIM) -> list[int]:
@@ -627,21 +627,24 @@ class Workload:
         self.cfg = {k: dict(v) for k, v in _utils._GPU.items()}
 
     # -- affinity -------------------------------------------------------------------------------------------
-    def normalize(self, precision: str) -> Launch:
+    def normalize(self, precision: str, half: bool = False) -> Launch:
+        """The normalization launch of "fast" (fp16 rows) or "float32" (fp32 rows; with ``half`` also their fp16
+        copy, as the certified float32 path launches it)."""
         import triton.language as tl
 
         from ncutfast.kernels.affinity import _normalize_kernel
 
         dst, size = {"fast": ("fp16", 2), "float32": ("fp32", 4)}[precision]
         cfg, n, c, b = self.cfg["normalize"], self.n, self.c, self.b
-        sig = {"x_ptr": ("*fp32", 0), "out_ptr": (f"*{dst}", 0), "len_ptr": ("*i32", 0), "N_max": ("i32", n),
-               "C": ("i32", c), "stride_xb": ("i32", n * c), "stride_xn": ("i32", c), "stride_xc": ("i32", 1),
-               "BR": ("constexpr", cfg["BR"]), "BC": ("constexpr", cfg["BC"]), "ACC": ("constexpr", tl.float32),
-               "WIDE": ("constexpr", tl.float32)}
+        sig = {"x_ptr": ("*fp32", 0), "out_ptr": (f"*{dst}", 0), "half_ptr": ("*fp16" if half else f"*{dst}", 0),
+               "len_ptr": ("*i32", 0), "N_max": ("i32", n), "C": ("i32", c), "stride_xb": ("i32", n * c),
+               "stride_xn": ("i32", c), "stride_xc": ("i32", 1), "BR": ("constexpr", cfg["BR"]),
+               "BC": ("constexpr", cfg["BC"]), "ACC": ("constexpr", tl.float32), "WIDE": ("constexpr", tl.float32),
+               "HALF": ("constexpr", half)}
         k = compile_triton(_normalize_kernel, sig, {"num_warps": cfg["num_warps"]})
         trips = {f"_normalize_kernel#{i}": _cdiv(c, cfg["BC"]) for i in range(3)}  # max|x|, sum of squares, store
-        return Launch(f"normalize-{dst}", k, _cdiv(n, cfg["BR"]) * b, trips, b * n * c * (4 + size),
-                      ("feature", b * n * c))
+        return Launch(f"normalize-{dst}" + ("+fp16" if half else ""), k, _cdiv(n, cfg["BR"]) * b, trips,
+                      b * n * c * (4 + size + 2 * half), ("feature", b * n * c))
 
     def affinity(self, precision: str, tf32x3: bool | None = None) -> Launch:
         """The single-kernel affinity launch (``_affinity_kernel``) of "fast" or "float32" (its launch setting
@@ -887,8 +890,8 @@ def solve_time(w: Workload, precision: str, gpu: str, steps: list[int], solver: 
     bw = RATES[gpu]["dram_bps"]
     if precision == "exact":
         ph = {"normalize": w.normalize_exact().bound(gpu).seconds}
-    elif precision == "float32":  # fp32 rows, then their fp16 copy (torch: read 4, write 2 bytes per entry)
-        ph = {"normalize": w.normalize("float32").bound(gpu).seconds + w.b * w.n * w.c * 6 / bw}
+    elif precision == "float32":  # fp32 rows and their fp16 copy
+        ph = {"normalize": w.normalize("float32", half=True).bound(gpu).seconds}
     else:
         base, _, variant = precision.partition("-")
         ph = {"normalize": w.normalize(base).bound(gpu).seconds,
@@ -997,7 +1000,8 @@ def model(workloads: list[tuple[int, int]], gpus: list[str], alternatives: bool)
         steps = gpu_steps(ITERATIONS[(n, c)])
         active = active_per_step(steps, w.b)
         label = f"batch {w.b}, N={n}, C={c}"
-        launches = [w.normalize("fast"), w.normalize("float32"), w.normalize_exact(), w.affinity("fast"),
+        launches = [w.normalize("fast"), w.normalize("float32"), w.normalize("float32", half=True),
+                    w.normalize_exact(), w.affinity("fast"),
                     w.screen("exact"), w.recheck("exact"), w.screen("float32"), w.recheck("float32"),
                     w.affinity("float32"),
                     w.lanczos_matvec(w.b), w.lanczos_step(w.b, len(active) // 2), w.ritz(len(active), False),

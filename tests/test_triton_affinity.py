@@ -156,6 +156,18 @@ def test_float32_is_the_fixed_order_float32_dot(c):
     assert check_fixed_order(mask, counts, x, lengths, tau) >= (60 if c >= 2 else 1)
 
 
+def test_float32_screen_rows_are_the_rows_rounded():
+    """The certified float32 path's normalization also writes the fp16 screen rows: fl16 of its fp32 rows."""
+    from ncutfast.kernels.affinity import _normalize
+
+    rng = np.random.default_rng(9)
+    lengths = [1, 2, 37]
+    x, _ = padded_batch(rng, lengths, 131)
+    lens = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
+    g, h = _normalize(x, lens, torch.float32, half=True)
+    assert torch.equal(g, normalize_fwd(x, lens, torch.float32)) and torch.equal(h, g.to(torch.float16))
+
+
 def test_float32_duplicates_and_ties():
     """Many exact duplicates (their dots all equal, far more candidates than 1/256 of the entries) with tau
     equal to one of the dots: ties everywhere, all decided by the recheck."""

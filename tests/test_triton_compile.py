@@ -39,14 +39,15 @@ def _variants() -> list[tuple[str, object, dict, dict, dict]]:
     out = []
     norm = _utils.block_sizes("normalize")
     acc_of = {"fp16": tl.float32, "fp32": tl.float32, "fp64": tl.float64}
-    for src, dst in (("fp32", "fp32"), ("fp16", "fp32"), ("bf16", "fp16"), ("fp64", "fp64"), ("fp64", "fp32")):
-        sig = {"x_ptr": f"*{src}", "out_ptr": f"*{dst}", "len_ptr": "*i32", "N_max": "i32", "C": "i32",
-               "stride_xb": "i32", "stride_xn": "i32", "stride_xc": "i32",
-               "BR": "constexpr", "BC": "constexpr", "ACC": "constexpr", "WIDE": "constexpr"}
+    for src, dst, half in (("fp32", "fp32", False), ("fp16", "fp32", False), ("bf16", "fp16", False),
+                           ("fp64", "fp64", False), ("fp64", "fp32", False), ("fp32", "fp32", True)):
+        sig = {"x_ptr": f"*{src}", "out_ptr": f"*{dst}", "half_ptr": "*fp16" if half else f"*{dst}", "len_ptr": "*i32",
+               "N_max": "i32", "C": "i32", "stride_xb": "i32", "stride_xn": "i32", "stride_xc": "i32",
+               "BR": "constexpr", "BC": "constexpr", "ACC": "constexpr", "WIDE": "constexpr", "HALF": "constexpr"}
         wide = tl.float64 if src == "fp64" else acc_of[dst]  # normalize_fwd's rule
-        consts = {"BR": norm["BR"], "BC": norm["BC"], "ACC": acc_of[dst], "WIDE": wide}
+        consts = {"BR": norm["BR"], "BC": norm["BC"], "ACC": acc_of[dst], "WIDE": wide, "HALF": half}
         options = {"num_warps": norm["num_warps"]}
-        out.append((f"normalize-{src}-{dst}", _normalize_kernel, sig, consts, options))
+        out.append((f"normalize-{src}-{dst}" + ("-half" if half else ""), _normalize_kernel, sig, consts, options))
     for precision, (dtype, dot_precision) in _PRECISIONS.items():
         cfg = _utils.block_sizes("affinity_fast" if precision == "fast" else "affinity")
         sig = {"f_ptr": f"*{tl_name[str(dtype)]}", "pairs_ptr": "*i32", "len_ptr": "*i32", "tau_ptr": "*fp64",

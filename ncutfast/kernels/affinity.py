@@ -61,10 +61,10 @@ def _pow2(k, WIDE: tl.constexpr):
 
 @triton.jit
 def _normalize_kernel(
-    x_ptr, out_ptr, len_ptr,
+    x_ptr, out_ptr, half_ptr, len_ptr,
     N_max, C,
     stride_xb, stride_xn, stride_xc,
-    BR: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr, WIDE: tl.constexpr,
+    BR: tl.constexpr, BC: tl.constexpr, ACC: tl.constexpr, WIDE: tl.constexpr, HALF: tl.constexpr,
 ):
     """One program normalizes BR rows of one image: out = x / max(||x||_2, 1e-12), computed in fp32
     (fp64 when the output is fp64) and stored in out's dtype. Rows at or beyond lengths[b] are padding
@@ -74,7 +74,8 @@ def _normalize_kernel(
     fp32's range): each row is scaled by the power of two 2^-e that brings its largest |x| into [0.5, 1),
     in WIDE (fp64 for fp64 input, else ACC), which is exact, so rows of normal numbers give the unscaled
     formula's bits (as torch's ``normalized_features`` and the reference do). The clamp compares the
-    unscaled norm ||x 2^-e|| 2^e with 1e-12, and a row below it becomes x / 1e-12."""
+    unscaled norm ||x 2^-e|| 2^e with 1e-12, and a row below it becomes x / 1e-12. With HALF, the rows are
+    also stored rounded to fp16 at ``half_ptr`` (the certified float32 path's screen input)."""
     b = tl.program_id(1)
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     n = tl.load(len_ptr + b).to(tl.int32)
@@ -111,7 +112,7 @@ def _normalize_kernel(
     tiny = norm.to(WIDE) * _pow2(e, WIDE) < clamp.to(WIDE)  # the unscaled norm (inf if it overflows)
     # Tiny rows: (x 2^-e) / (1e-12 2^-e) = x / 1e-12, the same power of two scaling both operands.
     div = tl.where(tiny, (clamp.to(WIDE) * scale).to(ACC), norm)
-    out_row = out_ptr + (b * N_max + rows[:, None].to(tl.int64)) * C
+    out_off = (b * N_max + rows[:, None].to(tl.int64)) * C
     for c0 in range(0, C, BC):
         cols = c0 + tl.arange(0, BC)
         col_ok = cols[None, :] < C  # last feature chunk
@@ -121,8 +122,10 @@ def _normalize_kernel(
             y = g / div[:, None]
         else:
             y = tl.div_rn(g, div[:, None])
-        tl.store(out_row + cols[None, :], y.to(out_ptr.dtype.element_ty),
+        tl.store(out_ptr + out_off + cols[None, :], y.to(out_ptr.dtype.element_ty),
                  mask=(rows[:, None] < N_max) & col_ok)
+        if HALF:
+            tl.store(half_ptr + out_off + cols[None, :], y.to(tl.float16), mask=(rows[:, None] < N_max) & col_ok)
 
 
 @triton.jit
@@ -424,17 +427,24 @@ def normalize_fwd(feats: torch.Tensor, lengths: torch.Tensor, out_dtype: torch.d
     lens = _check_batch(feats, lengths)
     if out_dtype not in (torch.float16, torch.float32, torch.float64):
         raise TypeError(f"out_dtype: expected float16, float32 or float64, got {out_dtype}")
+    return _normalize(feats, lens, out_dtype, half=False)[0]
+
+
+def _normalize(feats: torch.Tensor, lens: torch.Tensor, out_dtype: torch.dtype, half: bool,
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``normalize_fwd`` on checked arguments; with ``half``, also the rows rounded to fp16 (same launch)."""
     B, N_max, C = feats.shape
     out = torch.empty((B, N_max, C), dtype=out_dtype, device=feats.device)
+    h = torch.empty((B, N_max, C), dtype=torch.float16, device=feats.device) if half else None
     cfg = block_sizes("normalize")
     grid = (triton.cdiv(N_max, cfg["BR"]), B)
     acc = _acc_dtype(out_dtype)
     _normalize_kernel[grid](
-        feats, out, lens, N_max, C, feats.stride(0), feats.stride(1), feats.stride(2),
-        BR=cfg["BR"], BC=cfg["BC"], ACC=acc, WIDE=tl.float64 if feats.dtype == torch.float64 else acc,
+        feats, out, out if h is None else h, lens, N_max, C, feats.stride(0), feats.stride(1), feats.stride(2),
+        BR=cfg["BR"], BC=cfg["BC"], ACC=acc, WIDE=tl.float64 if feats.dtype == torch.float64 else acc, HALF=half,
         num_warps=cfg["num_warps"],
     )
-    return out
+    return out, h
 
 
 def exact_normalize_fwd(feats: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -488,8 +498,8 @@ def affinity_fwd(
     dtype, dot_precision = _PRECISIONS[precision]
     cfg = block_sizes("affinity_fast" if precision == "fast" else "affinity")
     if precision == "float32" and cfg["certified"] and not cfg["tf32x3"]:
-        g = normalize_fwd(feats, lens, torch.float32)
-        mask, counts, cand = _screen(g.to(torch.float16), lens, tau, float32_screen_bound(g.shape[2]))
+        g, h = _normalize(feats, lens, torch.float32, half=True)
+        mask, counts, cand = _screen(h, lens, tau, float32_screen_bound(g.shape[2]))
         _recheck(g, cand, tau, 0.0, mask, counts)
         return mask, counts
     if precision == "float32" and cfg["tf32x3"]:
