@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -13,7 +15,9 @@ import torch.nn.functional as F
 from PIL import Image
 from pycocotools.coco import COCO
 
-from ncutfast.label.backbones import BackboneError, amp_note, load_backbone, timm_backbone
+import ncutfast
+from ncutfast.label import backbones
+from ncutfast.label.backbones import BackboneError, amp_note, import_timm, load_backbone, timm_backbone
 from ncutfast.label.cli import main
 from ncutfast.label.demo import make_demo_images
 from ncutfast.label.geometry import prepare, to_pixels
@@ -23,35 +27,11 @@ from ncutfast.label.weights import WeightsError
 TINY = "ncutfast_test_tiny_dinov2"
 TINY_ARGS = dict(patch_size=14, embed_dim=48, depth=3, num_heads=3, reg_tokens=4, no_embed_class=True,
                  init_values=1e-5, img_size=56)
-_KEEP: list[torch.library.Library] = []
-
-
-def _import_timm():  # noqa: ANN202
-    """timm, importable beside CI's CPU torch.
-
-    PyPI's torchvision (which timm hard-imports) is a CUDA build: beside torch's CPU build its ops library
-    does not load and ``import torchvision`` stops at registering a fake kernel for ``torchvision::nms``.
-    Only for the tests, the two op schemas it needs at import are declared (its ops stay unusable; ViTs do
-    not use them). Where torchvision imports normally nothing is declared.
-    """
-    try:
-        import timm
-    except RuntimeError as exc:
-        if "torchvision::" not in str(exc):
-            raise
-        for name in [m for m in sys.modules if m.split(".")[0] in ("torchvision", "timm")]:
-            del sys.modules[name]
-        lib = torch.library.Library("torchvision", "DEF")
-        for op in ("nms", "qnms"):
-            lib.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        _KEEP.append(lib)
-        import timm
-    return timm
 
 
 @pytest.fixture(scope="module")
 def timm():  # noqa: ANN201
-    timm = _import_timm()
+    timm = import_timm()
     from timm.models import register_model
     from timm.models.vision_transformer import VisionTransformer
 
@@ -241,3 +221,89 @@ def test_cli_labels_with_a_timm_backbone(tmp_path: Path, timm, capsys) -> None: 
                  "--arch", "vit_small_patch16", *common]) == 2
     assert "not both" in capsys.readouterr().err
     assert not (tmp_path / "b.json").exists() and not (tmp_path / "c.json").exists()
+
+
+def _fresh_python(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """``python ARGS`` in a fresh interpreter that imports the ``ncutfast`` under test."""
+    env = {**os.environ, "PYTHONPATH": str(Path(ncutfast.__file__).parents[1])}
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=600, check=False)
+
+
+def test_import_timm_declares_torchvision_ops_only_when_they_cannot_load(tmp_path: Path) -> None:
+    script = ("import json; from ncutfast.label import backbones as b; timm = b.import_timm(); "
+              "import torchvision.extension as e; print(json.dumps([e._has_ops(), len(b._TORCHVISION_STUBS), "
+              "b._torchvision_lacks_cuda_libraries(), len(timm.list_models('vit_small_patch14*'))]))")
+    proc = _fresh_python(["-c", script], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    has_ops, stubs, why, vits = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert vits > 0
+    if has_ops:  # the real ops loaded: nothing declared in their place
+        assert stubs == 0 and why is None
+    else:  # a CUDA torchvision beside a CPU torch: declared, and only for want of CUDA libraries
+        assert stubs == 1 and "cuda" in why.lower()
+
+
+@pytest.mark.parametrize(("loader", "want"), [
+    (OSError("libc10_cuda.so: cannot open shared object file: No such file or directory"), "libc10_cuda.so"),
+    (OSError("libcudart.so.12: cannot open shared object file"), "libcudart.so.12"),
+    (OSError("_C.so: undefined symbol: _ZN3c1017RegisterOperators"), None),  # an ABI mismatch: not ours
+    (None, None),  # the library loads: the real ops are there
+])
+def test_torchvision_lacks_cuda_libraries(tmp_path: Path, monkeypatch, loader: OSError | None,  # noqa: ANN001
+                                          want: str | None) -> None:
+    import ctypes
+    import importlib.util
+    from importlib.machinery import ModuleSpec
+
+    folder = tmp_path / "torchvision"
+    folder.mkdir()
+    spec = ModuleSpec("torchvision", None, is_package=True)
+    spec.submodule_search_locations = [str(folder)]
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: spec if name == "torchvision" else None)
+    loaded = []
+
+    def cdll(path: str) -> None:
+        loaded.append(Path(path).name)
+        if loader is not None:
+            raise loader
+
+    monkeypatch.setattr(ctypes, "CDLL", cdll)
+    assert backbones._torchvision_lacks_cuda_libraries() is None and loaded == []  # no library at all
+    (folder / "_C.so").write_bytes(b"")
+    got = backbones._torchvision_lacks_cuda_libraries()
+    assert loaded == ["_C.so"]
+    assert got is None if want is None else want in got
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)  # no torchvision installed
+    assert backbones._torchvision_lacks_cuda_libraries() is None
+
+
+def test_import_timm_names_a_missing_timm(monkeypatch) -> None:  # noqa: ANN001
+    monkeypatch.setitem(sys.modules, "timm", None)
+    with pytest.raises(BackboneError, match="timm backbones need timm .* ModuleNotFoundError"):
+        import_timm()
+
+
+def test_cli_labels_with_a_registered_timm_vit_in_a_fresh_interpreter(tmp_path: Path, timm) -> None:  # noqa: ANN001
+    images = tmp_path / "imgs"
+    make_demo_images(images, n=3, size=(53, 37), seed=6)
+    weights = tmp_path / "test_vit.pth"
+    model = _randomize(timm.create_model("test_vit", pretrained=False, num_classes=0, dynamic_img_size=True), 6)
+    torch.save(model.state_dict(), weights)
+    common = ["--backbone", "timm:test_vit", "--weights", str(weights), "--fixed-size", "80", "--workers", "1",
+              "--no-progress", "--batch-size", "2"]
+    out = tmp_path / "fresh.json"
+    proc = _fresh_python(["-m", "ncutfast.cli", "label", str(images), "--out", str(out), *common], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr
+    data = json.loads(out.read_bytes())
+    assert data["info"]["arch"] == "timm:test_vit" and len(data["images"]) == 3 and data["annotations"]
+    coco = COCO(str(out))
+    for img in coco.dataset["images"]:
+        with Image.open(images / img["file_name"]) as im:
+            assert (img["width"], img["height"]) == im.size
+        for ann in coco.imgToAnns[img["id"]]:
+            assert coco.annToMask(ann).shape == (img["height"], img["width"]) and ann["area"] > 0
+    here = tmp_path / "here.json"
+    assert main(["label", str(images), "--out", str(here), *common]) == 0
+    assert out.read_bytes() == here.read_bytes()

@@ -20,7 +20,9 @@ Backbone names (``ncutfast label --backbone``):
 
 from __future__ import annotations
 
+import logging
 import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,11 +36,14 @@ from .geometry import prepare, to_pixels
 from .vit import ARCHS, IMAGENET_MEAN, IMAGENET_STD
 from .weights import WeightsError, load_vit, read_state_dict
 
-__all__ = ["AMP_DTYPES", "Backbone", "BackboneError", "amp_note", "load_backbone", "timm_backbone"]
+__all__ = ["AMP_DTYPES", "Backbone", "BackboneError", "amp_note", "import_timm", "load_backbone", "timm_backbone"]
+
+log = logging.getLogger("ncutfast.label")
 
 TIMM_PREFIX = "timm:"
 AMP_DTYPES: dict[str, torch.dtype | None] = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 _HEAD_KEYS = ("head.", "fc_norm.", "head_drop.")
+_TORCHVISION_STUBS: list[torch.library.Library] = []  # see import_timm
 
 
 class BackboneError(Exception):
@@ -196,15 +201,78 @@ def _timm_last_keys(model: nn.Module, x: torch.Tensor, dim: int, num_prefix_toke
     return store["k"][:, num_prefix_tokens:]
 
 
-def _import_timm():  # noqa: ANN202 -- returns the timm module, imported lazily
+def _torchvision_lacks_cuda_libraries() -> str | None:
+    """Why torchvision's compiled ops library cannot load for want of CUDA libraries, or None.
+
+    Looks for ``torchvision/_C*.so`` without importing torchvision and tries to load each with
+    :class:`ctypes.CDLL`. Returns the loader's message only when a library fails to load because a CUDA
+    library (``libc10_cuda.so``, ``libcudart.so``, ...) is missing; None when torchvision is absent, when its
+    ops load (then nothing may be declared in their place) or when they fail for another reason.
+    """
+    import ctypes
+    import importlib.util
+    import re
+
+    spec = importlib.util.find_spec("torchvision")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    libs = sorted(p for folder in spec.submodule_search_locations for p in Path(folder).glob("_C*.so"))
+    errors = []
+    for lib in libs:
+        try:
+            ctypes.CDLL(str(lib))
+        except OSError as exc:
+            errors.append(str(exc))
+        else:
+            return None  # the real ops load
+    cuda = [e for e in errors if re.search(r"lib\w*(cuda|cudnn|cublas|cufft|curand|cusparse|nccl|nvrtc)\w*\.so", e)]
+    return cuda[0] if cuda and len(cuda) == len(errors) else None
+
+
+def import_timm():  # noqa: ANN201 -- returns the timm module, imported lazily
+    """Import timm, also beside a torchvision whose compiled ops need CUDA libraries this torch lacks.
+
+    timm imports torchvision, and PyPI's torchvision wheels are CUDA builds: beside a CPU-only torch
+    (``torch==X+cpu``) their ops library (``torchvision/_C.so``) does not load (``libc10_cuda.so`` is
+    missing), and ``import torchvision`` then fails with ``RuntimeError: operator torchvision::nms does not
+    exist`` when it registers fake kernels for ``nms`` and ``qnms``. Only in that case (the import fails
+    that way *and* the ops library fails to load for want of a CUDA library) are the schemas of those two
+    operators declared, without kernels, and the import retried. torchvision then imports with
+    ``torchvision.extension._has_ops()`` False, so its compiled ops (``torchvision.ops.nms``,
+    ``roi_align``, ...) raise torchvision's own "Couldn't load custom C++ ops" error; timm's Vision
+    Transformers do not use them. Where torchvision's ops load, nothing is declared (declaring them there
+    would clash with the real registration).
+
+    Raises:
+        BackboneError: timm is not installed, or does not import for another reason (the message names it).
+    """
     try:
         import timm
-    except Exception as exc:  # noqa: BLE001 -- any import failure (missing, or a torchvision that does not load)
-        raise BackboneError(
-            f"timm backbones need timm and a torchvision that imports with this torch "
-            f"({torch.__version__}): {type(exc).__name__}: {exc}".split("\n")[0]
-        ) from exc
+    except RuntimeError as exc:
+        if "torchvision::" not in str(exc) or (why := _torchvision_lacks_cuda_libraries()) is None:
+            raise _timm_error(exc) from exc
+        for module in [m for m in sys.modules if m.split(".")[0] in ("torchvision", "timm")]:
+            del sys.modules[module]  # the halves of the failed import
+        if not _TORCHVISION_STUBS:
+            lib = torch.library.Library("torchvision", "DEF")
+            for op in ("nms", "qnms"):
+                lib.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+            _TORCHVISION_STUBS.append(lib)  # the declarations live as long as this object
+        log.debug("torchvision's ops do not load (%s); declared torchvision::nms and ::qnms to import timm", why)
+        try:
+            import timm
+        except Exception as again:  # noqa: BLE001 -- any failure of the retry
+            raise _timm_error(again) from again
+    except Exception as exc:  # noqa: BLE001 -- missing, or a torchvision that does not import
+        raise _timm_error(exc) from exc
     return timm
+
+
+def _timm_error(exc: BaseException) -> BackboneError:
+    return BackboneError(
+        f"timm backbones need timm and a torchvision that imports with this torch "
+        f"({torch.__version__}): {type(exc).__name__}: {exc}".split("\n")[0]
+    )
 
 
 def timm_backbone(model: nn.Module, name: str | None = None) -> Backbone:
@@ -254,7 +322,7 @@ def _first_mismatch(expected: dict[str, torch.Tensor], state: dict[str, torch.Te
 
 
 def _load_timm(model_name: str, path: str | os.PathLike[str]) -> Backbone:
-    timm = _import_timm()
+    timm = import_timm()
     try:
         model = timm.create_model(model_name, pretrained=False, num_classes=0, dynamic_img_size=True)
     except RuntimeError as exc:
