@@ -7,11 +7,13 @@ computes what ``ncutfast.reference.bilateral_solve`` computes, image by image, u
 1. Grid coordinates (x, y, Y, U, V) of every pixel, truncated toward zero, and a key that orders and
    neighbours vertices as TokenCut's hash sum_d coord_d * 255**d does; ``torch.unique`` per image gives its
    vertices (sorted keys) and every pixel's vertex.
-2. The blur's neighbours: vertex key + stride_d, looked up in the image's sorted keys with
-   ``searchsorted`` (the neighbours below are the transpose). The images' vertex sets are then
-   concatenated with per-image offsets into one sparse blur matrix for the batch.
+2. The blur's neighbours, vertex key -+ stride_d, for the whole batch at once: by lookups in two small
+   dense tables (the rank of a colour cell, then the vertex of a (colour rank, spatial cell) pair), or, for
+   TokenCut's wrapping hashes and grids too large for the tables, by ``searchsorted`` in the sorted keys.
+   They form one sparse CSR blur matrix for the batch.
 3. Splat (a scatter-add over each pixel's vertex), [1 2 1] blur (a sparse CSR product), slice (a gather),
-   bistochastization, and one Jacobi-preconditioned conjugate gradient for the whole batch. Vertex vectors
+   bistochastization, and one Jacobi-preconditioned conjugate gradient for the whole batch, written into
+   reused buffers (fresh vertex- or pixel-sized temporaries cost page faults). Vertex vectors
    are padded to ``(B, max V_i)``, so per-image dot products are row sums: every image follows SciPy's
    ``cg`` exactly (its own step sizes and its own stop at ||r|| < 1e-5 ||b||, at most 25 iterations) and
    is frozen once it stops.
@@ -109,8 +111,9 @@ _DENSE_TABLE_MAX = 1 << 24
 def _search_taps(keys: torch.Tensor, local: torch.Tensor, slots: torch.Tensor,
                  strides: list[int]) -> list[torch.Tensor]:
     """The blur's taps by binary search among the batch's sorted int64 vertex ``keys`` (image i's local
-    keys ``local`` offset by (i + 1) blocks of at least the image's largest key + stride): the slot of the
-    vertex at key -+ strides[d], or -1, for the columns of ``_BatchGrid``'s table. Any radices."""
+    keys ``local`` offset by (i + 1) blocks of at least the image's largest key + stride), any radices: per
+    direction (below in dim 4, ..., dim 0, then above in dim 0, ..., dim 4), the slot of each vertex's
+    neighbour at key -+ strides[d], or -1, as ``(V,)`` tensors of ``slots``' dtype."""
     last = keys.shape[0] - 1
 
     def find(wanted: torch.Tensor) -> torch.Tensor:

@@ -52,14 +52,15 @@ def test_grid_identical_to_reference_on_every_kind_of_colour(rng: np.random.Gene
                                                               neighbour_search: str) -> None:
     """Vertices and blur taps equal the reference's exactly, including the colours whose YUV lands on a
     cell boundary (all 256 greys, e.g. grey 16 has U = 128 - 1 ulp), random colours, extreme colours and
-    odd sizes (1x1, 3x50), with either neighbour search."""
+    odd sizes (1x1, 3x500, grayscale), with either neighbour search."""
     greys = np.repeat(np.arange(256, dtype=np.uint8).reshape(16, 16, 1), 3, axis=2)
     noise = rng.integers(0, 256, size=(29, 23, 3), dtype=np.uint8)
     _assert_same_grid([greys, noise], SIGMAS)
     _assert_same_grid([noise, greys], (3.0, 1.5, 2.5))
     corners = np.array([[[r, g, b] for r in (0, 255) for g in (0, 255) for b in (0, 255)]], dtype=np.uint8)
     one = np.full((1, 1, 3), 255, dtype=np.uint8)
-    _assert_same_grid([one, corners, rng.integers(0, 256, size=(3, 50, 3), dtype=np.uint8), one], SIGMAS)
+    _assert_same_grid([one, corners, rng.integers(0, 256, size=(3, 500, 3), dtype=np.uint8), one,
+                       synthetic_photo(rng, 61, 47, gray=True)[0]], SIGMAS)
     _assert_same_grid([corners, one], (1.5, 2.0, 2.0))
 
 
