@@ -445,6 +445,10 @@ PYBIND11_MODULE(_C, m) {
           NCUT_CHECK_PTR(targets, "targets");
           NCUT_CHECK_PTR(out, "out");
           NCUT_CHECK_PTR(iterations, "iterations");
+          for (int64_t i = 0; i < n_images; ++i) {
+            NCUT_CHECK(as_ptr<const uintptr_t>(targets)[i] != 0, "targets", "null pointer for image " << i);
+            NCUT_CHECK(as_ptr<const uintptr_t>(out)[i] != 0, "out", "null pointer for image " << i);
+          }
           NCUT_CHECK(std::isfinite(confidence) && confidence > 0, "confidence", "must be finite and > 0");
           NCUT_CHECK(std::isfinite(lam) && lam >= 0, "lam", "must be finite and >= 0");
           NCUT_CHECK(bistochastic_iters >= 0, "bistochastic_iters", "must be >= 0");
@@ -453,14 +457,16 @@ PYBIND11_MODULE(_C, m) {
           NCUT_CHECK(max_iter >= 0, "max_iter", "must be >= 0");
           py::gil_scoped_release nogil;
           ncutfast::bilateral_solve_cpu(as_ptr<const void>(keys), keys64, n_images, as_ptr<const int64_t>(npix), s,
-                                        as_ptr<const double>(targets), confidence, lam, bistochastic_iters,
-                                        a_diag_min, tol, max_iter, as_ptr<double>(out), as_ptr<int64_t>(iterations));
+                                        as_ptr<const double* const>(targets), confidence, lam, bistochastic_iters,
+                                        a_diag_min, tol, max_iter, as_ptr<double* const>(out),
+                                        as_ptr<int64_t>(iterations));
         },
         py::arg("keys"), py::arg("dtype"), py::arg("n_images"), py::arg("npix"), py::arg("strides"),
         py::arg("targets"), py::arg("confidence"), py::arg("lam"), py::arg("bistochastic_iters"),
         py::arg("a_diag_min"), py::arg("tol"), py::arg("max_iter"), py::arg("out"), py::arg("iterations"),
-        "TokenCut's bilateral solve of every image from the keys of bilateral_grid_cpu: targets and out (P,)\n"
-        "float64, iterations (n_images,) int64 (SciPy cg's, rtol tol, atol 0). Host pointers.");
+        "TokenCut's bilateral solve of every image from the keys of bilateral_grid_cpu: targets and out are\n"
+        "(n_images,) int64 arrays of addresses, image i's float64 (npix[i],) pixels; iterations (n_images,)\n"
+        "int64 (SciPy cg's, rtol tol, atol 0). Host pointers.");
   }
 
 #ifdef NCUTFAST_WITH_CUDA

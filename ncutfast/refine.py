@@ -317,16 +317,20 @@ def _solve_compiled(images: list[torch.Tensor], targets: list[torch.Tensor], siz
     layout = _KeyLayout(sizes, sigmas)
     npix = [h * w for h, w in sizes]
     keys = _pixel_keys(images, sigmas, layout.strides, layout.dtype)
-    flat_targets = torch.cat(targets)
-    out = torch.empty_like(flat_targets)
-    npix_t = torch.tensor(npix, dtype=torch.int64)
+    targets = [t.contiguous() for t in targets]
+    out = [torch.empty(s, dtype=torch.float64) for s in sizes]
+
+    def addresses(tensors: list[torch.Tensor]) -> torch.Tensor:
+        return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64)
+
+    npix_t, target_ptrs, out_ptrs = torch.tensor(npix, dtype=torch.int64), addresses(targets), addresses(out)
     iterations = torch.empty(len(images), dtype=torch.int64)
     _ext.C.bilateral_solve_cpu(
         keys.data_ptr(), str(layout.dtype).removeprefix("torch."), len(images), npix_t.data_ptr(),
-        layout.strides, flat_targets.data_ptr(), confidence, lam, reference.BS_BISTOCHASTIC_ITERS,
-        reference.BS_A_DIAG_MIN, reference.BS_CG_TOL, reference.BS_CG_MAXITER, out.data_ptr(),
+        layout.strides, target_ptrs.data_ptr(), confidence, lam, reference.BS_BISTOCHASTIC_ITERS,
+        reference.BS_A_DIAG_MIN, reference.BS_CG_TOL, reference.BS_CG_MAXITER, out_ptrs.data_ptr(),
         iterations.data_ptr())
-    return [o.view(s) for o, s in zip(out.split(npix), sizes, strict=True)]
+    return out
 
 
 def bilateral_solve(

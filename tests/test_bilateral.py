@@ -164,17 +164,19 @@ def test_compiled_grid_of_random_keys(rng: np.random.Generator, dtype: type) -> 
 def test_compiled_bindings_name_bad_arguments() -> None:
     keys, npix = np.zeros(4, np.int32), np.array([4], np.int64)
     out = np.zeros(4)
+    ptrs = np.array([out.ctypes.data], np.int64)
     iters = np.zeros(1, np.int64)
     strides = [1, 2, 3, 4, 5]
 
     def solve(dtype: str = "int32", n_images: int = 1, npix_a: np.ndarray = npix, strides: list = strides,
-              lam: float = 1.0) -> None:
-        _ext.C.bilateral_solve_cpu(keys.ctypes.data, dtype, n_images, npix_a.ctypes.data, strides, out.ctypes.data,
-                                   0.5, lam, 10, 1e-5, 1e-5, 25, out.ctypes.data, iters.ctypes.data)
+              lam: float = 1.0, targets: np.ndarray = ptrs) -> None:
+        _ext.C.bilateral_solve_cpu(keys.ctypes.data, dtype, n_images, npix_a.ctypes.data, strides, targets.ctypes.data,
+                                   0.5, lam, 10, 1e-5, 1e-5, 25, ptrs.ctypes.data, iters.ctypes.data)
     solve()  # valid
     for kw, word in [({"dtype": "float32"}, "dtype"), ({"n_images": 0}, "n_images"),
                      ({"npix_a": np.array([0], np.int64)}, "npix"), ({"strides": [1, 2, 3]}, "strides"),
-                     ({"strides": [1, 2, 0, 4, 5]}, "strides"), ({"lam": float("nan")}, "lam")]:
+                     ({"strides": [1, 2, 0, 4, 5]}, "strides"), ({"lam": float("nan")}, "lam"),
+                     ({"targets": np.zeros(1, np.int64)}, "targets")]:
         with pytest.raises(ValueError, match=word):
             solve(**kw)
 

@@ -338,8 +338,8 @@ void bilateral_grid_cpu(const void* keys, bool keys64, int64_t n_images, const i
 }
 
 void bilateral_solve_cpu(const void* keys, bool keys64, int64_t n_images, const int64_t* npix,
-                         const int64_t* strides, const double* targets, double confidence, double lam,
-                         int bistochastic_iters, double a_diag_min, double tol, int max_iter, double* out,
+                         const int64_t* strides, const double* const* targets, double confidence, double lam,
+                         int bistochastic_iters, double a_diag_min, double tol, int max_iter, double* const* out,
                          int64_t* iterations) {
   const std::vector<int64_t> off = pixel_offsets(n_images, npix);
 #pragma omp parallel
@@ -348,8 +348,8 @@ void bilateral_solve_cpu(const void* keys, bool keys64, int64_t n_images, const 
 #pragma omp for schedule(dynamic, 1)
     for (int64_t i = 0; i < n_images; ++i) {
       build_grid(keys, keys64, off[i], npix[i], strides, g);
-      iterations[i] = solve_image(g, targets + off[i], confidence, lam, bistochastic_iters, a_diag_min, tol,
-                                  max_iter, out + off[i]);
+      iterations[i] = solve_image(g, targets[i], confidence, lam, bistochastic_iters, a_diag_min, tol, max_iter,
+                                  out[i]);
     }
   }
 }

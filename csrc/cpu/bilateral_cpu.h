@@ -20,11 +20,11 @@ void bilateral_grid_cpu(const void* keys, bool keys64, int64_t n_images, const i
                         int64_t* counts, int32_t* taps);
 
 /// The solve of every image (bistochastization, A, b, Jacobi-preconditioned CG exactly as SciPy's `cg` with
-/// rtol `tol`, atol 0, at most `max_iter` iterations, slice) from the same keys: targets and out are float64
-/// pixels laid out as `keys`. Returns the CG iterations of each image in iterations (n_images,).
+/// rtol `tol`, atol 0, at most `max_iter` iterations, slice) from the same keys: targets[i] and out[i] are
+/// image i's float64 (npix[i],) pixels. Returns the CG iterations of each image in iterations (n_images,).
 void bilateral_solve_cpu(const void* keys, bool keys64, int64_t n_images, const int64_t* npix,
-                         const int64_t* strides, const double* targets, double confidence, double lam,
-                         int bistochastic_iters, double a_diag_min, double tol, int max_iter, double* out,
+                         const int64_t* strides, const double* const* targets, double confidence, double lam,
+                         int bistochastic_iters, double a_diag_min, double tol, int max_iter, double* const* out,
                          int64_t* iterations);
 
 }  // namespace ncutfast
