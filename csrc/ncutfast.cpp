@@ -412,6 +412,56 @@ PYBIND11_MODULE(_C, m) {
       }
       return dtype == "int64";
     };
+    // A sequence of n finite doubles (positive with `positive`).
+    auto doubles = [](const py::sequence& seq, size_t n, const char* arg, bool positive, double* out) {
+      NCUT_CHECK(py::len(seq) == n, arg, "expected " << n << " values, got " << py::len(seq));
+      for (size_t j = 0; j < n; ++j) {
+        out[j] = seq[j].cast<double>();
+        NCUT_CHECK(std::isfinite(out[j]) && (!positive || out[j] > 0), arg,
+                   "value " << j << " is " << out[j] << ", must be finite" << (positive ? " and > 0" : ""));
+      }
+    };
+    m.def(
+        "bilateral_keys_cpu",
+        [doubles](uintptr_t images, uintptr_t heights, uintptr_t widths, int64_t n_images, const py::sequence& sigmas,
+                  const py::sequence& coef, const py::sequence& offset, const py::sequence& strides,
+                  const std::string& dtype, uintptr_t keys) {
+          NCUT_CHECK(dtype == "int32" || dtype == "int64", "dtype",
+                     "expected 'int32' or 'int64', got '" << dtype << "'");
+          NCUT_CHECK(n_images >= 1 && n_images <= kMaxBatch, "n_images",
+                     "must be in [1, " << kMaxBatch << "], got " << n_images);
+          for (const auto& [ptr, arg] : {std::pair{images, "images"}, {heights, "heights"}, {widths, "widths"},
+                                         {keys, "keys"}})
+            NCUT_CHECK_PTR(ptr, arg);
+          for (int64_t i = 0; i < n_images; ++i) {
+            NCUT_CHECK(as_ptr<const uintptr_t>(images)[i] != 0, "images", "null pointer for image " << i);
+            const int64_t h = as_ptr<const int64_t>(heights)[i], w = as_ptr<const int64_t>(widths)[i];
+            NCUT_CHECK(h >= 1 && w >= 1 && h < (int64_t{1} << 31) / w, "heights",
+                       "image " << i << " is " << h << "x" << w << ", must have 1 to 2^31 - 1 pixels");
+          }
+          double sig[3], c[9], o[3];
+          doubles(sigmas, 3, "sigmas", true, sig);
+          doubles(coef, 9, "coef", false, c);
+          doubles(offset, 3, "offset", false, o);
+          int64_t s[ncutfast::kBsDims];
+          NCUT_CHECK(py::len(strides) == ncutfast::kBsDims, "strides",
+                     "expected " << ncutfast::kBsDims << " strides, got " << py::len(strides));
+          for (int d = 0; d < ncutfast::kBsDims; ++d) {
+            s[d] = strides[d].cast<int64_t>();
+            NCUT_CHECK(s[d] >= 1 && s[d] < (int64_t{1} << 62), "strides", "strides[" << d << "] = " << s[d]
+                                                                                     << " is outside [1, 2^62)");
+          }
+          py::gil_scoped_release nogil;
+          ncutfast::bilateral_keys_cpu(as_ptr<const uint8_t* const>(images), as_ptr<const int64_t>(heights),
+                                       as_ptr<const int64_t>(widths), n_images, sig, c, o, s, dtype == "int64",
+                                       as_ptr<void>(keys));
+        },
+        py::arg("images"), py::arg("heights"), py::arg("widths"), py::arg("n_images"), py::arg("sigmas"),
+        py::arg("coef"), py::arg("offset"), py::arg("strides"), py::arg("dtype"), py::arg("keys"),
+        "Vertex keys of every pixel of uint8 (H_i, W_i, 3) C-contiguous RGB images (images: (n_images,) int64\n"
+        "addresses; heights, widths (n_images,) int64) into keys (sum_i H_i W_i,) int32/int64: sigmas (spatial,\n"
+        "luma, chroma), coef (9: the RGB -> YUV rows), offset (3), strides (5), float64 rounded as NumPy's.\n"
+        "The caller keeps every key + its largest stride within dtype. Host pointers.");
     m.def(
         "bilateral_grid_cpu",
         [check_keys](uintptr_t keys, const std::string& dtype, int64_t n_images, uintptr_t npix,

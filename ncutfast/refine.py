@@ -18,8 +18,8 @@ computes what ``ncutfast.reference.bilateral_solve`` computes, image by image, u
    ``cg`` exactly (its own step sizes and its own stop at ||r|| < 1e-5 ||b||, at most 25 iterations) and
    is frozen once it stops.
 
-On CPU tensors, when the compiled extension is present, steps 1-3 after the pixel keys run in it instead
-(``_C.bilateral_solve_cpu``, one image per OpenMP iteration): each image's vertices come from a hash table
+On CPU tensors, when the compiled extension is present, steps 1-3 run in it instead (``_C.bilateral_keys_cpu``
+and ``_C.bilateral_solve_cpu``, one image per OpenMP iteration): each image's vertices come from a hash table
 over its pixel keys (only the distinct keys are sorted, so the vertex order is the same), its blur taps from
 lookups of key -+ stride_d, and the blur, bistochastization and SciPy's ``cg`` loop over each vertex's 10
 taps directly, without a sparse matrix. The torch path above serves GPUs and builds without the extension.
@@ -310,23 +310,31 @@ def _cg(grid: _BatchGrid, matvec: Callable[[torch.Tensor, torch.Tensor], torch.T
 
 def _solve_compiled(images: list[torch.Tensor], targets: list[torch.Tensor], sizes: list[tuple[int, int]],
                     sigmas: tuple[float, float, float], confidence: float, lam: float) -> list[torch.Tensor]:
-    """The whole solve of CPU images by the extension (``_C.bilateral_solve_cpu``, one image per OpenMP
-    iteration): the pixel keys as the torch path computes them, then per image a hash-table grid (vertices in
+    """The whole solve of CPU images by the extension (one image per OpenMP iteration): the pixel keys
+    (``_C.bilateral_keys_cpu``, the same float64 operations as ``_pixel_keys``), then per image
+    (``_C.bilateral_solve_cpu``) a hash-table grid (vertices in
     ascending key order), the blur as a loop over each vertex's 10 neighbours (no sparse matrix) and SciPy's
     ``cg`` on the image's own vertices. Targets: float64 ``(H_i * W_i,)``; returns float64 ``(H_i, W_i)``."""
     layout = _KeyLayout(sizes, sigmas)
     npix = [h * w for h, w in sizes]
-    keys = _pixel_keys(images, sigmas, layout.strides, layout.dtype)
+    images = [im.contiguous() for im in images]
     targets = [t.contiguous() for t in targets]
     out = [torch.empty(s, dtype=torch.float64) for s in sizes]
 
     def addresses(tensors: list[torch.Tensor]) -> torch.Tensor:
         return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64)
 
+    keys = torch.empty(sum(npix), dtype=layout.dtype)
+    dtype = str(layout.dtype).removeprefix("torch.")
+    image_ptrs = addresses(images)
+    heights, widths = (torch.tensor(side, dtype=torch.int64) for side in zip(*sizes, strict=True))
+    _ext.C.bilateral_keys_cpu(image_ptrs.data_ptr(), heights.data_ptr(), widths.data_ptr(), len(images), sigmas,
+                              [c for row in reference.RGB_TO_YUV for c in row], reference.YUV_OFFSET,
+                              layout.strides, dtype, keys.data_ptr())
     npix_t, target_ptrs, out_ptrs = torch.tensor(npix, dtype=torch.int64), addresses(targets), addresses(out)
     iterations = torch.empty(len(images), dtype=torch.int64)
     _ext.C.bilateral_solve_cpu(
-        keys.data_ptr(), str(layout.dtype).removeprefix("torch."), len(images), npix_t.data_ptr(),
+        keys.data_ptr(), dtype, len(images), npix_t.data_ptr(),
         layout.strides, target_ptrs.data_ptr(), confidence, lam, reference.BS_BISTOCHASTIC_ITERS,
         reference.BS_A_DIAG_MIN, reference.BS_CG_TOL, reference.BS_CG_MAXITER, out_ptrs.data_ptr(),
         iterations.data_ptr())

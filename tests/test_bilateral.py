@@ -108,6 +108,35 @@ def _expected_taps(uniq: np.ndarray, strides: list[int]) -> np.ndarray:
     return np.stack(cols, axis=1)
 
 
+def _compiled_keys(images: list[torch.Tensor], sigmas: tuple[float, float, float], layout: _KeyLayout) -> torch.Tensor:
+    keys = torch.empty(sum(im.shape[0] * im.shape[1] for im in images), dtype=layout.dtype)
+    ptrs = torch.tensor([im.data_ptr() for im in images], dtype=torch.int64)
+    heights = torch.tensor([im.shape[0] for im in images], dtype=torch.int64)
+    widths = torch.tensor([im.shape[1] for im in images], dtype=torch.int64)
+    _ext.C.bilateral_keys_cpu(ptrs.data_ptr(), heights.data_ptr(), widths.data_ptr(), len(images), sigmas,
+                              [c for row in reference.RGB_TO_YUV for c in row], reference.YUV_OFFSET,
+                              layout.strides, str(layout.dtype).removeprefix("torch."), keys.data_ptr())
+    return keys
+
+
+@needs_ext
+def test_compiled_keys_identical_to_torch_keys(rng: np.random.Generator) -> None:
+    """``_C.bilateral_keys_cpu`` gives the torch path's pixel keys bit for bit (so the reference's
+    coordinates): all 256 greys (YUV on cell boundaries), noise, extreme colours, 1x1, 2x2, 3x500, grayscale,
+    a 400x300 photo, odd sigmas, and int64 keys (TokenCut's radix 255 with sigma_spatial 1)."""
+    greys = np.repeat(np.arange(256, dtype=np.uint8).reshape(16, 16, 1), 3, axis=2)
+    corners = np.array([[[r, g, b] for r in (0, 255) for g in (0, 255) for b in (0, 255)]], dtype=np.uint8)
+    images = [greys, corners, np.full((1, 1, 3), 255, np.uint8), rng.integers(0, 256, (2, 2, 3), dtype=np.uint8),
+              rng.integers(0, 256, (3, 500, 3), dtype=np.uint8), synthetic_photo(rng, 61, 47, gray=True)[0],
+              synthetic_photo(rng, 300, 400)[0], rng.integers(0, 256, (29, 23, 3), dtype=np.uint8)]
+    tensors = [torch.from_numpy(im) for im in images]
+    for sigmas in (SIGMAS, (3.0, 1.5, 2.5), (7.0, 0.7, 0.3), (1.0, 16.0, 8.0)):
+        layout = _KeyLayout([im.shape[:2] for im in images], sigmas)
+        expected = _pixel_keys(tensors, sigmas, layout.strides, layout.dtype)
+        assert torch.equal(_compiled_keys(tensors, sigmas, layout), expected), sigmas
+    assert layout.dtype == torch.int64  # the last sigmas: TokenCut's own (wrapping) hash
+
+
 @needs_ext
 def test_compiled_grid_identical_to_reference(rng: np.random.Generator) -> None:
     """The extension's hash-table grid: vertices, counts, every pixel's vertex and the blur taps equal the
@@ -179,6 +208,18 @@ def test_compiled_bindings_name_bad_arguments() -> None:
                      ({"targets": np.zeros(1, np.int64)}, "targets")]:
         with pytest.raises(ValueError, match=word):
             solve(**kw)
+    image = np.zeros((2, 3, 3), np.uint8)
+    image_ptrs, sides = np.array([image.ctypes.data], np.int64), np.array([2, 3], np.int64)
+    key_buf = np.zeros(6, np.int32)
+
+    def keys_of(heights: np.ndarray = sides[:1], sigmas: tuple = (1.0, 1.0, 1.0), coef: list = [0.5] * 9) -> None:
+        _ext.C.bilateral_keys_cpu(image_ptrs.ctypes.data, heights.ctypes.data, sides[1:].ctypes.data, 1, sigmas,
+                                  coef, (0.0, 128.0, 128.0), strides, "int32", key_buf.ctypes.data)
+    keys_of()  # valid
+    for kw, word in [({"heights": np.array([0], np.int64)}, "heights"), ({"sigmas": (1.0, 0.0, 1.0)}, "sigmas"),
+                     ({"coef": [0.5] * 8}, "coef")]:
+        with pytest.raises(ValueError, match=word):
+            keys_of(**kw)
 
 
 def test_grid_identical_to_reference_on_every_kind_of_colour(rng: np.random.Generator,
@@ -239,12 +280,15 @@ def test_compiled_and_torch_paths_agree(rng: np.random.Generator, monkeypatch: p
     photos = [synthetic_photo(rng, h, w, gray=g) for h, w, g in SIZES]
     images = [im for im, _ in photos] + [corners]
     targets = [m * rng.uniform(0.5, 1.0, size=m.shape) for _, m in photos] + [np.arange(8.0).reshape(1, 8) % 2]
+    images.append(torch.from_numpy(images[3]).transpose(0, 1))  # a non-contiguous (W, H, 3) view
+    targets.append(targets[3].T)
     compiled = bilateral_solve(images, targets)
     monkeypatch.setattr(_ext, "HAS_CPU_EXT", False)
     torch_path = bilateral_solve(images, targets)
     for a, b, image, target in zip(compiled, torch_path, images, targets, strict=True):
         assert float((a - b).abs().max()) <= 1e-12
-        assert float(np.abs(a.numpy() - reference.bilateral_solve(image, target)).max()) <= TOL
+        ref = reference.bilateral_solve(np.ascontiguousarray(np.asarray(image)), target)
+        assert float(np.abs(a.numpy() - ref).max()) <= TOL
 
 
 @pytest.mark.parametrize("sigmas,lam,confidence", [((8.0, 4.0, 4.0), 64.0, 0.5), ((24.0, 4.0, 4.0), 256.0, 0.999)])

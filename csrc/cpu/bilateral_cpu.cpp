@@ -314,7 +314,53 @@ int64_t solve_image(const Grid& g, const double* target, double confidence, doub
   return iterations;
 }
 
+// The YUV arithmetic must round every product and sum as NumPy does: no contraction into fused multiply-adds
+// (GCC contracts across statements in C++ whenever the target has FMA, e.g. with -march=native).
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+template <typename K>
+void image_keys(const uint8_t* image, int64_t h, int64_t w, const double* sigmas, const double* coef,
+                const double* offset, const int64_t* strides, K* key) {
+  std::vector<int64_t> cols(w);
+  for (int64_t x = 0; x < w; ++x) cols[x] = static_cast<int64_t>(static_cast<double>(x) / sigmas[0]) * strides[0];
+  const double sigma[3] = {sigmas[1], sigmas[2], sigmas[2]};
+  for (int64_t y = 0; y < h; ++y) {
+    const int64_t row = static_cast<int64_t>(static_cast<double>(y) / sigmas[0]) * strides[1];
+    const uint8_t* px = image + 3 * y * w;
+    K* out = key + y * w;
+    for (int64_t x = 0; x < w; ++x, px += 3) {
+      const double r = px[0], g = px[1], b = px[2];
+      int64_t k = row + cols[x];
+      for (int c = 0; c < 3; ++c) {
+        double v = r * coef[3 * c];
+        v += g * coef[3 * c + 1];
+        v += b * coef[3 * c + 2];
+        v += offset[c];
+        k += static_cast<int64_t>(v / sigma[c]) * strides[2 + c];
+      }
+      out[x] = static_cast<K>(k);
+    }
+  }
+}
+#pragma GCC pop_options
+
 }  // namespace
+
+void bilateral_keys_cpu(const uint8_t* const* images, const int64_t* heights, const int64_t* widths,
+                        int64_t n_images, const double* sigmas, const double* coef, const double* offset,
+                        const int64_t* strides, bool keys64, void* keys) {
+  std::vector<int64_t> off(n_images + 1, 0);
+  for (int64_t i = 0; i < n_images; ++i) off[i + 1] = off[i] + heights[i] * widths[i];
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int64_t i = 0; i < n_images; ++i) {
+    if (keys64)
+      image_keys(images[i], heights[i], widths[i], sigmas, coef, offset, strides,
+                 static_cast<int64_t*>(keys) + off[i]);
+    else
+      image_keys(images[i], heights[i], widths[i], sigmas, coef, offset, strides,
+                 static_cast<int32_t*>(keys) + off[i]);
+  }
+}
 
 void bilateral_grid_cpu(const void* keys, bool keys64, int64_t n_images, const int64_t* npix,
                         const int64_t* strides, int64_t* inverse, int64_t* n_vertices, int64_t* vertex_keys,

@@ -10,6 +10,15 @@ namespace ncutfast {
 constexpr int kBsDims = 5;
 constexpr int kBsTaps = 2 * kBsDims;
 
+/// The vertex key sum_d coord_d * strides[d] of every pixel of uint8 (heights[i], widths[i], 3) RGB images
+/// (images: n_images addresses) into keys (int32 if !keys64, else int64; the images' pixels one after the
+/// other): coordinates x / sigmas[0], y / sigmas[0], then per YUV channel c ((coef[3c] R + coef[3c + 1] G) +
+/// coef[3c + 2] B) + offset[c], divided by sigmas[1] (Y) or sigmas[2] (U, V), truncated toward zero; every
+/// float64 operation rounded as NumPy rounds it (no fused multiply-add), so the keys are the reference's.
+void bilateral_keys_cpu(const uint8_t* const* images, const int64_t* heights, const int64_t* widths,
+                        int64_t n_images, const double* sigmas, const double* coef, const double* offset,
+                        const int64_t* strides, bool keys64, void* keys);
+
 /// The grids of a batch. Image i owns pixels [o_i, o_i + npix[i]) of `keys` (int32 if !keys64, else int64;
 /// o_i = npix[0] + ... + npix[i - 1]). Per image: n_vertices[i] = V_i distinct keys; vertex_keys[o_i + v]
 /// (v < V_i, ascending), counts[o_i + v] (pixels per vertex), taps[10 o_i + 10 v + j] (the vertex whose key is
