@@ -30,7 +30,7 @@ The bounds (u_p = 2^-p is the unit roundoff of a p-bit significand; gamma_n(u) =
    e_i is exact (q_k = 0: e_k = f_k; an unclamped q_k != 0 needs |f_k| > 2^-16, so f_k and q~_k are
    multiples of 2^-68 at most 2^-16 apart; a clamped one, |f_k| in [1 - 2^-16, nu], multiples of 2^-53
    less than 2^-14 apart: 52 significant bits either way). Its
-   norm bound err_i >= ||e_i|| is the float64 sum of squares (any order) times 1 + (C + 4) u_53 (C + 1
+   norm bound err_i >= ||e_i|| is the float64 sum of squares (any order) times 1 + (C + 4) 2^-52 (C + 1
    roundings), plus C 2^-1074 (squares that underflow), whose sqrt is then raised by a relative 2^-50.
    The screen is a_ij = q_i . q_j summed in int32: every |q_k| <= 32767 keeps each pair sum of vpmaddwd
    below 2^31, and every partial sum is at most sum|q_ik q_jk| <= ||q_i|| ||q_j|| <= 2^30 (nu + err)^2,

@@ -131,6 +131,19 @@ def test_entries_within_the_bound_are_rechecked_exactly(rng: np.random.Generator
 
 
 @pytest.mark.parametrize("backend", GRAPH_BACKENDS)
+@pytest.mark.parametrize("tau", [-3.0, -1.0, 1.0, 2.5])
+def test_thresholds_at_and_beyond_the_similarity_range(rng: np.random.Generator, backend: str, tau: float) -> None:
+    """The graph builders take any finite tau (the public API keeps it in (-1, 1)): beyond the similarities'
+    range (the CPU screen's integer thresholds leave the int32 range) and at its ends, where rows along the
+    axes (cosines exactly -1, 0 or 1; zero rows give 0) tie with tau = +-1."""
+    pool = np.concatenate([np.eye(5), -np.eye(5), np.zeros((1, 5))])
+    f = pool[rng.integers(0, 11, size=37)] * rng.choice([1.0, 0.25, 3.0], size=(37, 1))
+    (g,), _ = _graphs([f], tau, backend)
+    fn = reference.normalize_rows(f)  # exactly the pool's rows: the products below are exact
+    np.testing.assert_array_equal(g, fn @ fn.T > tau)
+
+
+@pytest.mark.parametrize("backend", GRAPH_BACKENDS)
 @pytest.mark.parametrize("c", [2, 3, 64, 384])
 def test_exact_ties_honour_the_strict_threshold(rng: np.random.Generator, backend: str, c: int) -> None:
     """Pythagorean rows (3, 4) / 5 against (1, 0): the float64 similarity is fl(0.6) == tau exactly, so no
