@@ -14,6 +14,7 @@
 #include <utility>
 
 #include "common.h"
+#include "cpu/bilateral_cpu.h"
 #include "cpu/graph_cpu.h"
 #include "cpu/solve_cpu.h"
 #include "ncut/graph.h"
@@ -387,6 +388,136 @@ PYBIND11_MODULE(_C, m) {
       py::arg("iterations"),
       "Fiedler pairs of non-binary graphs W = s (eps where s < tau), s (batch, n_max, n_max). Host pointers.\n"
       "A NaN similarity or a degree <= 0 (tau < 0) raises ValueError.");
+
+  // --- bilateral solver (ncutfast.refine's CPU path) ---
+  {
+    // Keys and their layout, checked alike by both functions: returns keys64.
+    auto check_keys = [](uintptr_t keys, const std::string& dtype, int64_t n_images, uintptr_t npix,
+                         const py::sequence& strides, int64_t (&out)[ncutfast::kBsDims]) {
+      NCUT_CHECK(dtype == "int32" || dtype == "int64", "dtype", "expected 'int32' or 'int64', got '" << dtype << "'");
+      NCUT_CHECK(n_images >= 1 && n_images <= kMaxBatch, "n_images",
+                 "must be in [1, " << kMaxBatch << "], got " << n_images);
+      NCUT_CHECK_PTR(keys, "keys");
+      NCUT_CHECK_PTR(npix, "npix");
+      for (int64_t i = 0; i < n_images; ++i) {
+        const int64_t p = as_ptr<const int64_t>(npix)[i];
+        NCUT_CHECK(p >= 1 && p < (int64_t{1} << 31), "npix", "npix[" << i << "] = " << p << " is outside [1, 2^31)");
+      }
+      NCUT_CHECK(py::len(strides) == ncutfast::kBsDims, "strides",
+                 "expected " << ncutfast::kBsDims << " strides, got " << py::len(strides));
+      for (int d = 0; d < ncutfast::kBsDims; ++d) {
+        out[d] = strides[d].cast<int64_t>();
+        NCUT_CHECK(out[d] >= 1 && out[d] < (int64_t{1} << 62), "strides", "strides[" << d << "] = " << out[d]
+                                                                                   << " is outside [1, 2^62)");
+      }
+      return dtype == "int64";
+    };
+    // A sequence of n finite doubles (positive with `positive`).
+    auto doubles = [](const py::sequence& seq, size_t n, const char* arg, bool positive, double* out) {
+      NCUT_CHECK(py::len(seq) == n, arg, "expected " << n << " values, got " << py::len(seq));
+      for (size_t j = 0; j < n; ++j) {
+        out[j] = seq[j].cast<double>();
+        NCUT_CHECK(std::isfinite(out[j]) && (!positive || out[j] > 0), arg,
+                   "value " << j << " is " << out[j] << ", must be finite" << (positive ? " and > 0" : ""));
+      }
+    };
+    m.def(
+        "bilateral_keys_cpu",
+        [doubles](uintptr_t images, uintptr_t heights, uintptr_t widths, int64_t n_images, const py::sequence& sigmas,
+                  const py::sequence& coef, const py::sequence& offset, const py::sequence& strides,
+                  const std::string& dtype, uintptr_t keys) {
+          NCUT_CHECK(dtype == "int32" || dtype == "int64", "dtype",
+                     "expected 'int32' or 'int64', got '" << dtype << "'");
+          NCUT_CHECK(n_images >= 1 && n_images <= kMaxBatch, "n_images",
+                     "must be in [1, " << kMaxBatch << "], got " << n_images);
+          for (const auto& [ptr, arg] : {std::pair{images, "images"}, {heights, "heights"}, {widths, "widths"},
+                                         {keys, "keys"}})
+            NCUT_CHECK_PTR(ptr, arg);
+          for (int64_t i = 0; i < n_images; ++i) {
+            NCUT_CHECK(as_ptr<const uintptr_t>(images)[i] != 0, "images", "null pointer for image " << i);
+            const int64_t h = as_ptr<const int64_t>(heights)[i], w = as_ptr<const int64_t>(widths)[i];
+            NCUT_CHECK(h >= 1 && w >= 1 && h < (int64_t{1} << 31) / w, "heights",
+                       "image " << i << " is " << h << "x" << w << ", must have 1 to 2^31 - 1 pixels");
+          }
+          double sig[3], c[9], o[3];
+          doubles(sigmas, 3, "sigmas", true, sig);
+          doubles(coef, 9, "coef", false, c);
+          doubles(offset, 3, "offset", false, o);
+          int64_t s[ncutfast::kBsDims];
+          NCUT_CHECK(py::len(strides) == ncutfast::kBsDims, "strides",
+                     "expected " << ncutfast::kBsDims << " strides, got " << py::len(strides));
+          for (int d = 0; d < ncutfast::kBsDims; ++d) {
+            s[d] = strides[d].cast<int64_t>();
+            NCUT_CHECK(s[d] >= 1 && s[d] < (int64_t{1} << 62), "strides", "strides[" << d << "] = " << s[d]
+                                                                                     << " is outside [1, 2^62)");
+          }
+          py::gil_scoped_release nogil;
+          ncutfast::bilateral_keys_cpu(as_ptr<const uint8_t* const>(images), as_ptr<const int64_t>(heights),
+                                       as_ptr<const int64_t>(widths), n_images, sig, c, o, s, dtype == "int64",
+                                       as_ptr<void>(keys));
+        },
+        py::arg("images"), py::arg("heights"), py::arg("widths"), py::arg("n_images"), py::arg("sigmas"),
+        py::arg("coef"), py::arg("offset"), py::arg("strides"), py::arg("dtype"), py::arg("keys"),
+        "Vertex keys of every pixel of uint8 (H_i, W_i, 3) C-contiguous RGB images (images: (n_images,) int64\n"
+        "addresses; heights, widths (n_images,) int64) into keys (sum_i H_i W_i,) int32/int64: sigmas (spatial,\n"
+        "luma, chroma), coef (9: the RGB -> YUV rows), offset (3), strides (5), float64 rounded as NumPy's.\n"
+        "The caller keeps every key + its largest stride within dtype. Host pointers.");
+    m.def(
+        "bilateral_grid_cpu",
+        [check_keys](uintptr_t keys, const std::string& dtype, int64_t n_images, uintptr_t npix,
+                     const py::sequence& strides, uintptr_t inverse, uintptr_t n_vertices, uintptr_t vertex_keys,
+                     uintptr_t counts, uintptr_t taps) {
+          int64_t s[ncutfast::kBsDims];
+          const bool keys64 = check_keys(keys, dtype, n_images, npix, strides, s);
+          for (const auto& [ptr, arg] : {std::pair{inverse, "inverse"}, {n_vertices, "n_vertices"},
+                                         {vertex_keys, "vertex_keys"}, {counts, "counts"}, {taps, "taps"}})
+            NCUT_CHECK_PTR(ptr, arg);
+          py::gil_scoped_release nogil;
+          ncutfast::bilateral_grid_cpu(as_ptr<const void>(keys), keys64, n_images, as_ptr<const int64_t>(npix), s,
+                                       as_ptr<int64_t>(inverse), as_ptr<int64_t>(n_vertices),
+                                       as_ptr<int64_t>(vertex_keys), as_ptr<int64_t>(counts), as_ptr<int32_t>(taps));
+        },
+        py::arg("keys"), py::arg("dtype"), py::arg("n_images"), py::arg("npix"), py::arg("strides"),
+        py::arg("inverse"), py::arg("n_vertices"), py::arg("vertex_keys"), py::arg("counts"), py::arg("taps"),
+        "The bilateral grids of a batch from its pixels' vertex keys (P,) int32/int64, npix (n_images,) int64\n"
+        "pixels per image, strides: 5 key steps of the blur's neighbours. Outputs (image i at pixel offset o_i):\n"
+        "inverse (P,) int64, n_vertices (n_images,) int64, and from o_i on vertex_keys (P,) int64 (ascending),\n"
+        "counts (P,) int64, taps (P, 10) int32 (local neighbour or -1: below in dims 4..0, above in dims 0..4).\n"
+        "Host pointers.");
+    m.def(
+        "bilateral_solve_cpu",
+        [check_keys](uintptr_t keys, const std::string& dtype, int64_t n_images, uintptr_t npix,
+                     const py::sequence& strides, uintptr_t targets, double confidence, double lam,
+                     int bistochastic_iters, double a_diag_min, double tol, int max_iter, uintptr_t out,
+                     uintptr_t iterations) {
+          int64_t s[ncutfast::kBsDims];
+          const bool keys64 = check_keys(keys, dtype, n_images, npix, strides, s);
+          NCUT_CHECK_PTR(targets, "targets");
+          NCUT_CHECK_PTR(out, "out");
+          NCUT_CHECK_PTR(iterations, "iterations");
+          for (int64_t i = 0; i < n_images; ++i) {
+            NCUT_CHECK(as_ptr<const uintptr_t>(targets)[i] != 0, "targets", "null pointer for image " << i);
+            NCUT_CHECK(as_ptr<const uintptr_t>(out)[i] != 0, "out", "null pointer for image " << i);
+          }
+          NCUT_CHECK(std::isfinite(confidence) && confidence > 0, "confidence", "must be finite and > 0");
+          NCUT_CHECK(std::isfinite(lam) && lam >= 0, "lam", "must be finite and >= 0");
+          NCUT_CHECK(bistochastic_iters >= 0, "bistochastic_iters", "must be >= 0");
+          NCUT_CHECK(std::isfinite(a_diag_min) && a_diag_min > 0, "a_diag_min", "must be finite and > 0");
+          NCUT_CHECK(std::isfinite(tol) && tol >= 0, "tol", "must be finite and >= 0");
+          NCUT_CHECK(max_iter >= 0, "max_iter", "must be >= 0");
+          py::gil_scoped_release nogil;
+          ncutfast::bilateral_solve_cpu(as_ptr<const void>(keys), keys64, n_images, as_ptr<const int64_t>(npix), s,
+                                        as_ptr<const double* const>(targets), confidence, lam, bistochastic_iters,
+                                        a_diag_min, tol, max_iter, as_ptr<double* const>(out),
+                                        as_ptr<int64_t>(iterations));
+        },
+        py::arg("keys"), py::arg("dtype"), py::arg("n_images"), py::arg("npix"), py::arg("strides"),
+        py::arg("targets"), py::arg("confidence"), py::arg("lam"), py::arg("bistochastic_iters"),
+        py::arg("a_diag_min"), py::arg("tol"), py::arg("max_iter"), py::arg("out"), py::arg("iterations"),
+        "TokenCut's bilateral solve of every image from the keys of bilateral_grid_cpu: targets and out are\n"
+        "(n_images,) int64 arrays of addresses, image i's float64 (npix[i],) pixels; iterations (n_images,)\n"
+        "int64 (SciPy cg's, rtol tol, atol 0). Host pointers.");
+  }
 
 #ifdef NCUTFAST_WITH_CUDA
   m.def(

@@ -18,6 +18,12 @@ computes what ``ncutfast.reference.bilateral_solve`` computes, image by image, u
    ``cg`` exactly (its own step sizes and its own stop at ||r|| < 1e-5 ||b||, at most 25 iterations) and
    is frozen once it stops.
 
+On CPU tensors, when the compiled extension is present, steps 1-3 run in it instead (``_C.bilateral_keys_cpu``
+and ``_C.bilateral_solve_cpu``, one image per OpenMP iteration): each image's vertices come from a hash table
+over its pixel keys (only the distinct keys are sorted, so the vertex order is the same), its blur taps from
+lookups of key -+ stride_d, and the blur, bistochastization and SciPy's ``cg`` loop over each vertex's 10
+taps directly, without a sparse matrix. The torch path above serves GPUs and builds without the extension.
+
 ``bilateral_binary`` is TokenCut's binary output for overlays (hole filling and connected components on the
 CPU, by the reference's code).
 """
@@ -30,7 +36,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from . import reference
+from . import _ext, reference
 from ._validate import check_positive_real, check_rgb_image, check_target
 
 __all__ = ["bilateral_solve", "bilateral_binary"]
@@ -68,10 +74,29 @@ def _radices(sizes: list[tuple[int, int]], sigmas: tuple[float, float, float]) -
     return radices, sum(t * s for t, s in zip(top, strides, strict=True)) + strides[-1] + 1, compact
 
 
+class _KeyLayout:
+    """The vertex keys of a batch: ``strides`` (the 5 digits' place values), ``bound`` (above every key + its
+    largest neighbour step), ``compact`` (see ``_radices``), ``split = strides[2]`` (a key is colour digits *
+    split + spatial digits), ``n_high = bound // split + 1`` and the keys' ``dtype`` (int32 when they fit).
+
+    Raises ValueError when the batch's offset keys (``_BatchGrid``) could overflow int64: sigmas too small.
+    """
+
+    def __init__(self, sizes: list[tuple[int, int]], sigmas: tuple[float, float, float]) -> None:
+        radices, self.bound, self.compact = _radices(sizes, sigmas)
+        self.strides = [int(np.prod(radices[:d], dtype=np.int64)) for d in range(reference.BS_DIMS)]
+        self.split = self.strides[2]
+        self.n_high = self.bound // self.split + 1  # every key + its largest stride is < bound < n_high * split
+        if (len(sizes) + 2) * self.n_high * self.split >= 2**63:
+            raise ValueError("sigma_spatial / sigma_luma / sigma_chroma: too small, the grid's vertex keys "
+                             "overflow int64")
+        self.dtype = torch.int32 if self.bound < 2**31 else torch.int64
+
+
 def _pixel_keys(images: list[torch.Tensor], sigmas: tuple[float, float, float], strides: list[int],
-                dtype: torch.dtype) -> list[torch.Tensor]:
-    """The vertex key sum_d coord_d * strides[d] of every pixel of each uint8 ``(H_i, W_i, 3)`` image, a list
-    of ``(H_i * W_i,)`` tensors of ``dtype``.
+                dtype: torch.dtype) -> torch.Tensor:
+    """The vertex key sum_d coord_d * strides[d] of every pixel of each uint8 ``(H_i, W_i, 3)`` image, one
+    ``(sum_i H_i * W_i,)`` tensor of ``dtype`` (the images' pixels one after the other).
 
     The coordinates come from the same float64 operations in the same order as ``reference.rgb_to_yuv`` and
     ``reference.bilateral_coords``, so they are identical to the reference's (not merely close). The
@@ -81,7 +106,8 @@ def _pixel_keys(images: list[torch.Tensor], sigmas: tuple[float, float, float], 
     sigma_spatial, sigma_luma, sigma_chroma = sigmas
     dev = images[0].device
     npix = [im.shape[0] * im.shape[1] for im in images]
-    keys = torch.empty(sum(npix), dtype=dtype, device=dev).split(npix)
+    flat = torch.empty(sum(npix), dtype=dtype, device=dev)
+    keys = flat.split(npix)
     rgb = torch.empty(3, max(npix), dtype=torch.float64, device=dev)
     yuv_buf, term_buf = torch.empty_like(rgb[0]), torch.empty_like(rgb[0])
     coord_buf = torch.empty(max(npix), dtype=dtype, device=dev)
@@ -101,7 +127,7 @@ def _pixel_keys(images: list[torch.Tensor], sigmas: tuple[float, float, float], 
             if o:  # Y's offset is 0.0: adding it changes no value
                 yuv.add_(o)
             key.add_(coord.copy_(yuv.div_(sigma)), alpha=strides[2 + d])  # copy_ to int truncates toward zero
-    return list(keys)
+    return flat
 
 
 #: Most entries of a table of the dense neighbour search (``_dense_taps``); larger grids use ``searchsorted``.
@@ -180,16 +206,10 @@ class _BatchGrid:
                  sigmas: tuple[float, float, float]) -> None:
         device = images[0].device
         self.n_images = n_images = len(images)
-        radices, bound, compact = _radices(sizes, sigmas)
-        strides = [int(np.prod(radices[:d], dtype=np.int64)) for d in range(reference.BS_DIMS)]
-        split = strides[2]  # a key is (colour digits) * split + (spatial digits)
-        n_high = bound // split + 1  # every key + its largest stride is < bound < n_high * split
-        if (n_images + 2) * n_high * split >= 2**63:
-            raise ValueError("sigma_spatial / sigma_luma / sigma_chroma: too small, the grid's vertex keys "
-                             "overflow int64")
-        dtype = torch.int32 if bound < 2**31 else torch.int64
+        layout = _KeyLayout(sizes, sigmas)
+        strides, split, n_high = layout.strides, layout.split, layout.n_high
         grids = [torch.unique(k, sorted=True, return_inverse=True, return_counts=True)
-                 for k in _pixel_keys(images, sigmas, strides, dtype)]
+                 for k in _pixel_keys(images, sigmas, strides, layout.dtype).split([h * w for h, w in sizes])]
         self.inverses = [inverse for _, inverse, _ in grids]
         n_vertices = [k.shape[0] for k, _, _ in grids]
         self.vmax = vmax = max(n_vertices)
@@ -213,7 +233,7 @@ class _BatchGrid:
         # The blur's taps: [below in dim 4, ..., below in dim 0, above in dim 0, ..., above in dim 4], the slot
         # or -1 where absent; as in TokenCut, the neighbour in dimension d is any vertex of the image whose
         # key is key -+ strides[d] (slots ascend along a row, as keys do).
-        taps = (_dense_taps(keys, slots, strides, n_high) if compact else None) or _search_taps(
+        taps = (_dense_taps(keys, slots, strides, n_high) if layout.compact else None) or _search_taps(
             keys, local, slots, strides)
         taps = torch.stack(taps, dim=1).view(-1)
         # Row-major: every row's columns ascend, and rows ascend with the slots (CSR order).
@@ -288,6 +308,39 @@ def _cg(grid: _BatchGrid, matvec: Callable[[torch.Tensor, torch.Tensor], torch.T
     return x.reshape(-1)
 
 
+def _solve_compiled(images: list[torch.Tensor], targets: list[torch.Tensor], sizes: list[tuple[int, int]],
+                    sigmas: tuple[float, float, float], confidence: float, lam: float) -> list[torch.Tensor]:
+    """The whole solve of CPU images by the extension (one image per OpenMP iteration): the pixel keys
+    (``_C.bilateral_keys_cpu``, the same float64 operations as ``_pixel_keys``), then per image
+    (``_C.bilateral_solve_cpu``) a hash-table grid (vertices in
+    ascending key order), the blur as a loop over each vertex's 10 neighbours (no sparse matrix) and SciPy's
+    ``cg`` on the image's own vertices. Targets: float64 ``(H_i * W_i,)``; returns float64 ``(H_i, W_i)``."""
+    layout = _KeyLayout(sizes, sigmas)
+    npix = [h * w for h, w in sizes]
+    images = [im.contiguous() for im in images]
+    targets = [t.contiguous() for t in targets]
+    out = [torch.empty(s, dtype=torch.float64) for s in sizes]
+
+    def addresses(tensors: list[torch.Tensor]) -> torch.Tensor:
+        return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64)
+
+    keys = torch.empty(sum(npix), dtype=layout.dtype)
+    dtype = str(layout.dtype).removeprefix("torch.")
+    image_ptrs = addresses(images)
+    heights, widths = (torch.tensor(side, dtype=torch.int64) for side in zip(*sizes, strict=True))
+    _ext.C.bilateral_keys_cpu(image_ptrs.data_ptr(), heights.data_ptr(), widths.data_ptr(), len(images), sigmas,
+                              [c for row in reference.RGB_TO_YUV for c in row], reference.YUV_OFFSET,
+                              layout.strides, dtype, keys.data_ptr())
+    npix_t, target_ptrs, out_ptrs = torch.tensor(npix, dtype=torch.int64), addresses(targets), addresses(out)
+    iterations = torch.empty(len(images), dtype=torch.int64)
+    _ext.C.bilateral_solve_cpu(
+        keys.data_ptr(), dtype, len(images), npix_t.data_ptr(),
+        layout.strides, target_ptrs.data_ptr(), confidence, lam, reference.BS_BISTOCHASTIC_ITERS,
+        reference.BS_A_DIAG_MIN, reference.BS_CG_TOL, reference.BS_CG_MAXITER, out_ptrs.data_ptr(),
+        iterations.data_ptr())
+    return out
+
+
 def bilateral_solve(
     images: ArrayLike | Sequence[ArrayLike],
     targets: ArrayLike | Sequence[ArrayLike],
@@ -349,6 +402,9 @@ def bilateral_solve(
         imgs.append(_as_tensor(image, device))
         tgts.append(t.reshape(-1))
         sizes.append(size)
+    if device.type == "cpu" and _ext.HAS_CPU_EXT:
+        out = _solve_compiled(imgs, tgts, sizes, sigmas, confidence, lam)
+        return out[0] if single else out
     grid = _BatchGrid(imgs, sizes, sigmas)
 
     # Bistochastization (spec §3): m = splat(1); n = 1; n = sqrt(n * m / blur(n)) ten times; m = n * blur(n).
