@@ -124,6 +124,14 @@ def _canvas_index(grids: torch.Tensor, n_max: int, device: torch.device) -> tupl
     return torch.where(j < g[:, 0:1] * w, pos, h_max * w_max), h_max, w_max
 
 
+def _scipy_label(fg: torch.Tensor) -> tuple[np.ndarray, int]:
+    """``scipy.ndimage.label`` of each ``(H, W)`` grid of CPU bool ``(B, H, W)`` in one call (a 3-D structure
+    with no connection between images): int32 ``(B, H, W)`` labels, 0 for background, and their count."""
+    structure = np.zeros((3, 3, 3), dtype=bool)
+    structure[1] = ndimage.generate_binary_structure(2, 1)
+    return ndimage.label(fg.numpy(), structure=structure)
+
+
 def components(fg: torch.Tensor) -> torch.Tensor:
     """4-connected components of each ``(H, W)`` grid of ``fg``, as ``scipy.ndimage.label`` finds them.
 
@@ -140,9 +148,7 @@ def components(fg: torch.Tensor) -> torch.Tensor:
     if fg.device.type != "cpu":
         return components_torch(fg)
     b, h, w = fg.shape
-    structure = np.zeros((3, 3, 3), dtype=bool)
-    structure[1] = ndimage.generate_binary_structure(2, 1)
-    labels, count = ndimage.label(fg.numpy(), structure=structure)
+    labels, count = _scipy_label(fg)
     flat = labels.reshape(-1)
     # scipy numbers components in row-major order of their first cell: write each label's first cell.
     first = np.full(count + 1, -1, dtype=np.int64)
@@ -244,6 +250,12 @@ def seed_component(mask: torch.Tensor, seed: torch.Tensor, grids: torch.Tensor) 
     Returns:
         bool ``(B, N_max)``, False on padding.
     """
+    bsz, n_max = mask.shape
+    h, w = (int(v) for v in grids[0])
+    if mask.device.type == "cpu" and n_max == h * w and bool((grids == grids[0]).all()):
+        # One grid, no padding: scipy's labels directly (background 0 plays the role of -1).
+        labels = torch.from_numpy(_scipy_label(mask.view(bsz, h, w))[0].reshape(bsz, n_max))
+        return labels == labels.gather(1, seed[:, None])
     return same_component(token_components(mask, grids), seed)
 
 

@@ -97,6 +97,22 @@ def test_seed_component_matches_reference_on_ragged_grids(rng: np.random.Generat
             assert not got[b, h * w :].any()
 
 
+@pytest.mark.parametrize("shape", [(1, 1), (1, 7), (5, 1), (2, 2), (7, 5), (13, 11), (28, 28)])
+def test_seed_component_matches_reference_on_one_grid(rng: np.random.Generator, shape: tuple[int, int]) -> None:
+    """One grid for the whole batch (scipy's labels used directly on the CPU), seeds inside and outside the
+    mask, against the reference and against the general path (labels of ``token_components``)."""
+    h, w = shape
+    masks = np.stack([rng.uniform(size=h * w) < p for p in (0.0, 0.3, 0.5, 0.7, 1.0)])
+    seeds = torch.from_numpy(rng.integers(h * w, size=len(masks)))
+    grids = torch.tensor([shape] * len(masks), dtype=torch.int64)
+    got = decide.seed_component(torch.from_numpy(masks), seeds, grids)
+    general = decide.same_component(decide.token_components(torch.from_numpy(masks), grids), seeds)
+    assert torch.equal(got, general)
+    for b in range(len(masks)):
+        _, want = reference.seed_component(masks[b], int(seeds[b]), shape)
+        np.testing.assert_array_equal(got[b].numpy(), want.reshape(-1))
+
+
 def test_boxes_match_reference(rng: np.random.Generator) -> None:
     shapes = [(7, 5), (1, 13), (11, 1), (9, 9), (1, 1)]
     masks, grids = _ragged(rng, shapes, 0.3)
