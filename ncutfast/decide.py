@@ -280,14 +280,16 @@ def boxes(mask: torch.Tensor, grids: torch.Tensor, patch: tuple[int, int], image
         patch size, x2 <= W, y2 <= H.
     """
     image_sizes = image_sizes.to(mask.device)
-    j = torch.arange(mask.shape[1], device=mask.device)[None, :]
-    w = grids[:, 1:2].to(mask.device)
-    rows, cols = j // w, j % w
-    hi, lo = torch.iinfo(torch.int64).max, -1
-    r0 = torch.where(mask, rows, hi).amin(-1)
-    c0 = torch.where(mask, cols, hi).amin(-1)
-    r1 = torch.where(mask, rows, lo).amax(-1) + 1
-    c1 = torch.where(mask, cols, lo).amax(-1) + 1
+    bsz, n_max = mask.shape
+    h, w = (int(v) for v in grids[0])
+    if n_max != h * w or not bool((grids == grids[0]).all()):  # ragged: each image on a shared canvas
+        pos, h, w = _canvas_index(grids, n_max, mask.device)
+        canvas = torch.zeros(bsz, h * w + 1, dtype=torch.bool, device=mask.device)
+        mask = canvas.scatter_(1, pos, mask)[:, :-1]
+    grid = mask.reshape(bsz, h, w)
+    rows, cols = grid.any(2), grid.any(1)  # bool (B, h), (B, w): the rows / columns the mask touches
+    r0, c0 = _first(rows), _first(cols)
+    r1, c1 = h - _first(rows.flip(1)), w - _first(cols.flip(1))
     pr, pc = patch
     x2 = torch.minimum(pc * c1, image_sizes[:, 1])
     y2 = torch.minimum(pr * r1, image_sizes[:, 0])

@@ -113,9 +113,12 @@ def test_seed_component_matches_reference_on_one_grid(rng: np.random.Generator, 
         np.testing.assert_array_equal(got[b].numpy(), want.reshape(-1))
 
 
-def test_boxes_match_reference(rng: np.random.Generator) -> None:
-    shapes = [(7, 5), (1, 13), (11, 1), (9, 9), (1, 1)]
-    masks, grids = _ragged(rng, shapes, 0.3)
+@pytest.mark.parametrize("shapes", [[(7, 5), (1, 13), (11, 1), (9, 9), (1, 1)], [(1, 1)] * 2, [(1, 13)] * 3,
+                                    [(11, 1)] * 3, [(13, 11)] * 5, [(28, 28)] * 4])
+@pytest.mark.parametrize("p", [0.0, 0.05, 0.3])
+def test_boxes_match_reference(rng: np.random.Generator, shapes: list[tuple[int, int]], p: float) -> None:
+    """Ragged batches (on a canvas) and one-grid batches, sparse masks down to one token."""
+    masks, grids = _ragged(rng, shapes, p)
     for b, (h, w) in enumerate(shapes):
         masks[b, rng.integers(h * w)] = True  # non-empty
     sizes = torch.tensor([[h * 16 - 5, w * 8 - 3] for h, w in shapes])
