@@ -327,12 +327,10 @@ def maskcut_side(x: torch.Tensor, lengths: torch.Tensor, grids: torch.Tensor, si
     if sign_rule == "canonical":
         x = x * _signs(x.gather(1, s[:, None])[:, 0] < 0, x.dtype)
     mean = x.sum(-1) / lengths.to(x.dtype)
-    part = x > (mean + TIE_RTOL * scale)[:, None]
-    if valid is not None:
-        part &= valid
+    part = x > (mean + TIE_RTOL * scale)[:, None]  # padding masked once, after the reversal
     h, w = grids[:, 0], grids[:, 1]
     corners = torch.stack([torch.zeros_like(w), w - 1, (h - 1) * w, h * w - 1], dim=-1).to(x.device)
-    nc = part.gather(1, corners).sum(-1)
+    nc = part.gather(1, corners).sum(-1)  # the corners and s are tokens, never padding
     reverse = (nc >= 3) | ~part.gather(1, s[:, None])[:, 0]
     # The seed: the signed argmax on the chosen side, i.e. of -x where reversed (negation is exact).
     seed = tie_argmax(x * _signs(reverse, x.dtype), valid, scale)
@@ -411,7 +409,7 @@ def maskcut(solve: Callable[[torch.Tensor | None], _Eigen], lengths: torch.Tenso
         if prev is not None:
             mask = maskcut_filter(mask, prev, lengths)  # spec §4 step 5
         # spec §4 step 6 at token level: the painting is the union of the earlier steps' masks
-        masks.append(mask if painting is None else mask & ~painting)
+        masks.append(mask if painting is None else mask > painting)  # mask & ~painting in one pass
         if t + 1 < n_masks:
             painting = mask if painting is None else painting | mask
         prev = mask
