@@ -9,14 +9,19 @@ All rows run side by side in one process on the same features (a planted-object 
 - ``reference``: TokenCut's path (torch float32 similarity, dense float64 W, ``scipy.linalg.eigh``), as
   ``ncutfast.bench.providers.tokencut_affinity`` builds it; fewer repeats (it is slow).
 - ``cpu float32`` / ``cpu exact`` / ``cpu float64``: ``ncutfast.backends.ext.solve`` end to end.
-- ``exact graph``: ``exact_graph_bits`` alone (normalization, float32 screen, packing and rechecks).
+- ``exact graph``: ``exact_graph_bits`` alone (float64 norms, int16 quantization, the int16 screen straight
+  into the packed bits, rechecks).
 
-Printed per row: median and min seconds, the ratio of the float32 row's median to the row's (> 1: faster
-than float32), the reference's median over the row's, and for "exact" the recheck fraction and the number
-of graph entries that differ from ``reference.affinity`` (the float64 graph; must be 0).
+Printed per row: median and min wall milliseconds, the median process CPU time (all threads), the ratio of
+the float32 row's median to the row's (> 1: faster than float32), the reference's median over the row's, and
+for "exact" the recheck fraction and the number of graph entries that differ from ``reference.affinity``
+(the float64 graph; must be 0).
 
-Timing: ``time.perf_counter`` around each call after one warm-up, median of ``--repeats``. The machine may be
-shared: the load average before and after is printed.
+Timing: ``time.perf_counter`` and ``time.process_time`` around each call after one warm-up, median of
+``--repeats``; the rows take turns within each repeat. The machine may be shared: the load average before
+and after is printed (CPU time is less sensitive to other processes than wall time, but not immune: caches
+are shared, and a BLAS that spins while it waits for a preempted thread burns CPU time). Thread counts
+follow torch's (``OMP_NUM_THREADS=1`` for a one-thread run).
 """
 
 from __future__ import annotations
@@ -41,15 +46,21 @@ TAU, EPS, TOL, MAX_ITER = 0.2, 1e-5, 1e-8, 300
 SEED = 20261130
 
 
-def timed(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
-    """(median, min) seconds of ``repeats`` calls after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+def timed(fns: dict[str, tuple[Callable[[], object], int]]) -> dict[str, tuple[float, float, float]]:
+    """Per name, (median wall, min wall, median CPU) seconds of its ``repeats`` calls after one warm-up
+    call; the functions take turns."""
+    for fn, _ in fns.values():
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), min(times)
+    wall: dict[str, list[float]] = {name: [] for name in fns}
+    cpu: dict[str, list[float]] = {name: [] for name in fns}
+    for r in range(max(repeats for _, repeats in fns.values())):
+        for name, (fn, repeats) in fns.items():
+            if r < repeats:
+                c0, t0 = time.process_time(), time.perf_counter()
+                fn()
+                wall[name].append(time.perf_counter() - t0)
+                cpu[name].append(time.process_time() - c0)
+    return {name: (statistics.median(wall[name]), min(wall[name]), statistics.median(cpu[name])) for name in fns}
 
 
 def tokencut_reference(k: torch.Tensor) -> np.ndarray:
@@ -73,23 +84,25 @@ def main() -> None:
         params = SolveParams(TAU, EPS, precision=precision, tol=TOL, max_iter=MAX_ITER)
         return lambda: solve(feats, lengths, params)
 
-    rows = {
-        "cpu float32": timed(cpu("float32"), args.repeats),
-        "cpu exact": timed(cpu("exact"), args.repeats),
-        "cpu float64": timed(cpu("float64"), args.repeats),
-        "exact graph": timed(lambda: exact_graph_bits(feats, lengths, TAU), args.repeats),
-        "reference": timed(lambda: tokencut_reference(k), max(1, args.repeats // 2)),
-    }
+    rows = timed({
+        "cpu float32": (cpu("float32"), args.repeats),
+        "cpu exact": (cpu("exact"), args.repeats),
+        "cpu float64": (cpu("float64"), args.repeats),
+        "exact graph": (lambda: exact_graph_bits(feats, lengths, TAU), args.repeats),
+        "reference": (lambda: tokencut_reference(k), max(1, args.repeats // 2)),
+    })
     bits, rechecked = exact_graph_bits(feats, lengths, TAU)
     raw = bits[0].numpy().view(np.uint64)
     got = ((raw[:, :, None] >> np.arange(64, dtype=np.uint64)) & np.uint64(1)).reshape(args.n, -1)[:, : args.n]
     flips = int((got.astype(bool) != (reference.affinity(k.numpy(), TAU) == 1.0)).sum())
     frac = float(rechecked[0]) / (args.n * (args.n + 1) / 2)
     base, ref = rows["cpu float32"][0], rows["reference"][0]
-    print("| row | median ms | min ms | float32 / row | reference / row |")
-    print("| --- | ---: | ---: | ---: | ---: |")
-    for name, (med, mn) in rows.items():
-        print(f"| {name} | {1e3 * med:.1f} | {1e3 * mn:.1f} | {base / med:.2f} | {ref / med:.1f} |")
+    cpu_base = rows["cpu float32"][2]
+    print("| row | median ms | min ms | CPU ms (median) | float32 / row | float32 / row, CPU | reference / row |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for name, (med, mn, cpu_med) in rows.items():
+        print(f"| {name} | {1e3 * med:.1f} | {1e3 * mn:.1f} | {1e3 * cpu_med:.1f} | {base / med:.2f} | "
+              f"{cpu_base / cpu_med:.2f} | {ref / med:.1f} |")
     print(f"exact: recheck fraction {frac:.3e} ({int(rechecked[0])} of {args.n * (args.n + 1) // 2} entries i <= j); "
           f"entries differing from reference.affinity (float64): {flips}")
     print(f"load average after: {os.getloadavg()[0]:.2f}")

@@ -742,8 +742,16 @@ class Workload:
         return Launch("ritz-top2" + ("-vectors" if vectors else ""), k, self.b, trips,
                       self.b * k_steps * 8 * (3 + 6), ("problem", self.b))
 
-    def residual_matvec(self) -> Launch:
+    def residual_matvec(self, kind: int | None = None) -> list[Launch]:
+        """The final residual's mat-vec (``BitmaskOperator``, K = 1) with launch setting matvec.int8 = ``kind``
+        (default: the library's GPU setting); kind 1 is modeled by the fused step's (stepped) specialization."""
         from ncutfast.kernels.matvec import _bitmask_matvec_kernel
+
+        kind = self.cfg["matvec"]["int8"] if kind is None else kind
+        if kind == 1:
+            return self.int8_matvec(self.b)
+        if kind == 2:
+            return self.dp4a_matvec(self.b, stepped=False)
 
         cfg, n, b = self.cfg["matvec"], self.n, self.b
         sig = {"mask_ptr": ("*i32", 0), "s_ptr": ("*fp64", 0), "len_ptr": ("*i32", 0), "eps_ptr": ("*fp64", 0),
@@ -752,8 +760,8 @@ class Workload:
                "stride_vk": ("i32", 1), "stride_yb": ("i32", n), "stride_yn": ("i32", 1), "stride_yk": ("i32", 1),
                "BM": ("constexpr", cfg["BM"]), "BN": ("constexpr", cfg["BN"]), "KP": ("constexpr", 1)}
         k = compile_triton(_bitmask_matvec_kernel, sig, {"num_warps": cfg["num_warps"]})
-        return Launch("residual-matvec", k, _cdiv(n, cfg["BM"]) * b, {"_matvec_rows#0": _cdiv(n, cfg["BN"])},
-                      b * (n * self.words * 4 + 3 * n * 8), ("mask bit", b * n * n))
+        return [Launch("residual-matvec", k, _cdiv(n, cfg["BM"]) * b, {"_matvec_rows#0": _cdiv(n, cfg["BN"])},
+                       b * (n * self.words * 4 + 3 * n * 8), ("mask bit", b * n * n))]
 
     # -- alternatives of the default path (launch settings matvec.int8 = 1, lanczos.solve = "persistent") ---
     def int8_matvec(self, active: int) -> list[Launch]:
@@ -763,9 +771,9 @@ class Workload:
         flags = {"step_ptr": ("*i32", 0), "done_ptr": ("*i8", 0), "stalled_ptr": ("*i8", 0)}
         sig = {"s_ptr": ("*fp64", 0), "len_ptr": ("*i32", 0), "idx_ptr": ("*i32", 0), "v_ptr": ("*fp64", 0),
                "dig_ptr": ("*i8", 0), "scale_ptr": ("*fp64", 0), "tot_ptr": ("*fp64", 0), **flags,
-               "N_max": ("i32", n), "K": ("i32", 1), "stride_vb": ("i32", (self.m + 2) * n), "stride_vn": ("i32", 1),
-               "stride_vk": ("i32", 0), "stride_vr": ("i32", n), "BR": ("constexpr", i8["BR"]),
-               "KP": ("constexpr", 2), "STEPPED": ("constexpr", True)}
+               "N_max": ("i32", n), "NP": ("i32", n), "K": ("i32", 1), "stride_vb": ("i32", (self.m + 2) * n),
+               "stride_vn": ("i32", 1), "stride_vk": ("i32", 0), "stride_vr": ("i32", n), "BR": ("constexpr", i8["BR"]),
+               "KP": ("constexpr", 2), "STEPPED": ("constexpr", True), "LANES": ("constexpr", False)}
         kd = compile_triton(_digits_kernel, sig, {"num_warps": 4})
         t = _cdiv(n, i8["BR"])
         digits = Launch("int8-digits", kd, active, {"_digits_kernel#0": t, "_digits_kernel#1": t},
@@ -780,6 +788,44 @@ class Workload:
         mv = Launch("int8-matvec", km, _cdiv(n, i8["BM"]) * active, {"_bitmask_matvec_i8_kernel#0": _cdiv(n, i8["BN"])},
                     active * (n * self.words * 4 + n * 16 + 2 * n * 8), ("mask bit", active * n * n))
         return [digits, mv]
+
+    def dp4a_matvec(self, active: int, stepped: bool = True) -> list[Launch]:
+        """The byte-lane dp4a mat-vec (launch setting matvec.int8 = 2): digits, then mat-vec; ``stepped``: a
+        fused step's launches, else ``BitmaskOperator``'s (no step/done/stalled flags)."""
+        from ncutfast.kernels.matvec import _bitmask_matvec_dp4a_kernel, _digits_kernel
+
+        dp, n, w = self.cfg["matvec_dp4a"], self.n, self.words
+        names = ("step_ptr", "done_ptr", "stalled_ptr")
+        flags = ({"step_ptr": ("*i32", 0), "done_ptr": ("*i8", 0), "stalled_ptr": ("*i8", 0)} if stepped
+                 else dict.fromkeys(names, ("constexpr", None)))
+        sig = {"s_ptr": ("*fp64", 0), "len_ptr": ("*i32", 0), "idx_ptr": ("*i32", 0), "v_ptr": ("*fp64", 0),
+               "dig_ptr": ("*i8", 0), "scale_ptr": ("*fp64", 0), "tot_ptr": ("*fp64", 0), **flags,
+               "N_max": ("i32", n), "NP": ("i32", 32 * w), "K": ("i32", 1), "stride_vb": ("i32", (self.m + 2) * n),
+               "stride_vn": ("i32", 1), "stride_vk": ("i32", 0), "stride_vr": ("i32", n), "BR": ("constexpr", dp["BR"]),
+               "KP": ("constexpr", 1), "STEPPED": ("constexpr", stepped), "LANES": ("constexpr", True)}
+        kd = compile_triton(_digits_kernel, sig, {"num_warps": 4})
+        tag = "" if stepped else "residual-"
+        digits = Launch(f"{tag}dp4a-digits", kd, active, {"_digits_kernel#0": _cdiv(n, dp["BR"]),
+                                                    "_digits_kernel#1": _cdiv(32 * w, dp["BR"])},
+                        active * (n * 8 * 3 + 32 * w * 8), ("vector entry", active * n))
+        sig = {"mask_ptr": ("*i32", 0), "s_ptr": ("*fp64", 0), "len_ptr": ("*i32", 0), "eps_ptr": ("*fp64", 0),
+               "idx_ptr": ("*i32", 0), "dig_ptr": ("*i32", 0), "scale_ptr": ("*fp64", 0), "tot_ptr": ("*fp64", 0),
+               "y_ptr": ("*fp64", 0), **flags, "N_max": ("i32", n), "W": ("i32", w), "stride_yb": ("i32", n),
+               "stride_yn": ("i32", 1), "BM": ("constexpr", dp["BM"]), "BW": ("constexpr", dp["BW"]),
+               "STEPPED": ("constexpr", stepped), "ASM": ("constexpr", True)}
+        km = compile_triton(_bitmask_matvec_dp4a_kernel, sig, {"num_warps": dp["num_warps"]})
+        # every program reads its rows' mask words once and the problem's digits (8 bytes per column, L2)
+        mv = Launch(f"{tag}dp4a-matvec", km, _cdiv(n, dp["BM"]) * active,
+                    {"_bitmask_matvec_dp4a_kernel#0": _cdiv(_cdiv(n, 32), dp["BW"])},
+                    active * (n * w * 4 + 32 * w * 8 + 2 * n * 8), ("mask bit", active * n * n))
+        return [digits, mv]
+
+    def step_matvec(self, active: int, kind: int | None = None) -> list[Launch]:
+        """The mat-vec launches of a fused step with launch setting matvec.int8 = ``kind`` (default: the
+        library's GPU setting): 0 fp64, 1 int8 tensor cores, 2 byte-lane dp4a."""
+        kind = self.cfg["matvec"]["int8"] if kind is None else kind
+        return {0: lambda: [self.lanczos_matvec(active)], 1: lambda: self.int8_matvec(active),
+                2: lambda: self.dp4a_matvec(active)}[kind]()
 
     def persistent(self, steps: list[int]) -> Launch:
         """The first cycle as one self-checking launch (check interval 6): every program runs the m steps of
@@ -831,11 +877,18 @@ class Solve:
         return sum(self.phases.values())
 
 
+#: Solver modes of ``solve_time`` beside "steps" (the library's GPU launch settings) that fix the mat-vec of
+#: the fused steps (launch setting matvec.int8): "fp64" (0, the default before the dp4a kernel), "int8" (1),
+#: "dp4a" (2).
+SOLVER_MATVEC = {"fp64": 0, "int8": 1, "dp4a": 2}
+
+
 def solve_time(w: Workload, precision: str, gpu: str, steps: list[int], solver: str = "steps") -> Solve:
     """Lower bound of a whole solve of the batch: normalize + affinity + Lanczos (mode ``solver``: "steps" =
-    the default two launches per step, "int8" = with the tensor-core mat-vec, "persistent" = one launch for
-    the first cycle) + the convergence checks (one Ritz launch every 6 steps, the last with the vector) +
-    the final residual mat-vec. Launch overheads and host synchronizations are not counted."""
+    the default launches per step (two, three with an int8 mat-vec), "fp64" / "int8" / "dp4a" = with that
+    mat-vec (``SOLVER_MATVEC``), "persistent" = one launch for the first cycle) + the convergence checks (one
+    Ritz launch every 6 steps, the last with the vector) + the final residual mat-vec. Launch overheads and
+    host synchronizations are not counted."""
     if precision == "exact":
         norm_bytes, recheck_bytes = w.exact_host_bytes()
         bw = RATES[gpu]["dram_bps"]
@@ -851,13 +904,11 @@ def solve_time(w: Workload, precision: str, gpu: str, steps: list[int], solver: 
         launches += 1
     else:
         mv = step = 0.0
+        kind = SOLVER_MATVEC.get(solver)
         for j, a in enumerate(active):
-            if solver == "int8":
-                mv += sum(ln.bound(gpu).seconds for ln in w.int8_matvec(a))
-                launches += 2
-            else:
-                mv += w.lanczos_matvec(a).bound(gpu).seconds
-                launches += 1
+            mvs = w.step_matvec(a, kind)
+            mv += sum(ln.bound(gpu).seconds for ln in mvs)
+            launches += len(mvs)
             step += w.lanczos_step(a, j).bound(gpu).seconds
             launches += 1
         ph["mat-vec"], ph["step"] = mv, step
@@ -865,7 +916,7 @@ def solve_time(w: Workload, precision: str, gpu: str, steps: list[int], solver: 
         ph["checks"] = sum(w.ritz(k, False).bound(gpu).seconds for k in checks[:-1])
         ph["checks"] += w.ritz(len(active), True).bound(gpu).seconds
         launches += len(checks)
-    ph["residual"] = w.residual_matvec().bound(gpu).seconds
+    ph["residual"] = sum(ln.bound(gpu).seconds for ln in w.residual_matvec(SOLVER_MATVEC.get(solver)))
     return Solve(ph, launches + 1)
 
 
@@ -947,16 +998,18 @@ def model(workloads: list[tuple[int, int]], gpus: list[str], alternatives: bool)
         label = f"batch {w.b}, N={n}, C={c}"
         launches = [w.normalize("fast"), w.normalize("float32"), w.affinity("fast"), w.affinity("exact"),
                     w.affinity("float32"),
-                    w.lanczos_matvec(w.b), w.lanczos_step(w.b, len(active) // 2), w.ritz(len(active), False),
-                    w.ritz(len(active), True), w.residual_matvec()]
+                    *w.step_matvec(w.b), w.lanczos_step(w.b, len(active) // 2), w.ritz(len(active), False),
+                    w.ritz(len(active), True), *w.residual_matvec()]
         if alternatives:
-            launches += [w.affinity("float32", tf32x3=True), *w.int8_matvec(w.b), w.persistent(steps)]
+            others = [k for k in (0, 1, 2) if k != w.cfg["matvec"]["int8"]]
+            launches += [w.affinity("float32", tf32x3=True), *(ln for k in others for ln in w.step_matvec(w.b, k)),
+                         w.persistent(steps)]
         for gpu in gpus:
             gpu_rows = [launch_row(label, gpu, ln) for ln in launches]
             rows += gpu_rows
             md += [f"### {gpu}, {label}: one launch each (step kernel at j = {len(active) // 2}, all problems "
                    "active)", "", *_table(gpu_rows, SHOWN), ""]
-            modes = ["steps"] + (["int8", "persistent"] if alternatives else [])
+            modes = ["steps", "fp64"] + (["int8", "dp4a", "persistent"] if alternatives else [])
             srows = []
             for solver in modes:
                 for precision in PRECISIONS:
@@ -1013,9 +1066,9 @@ def predicted_for_bench(w: Workload, precision: str, kernel: str, gpu: str) -> t
     if precision not in ("fast", "float32"):
         return None
     step_at = 16  # bench_triton's _STEP_AT
-    single = {"matvec": lambda: [w.residual_matvec()], "step-matvec": lambda: [w.lanczos_matvec(w.b)],
+    single = {"matvec": w.residual_matvec, "step-matvec": lambda: w.step_matvec(w.b),
               "step-matvec-int8": lambda: w.int8_matvec(w.b), "step-reorth": lambda: [w.lanczos_step(w.b, step_at)],
-              "step": lambda: [w.lanczos_matvec(w.b), w.lanczos_step(w.b, step_at)],
+              "step": lambda: [*w.step_matvec(w.b), w.lanczos_step(w.b, step_at)],
               "affinity": lambda: [w.normalize(precision), w.affinity(precision)]}
     if kernel in single:
         bounds = [ln.bound(gpu) for ln in single[kernel]()]

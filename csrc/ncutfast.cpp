@@ -75,14 +75,16 @@ void check_solved(const SolveOutputs& out, const int64_t* lengths, int64_t batch
                                std::to_string(b));
 }
 
-/// Inverse row norms must be positive and finite where they are read (within the lengths).
+/// Inverse row norms must be positive (or, with `zero_rows`, zero: a zero row) and finite where they are read
+/// (within the lengths).
 template <typename T>
-void check_inv_norms(const T* inv, const int64_t* lengths, int64_t batch, int64_t n_max) {
+void check_inv_norms(const T* inv, const int64_t* lengths, int64_t batch, int64_t n_max, bool zero_rows = false) {
   for (int64_t b = 0; b < batch; ++b)
     for (int64_t i = 0; i < lengths[b]; ++i) {
       const T v = inv[b * n_max + i];
-      NCUT_CHECK(v > 0 && std::isfinite(v), "inv_norms",
-                 "entry [" << b << ", " << i << "] is " << v << ", must be positive and finite");
+      NCUT_CHECK((v > 0 || (zero_rows && v == 0)) && std::isfinite(v), "inv_norms",
+                 "entry [" << b << ", " << i << "] is " << v << ", must be " << (zero_rows ? ">= 0" : "positive")
+                           << " and finite");
     }
 }
 
@@ -221,7 +223,7 @@ PYBIND11_MODULE(_C, m) {
         check_host_lengths(as_ptr<const int64_t>(lengths), batch, n_max);
         if (inv_norms != 0) {
           NCUT_DISPATCH_FLOAT(dt, [&] {
-            check_inv_norms(as_ptr<const scalar_t>(inv_norms), as_ptr<const int64_t>(lengths), batch, n_max);
+            check_inv_norms(as_ptr<const scalar_t>(inv_norms), as_ptr<const int64_t>(lengths), batch, n_max, true);
           });
         }
         int64_t nan;
@@ -237,9 +239,10 @@ PYBIND11_MODULE(_C, m) {
       py::arg("lengths"), py::arg("tau"), py::arg("bits"), py::arg("inv_norms") = 0,
       "pack_graph_cpu from the upper part of S only, one block of rows at a time: s (batch, rows, n_max - row0)\n"
       "holds S[row0:row0+rows, row0:]; blocks tiling [0, n_max) in order fill bits. Entries S_ij with i > j\n"
-      "are never read (the graph is exactly symmetric). inv_norms: 0, or the address of (batch, n_max) positive\n"
-      "inverse row norms in `dtype`; then s holds raw dot products and the edge test is the cosine's,\n"
-      "s_ij * inv_j > tau / inv_i. Host pointers.");
+      "are never read (the graph is exactly symmetric). inv_norms: 0, or the address of (batch, n_max) finite\n"
+      "inverse row norms >= 0 in `dtype`; then s holds raw dot products and the edge test is the cosine's,\n"
+      "s_ij * inv_j > tau / inv_i; an inverse norm 0 marks a zero row (cosine 0 with every row; its products\n"
+      "in s must be finite). Host pointers.");
 
   m.def(
       "exact_row_norms_cpu",
@@ -267,18 +270,40 @@ PYBIND11_MODULE(_C, m) {
       "NaN or infinite entries within the lengths raise ValueError. Host pointers.");
 
   m.def(
-      "pack_graph_block_exact_cpu",
-      [](uintptr_t s, uintptr_t k, const std::string& dtype, int64_t c, uintptr_t norms, int64_t batch,
-         int64_t n_max, int64_t row0, int64_t rows, uintptr_t lengths, double tau, double bound, double dot_bound,
-         double dot2_bound, uintptr_t bits, uintptr_t rechecked, uintptr_t scale) {
+      "exact_quantize_cpu",
+      [](uintptr_t k, const std::string& dtype, int64_t batch, int64_t n_max, int64_t c, uintptr_t lengths,
+         uintptr_t norms, uintptr_t q, int64_t cq, uintptr_t err) {
         const DType dt = ncutfast::parse_dtype(dtype, "dtype");
         check_sizes(batch, n_max);
         NCUT_CHECK(c >= 1 && c <= kMaxTokens, "c", "must be in [1, " << kMaxTokens << "], got " << c);
-        NCUT_CHECK(row0 >= 0 && row0 < n_max && row0 % 64 == 0, "row0",
-                   "must be a multiple of 64 in [0, n_max = " << n_max << "), got " << row0);
-        NCUT_CHECK(rows >= 1 && row0 + rows <= n_max && ((row0 + rows) % 64 == 0 || row0 + rows == n_max), "rows",
-                   "row0 + rows must be a multiple of 64 or n_max, within n_max = " << n_max << ", got " << rows);
-        NCUT_CHECK_PTR(s, "s");
+        NCUT_CHECK(cq >= c && cq % 2 == 0 && cq <= c + 2, "cq", "must be c or c + 1 rounded to even, got " << cq);
+        NCUT_CHECK_PTR(k, "k");
+        NCUT_CHECK_PTR(lengths, "lengths");
+        NCUT_CHECK_PTR(norms, "norms");
+        NCUT_CHECK_PTR(q, "q");
+        NCUT_CHECK_PTR(err, "err");
+        check_host_lengths(as_ptr<const int64_t>(lengths), batch, n_max);
+        check_inv_norms(as_ptr<const double>(norms), as_ptr<const int64_t>(lengths), batch, n_max);
+        py::gil_scoped_release nogil;
+        ncutfast::exact_quantize_cpu(as_ptr<const void>(k), dt, batch, n_max, c, as_ptr<const int64_t>(lengths),
+                                     as_ptr<const double>(norms), as_ptr<int16_t>(q), cq, as_ptr<double>(err));
+      },
+      py::arg("k"), py::arg("dtype"), py::arg("batch"), py::arg("n_max"), py::arg("c"), py::arg("lengths"),
+      py::arg("norms"), py::arg("q"), py::arg("cq"), py::arg("err"),
+      "Precision 'exact': the int16 screen's rows q (batch, n_max, cq) int16 = clamp(rint(f * 2^15), +-32767)\n"
+      "of f = k / norms (k (batch, n_max, c) in `dtype`, norms from exact_row_norms_cpu; cq = c rounded up to\n"
+      "even) and err (batch, n_max) float64 >= ||f_i - q_i 2^-15||. Zero beyond the lengths. Host pointers.");
+
+  m.def(
+      "exact_graph_cpu",
+      [](uintptr_t q, int64_t cq, uintptr_t k, const std::string& dtype, int64_t c, uintptr_t norms, int64_t batch,
+         int64_t n_max, uintptr_t lengths, double tau, double bound, double dot_bound, double dot2_bound,
+         uintptr_t bits, uintptr_t rechecked, bool simd) {
+        const DType dt = ncutfast::parse_dtype(dtype, "dtype");
+        check_sizes(batch, n_max);
+        NCUT_CHECK(c >= 1 && c <= kMaxTokens, "c", "must be in [1, " << kMaxTokens << "], got " << c);
+        NCUT_CHECK(cq >= c && cq % 2 == 0 && cq <= c + 2, "cq", "must be c or c + 1 rounded to even, got " << cq);
+        NCUT_CHECK_PTR(q, "q");
         NCUT_CHECK_PTR(k, "k");
         NCUT_CHECK_PTR(norms, "norms");
         NCUT_CHECK_PTR(lengths, "lengths");
@@ -289,22 +314,19 @@ PYBIND11_MODULE(_C, m) {
           NCUT_CHECK(std::isfinite(v) && v >= 0, arg, "must be finite and >= 0, got " << v);
         check_host_lengths(as_ptr<const int64_t>(lengths), batch, n_max);
         check_inv_norms(as_ptr<const double>(norms), as_ptr<const int64_t>(lengths), batch, n_max);
-        if (scale != 0) check_inv_norms(as_ptr<const float>(scale), as_ptr<const int64_t>(lengths), batch, n_max);
         py::gil_scoped_release nogil;
-        ncutfast::pack_graph_block_exact_cpu(as_ptr<const float>(s), as_ptr<const float>(scale), as_ptr<const void>(k),
-                                             dt, c, as_ptr<const double>(norms), batch, n_max, row0, rows,
-                                             as_ptr<const int64_t>(lengths), tau, bound, dot_bound, dot2_bound,
-                                             as_ptr<uint64_t>(bits), as_ptr<int64_t>(rechecked));
+        ncutfast::exact_graph_cpu(as_ptr<const int16_t>(q), cq, as_ptr<const void>(k), dt, c,
+                                  as_ptr<const double>(norms), batch, n_max, as_ptr<const int64_t>(lengths), tau, bound,
+                                  dot_bound, dot2_bound, as_ptr<uint64_t>(bits), as_ptr<int64_t>(rechecked), simd);
       },
-      py::arg("s"), py::arg("k"), py::arg("dtype"), py::arg("c"), py::arg("norms"), py::arg("batch"),
-      py::arg("n_max"), py::arg("row0"), py::arg("rows"), py::arg("lengths"), py::arg("tau"), py::arg("bound"),
-      py::arg("dot_bound"), py::arg("dot2_bound"), py::arg("bits"), py::arg("rechecked"), py::arg("scale") = 0,
-      "Precision 'exact': pack_graph_block_cpu of the graph [f_i . f_j > tau], f_i = k_i / norms_i the float64\n"
-      "rows of reference.normalize_rows (k (batch, n_max, c) in `dtype`, norms from exact_row_norms_cpu), from\n"
-      "float32 screening products s (batch, rows, n_max - row0) within `bound` of f_i . f_j: of the normalized\n"
-      "rows rounded to float32 (scale = 0), or raw products of the float32-rounded k with scale the address of\n"
-      "(batch, n_max) float32 ~ 1 / norms. Entries within bound of tau are recomputed in float64 (dot_bound,\n"
-      "dot2_bound: ncutfast.exact) and counted into rechecked (batch,) int64. Host pointers.");
+      py::arg("q"), py::arg("cq"), py::arg("k"), py::arg("dtype"), py::arg("c"), py::arg("norms"), py::arg("batch"),
+      py::arg("n_max"), py::arg("lengths"), py::arg("tau"), py::arg("bound"), py::arg("dot_bound"),
+      py::arg("dot2_bound"), py::arg("bits"), py::arg("rechecked"), py::arg("simd") = true,
+      "Precision 'exact': the packed graph [f_i . f_j > tau] (f = k / norms, the float64 rows of\n"
+      "reference.normalize_rows) into bits (batch, n_max, words_per_row(n_max)) uint64, every word written. The\n"
+      "exact int32 products of q (exact_quantize_cpu) decide entries farther than `bound` from tau; the rest\n"
+      "are recomputed in float64 (dot_bound, dot2_bound: ncutfast.exact) and counted into rechecked (batch,)\n"
+      "int64 (entries i <= j). simd=False: the portable kernel even where AVX2 exists. Host pointers.");
 
   m.def(
       "solve_binary_cpu",

@@ -61,10 +61,10 @@ def _recheck(sp: backends.Spectrum) -> torch.Tensor:
     return sp.recheck_fraction if sp.recheck_fraction is not None else torch.full_like(sp.lambda2, float("nan"))
 
 
-def _spectrum(feats: torch.Tensor, lengths: torch.Tensor, params: SolveParams,
-              backend: str) -> tuple[str, backends.Spectrum]:
+def _spectrum(feats: torch.Tensor, lengths: torch.Tensor, params: SolveParams, backend: str,
+              painted: torch.Tensor | None = None) -> tuple[str, backends.Spectrum]:
     name, fn = backends.resolve_backend(backend, feats.device)
-    return name, fn(feats, lengths, params)
+    return name, fn(feats, lengths, params, painted=painted)
 
 
 def _solve(feats: torch.Tensor, lengths: torch.Tensor, params: SolveParams, backend: str) -> _Cut:
@@ -336,13 +336,13 @@ def maskcut(
     grids = _grids(grid, batch)
     fractions: list[torch.Tensor] = []
 
-    def step(k: torch.Tensor) -> backends.Spectrum:
-        sp = _spectrum(k, batch.lengths, params, backend)[1]
+    def step(painted: torch.Tensor | None) -> backends.Spectrum:
+        sp = _spectrum(batch.feats, batch.lengths, params, backend, painted)[1]
         fractions.append(_recheck(sp))
         return sp
 
-    res = decide.maskcut(step, batch.feats, batch.lengths.to(batch.feats.device),
-                         torch.tensor(grids, dtype=torch.int64), n_masks, sign_rule)
+    res = decide.maskcut(step, batch.lengths.to(batch.feats.device), torch.tensor(grids, dtype=torch.int64),
+                         n_masks, sign_rule)
     return MaskCutResult(
         masks=_grid_out(res.masks, grids, batch),
         valid=_out(res.valid, batch, False),

@@ -3,8 +3,8 @@
 TokenCut (spec §2 steps 6-9): orientation, partition and seed (``tokencut_cut``), the seed's 4-connected
 component (``seed_component``) and its box (``boxes``). MaskCut (spec §4 steps 3-5): one step's side and
 seed under the corner rule (``maskcut_side``), the <= 1% / IoU > 0.5 filters (``maskcut_filter``), and the
-disjoint masks (``disjoint``). ``ncutfast.reference`` holds the same rules one image at a time in NumPy and
-SciPy (the specification these functions are tested against); ``ncutfast.api`` chains them.
+steps chained into disjoint masks (``maskcut``). ``ncutfast.reference`` holds the same rules one image at a
+time in NumPy and SciPy (the specification these functions are tested against); ``ncutfast.api`` calls them.
 
 Everything works on padded batches: ``x`` / masks ``(B, N_max)`` with the tokens of image b row-major over
 its grid ``grids[b] = (h_b, w_b)`` in its first ``lengths[b] = h_b * w_b`` entries (ragged grids share a
@@ -27,7 +27,7 @@ import torch
 from scipy import ndimage
 
 __all__ = ["TIE_RTOL", "MaskCutSide", "MaskCutSteps", "TokenCutCut", "boxes", "components", "components_torch",
-           "disjoint", "label_numbers", "maskcut", "maskcut_filter", "maskcut_side", "same_component",
+           "label_numbers", "maskcut", "maskcut_filter", "maskcut_side", "same_component",
            "seed_component", "tie_argmax", "token_components", "tokencut_cut"]
 
 #: Relative tie tolerance (times max|x|): for the seed (ties with max|x|) and for the mean (ties with it).
@@ -39,16 +39,25 @@ def _valid(lengths: torch.Tensor, n_max: int) -> torch.Tensor:
     return torch.arange(n_max, device=lengths.device)[None, :] < lengths[:, None]
 
 
-def tie_argmax(v: torch.Tensor, valid: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def _ragged(grids: torch.Tensor, n_max: int) -> bool:
+    """Whether a batch on CPU ``grids`` ``(B, 2)`` holds padding (an image with fewer than n_max tokens)."""
+    return bool((grids[:, 0] * grids[:, 1] != n_max).any())
+
+
+def _first(cand: torch.Tensor) -> torch.Tensor:
+    """int64 ``(B,)``: the first True of each row of bool ``(B, N)`` (0 for a row without one)."""
+    return cand.max(-1).indices  # torch.max returns the first index of the maximum
+
+
+def tie_argmax(v: torch.Tensor, valid: torch.Tensor | None, scale: torch.Tensor) -> torch.Tensor:
     """int64 ``(B,)``: per row, the lowest valid index with ``v >= max(v) - TIE_RTOL * scale``.
 
-    ``v``: float64 ``(B, N)``; ``valid``: bool ``(B, N)``; ``scale``: float64 ``(B,)`` (max|x| of the row).
+    ``v``: float64 ``(B, N)``; ``valid``: bool ``(B, N)``, or None when every entry is valid; ``scale``:
+    float64 ``(B,)`` (max|x| of the row).
     """
-    low = torch.finfo(v.dtype).min
-    vm = torch.where(valid, v, low)
-    top = vm.max(-1).values
-    cand = (vm >= (top - TIE_RTOL * scale)[:, None]) & valid
-    return cand.to(torch.int8).argmax(-1)
+    vm = v if valid is None else torch.where(valid, v, torch.finfo(v.dtype).min)
+    top = vm.amax(-1)
+    return _first(vm >= (top - TIE_RTOL * scale)[:, None])  # a padding entry (min) is never a candidate
 
 
 @dataclass
@@ -226,7 +235,8 @@ def seed_component(mask: torch.Tensor, seed: torch.Tensor, grids: torch.Tensor) 
 def same_component(labels: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
     """bool ``(B, N_max)``: the tokens labelled as ``seed`` (``token_components``' labels; a seed outside the
     mask selects every token outside it, padding never)."""
-    return (labels == labels.gather(1, seed[:, None])) & (labels != -2)
+    own = labels.gather(1, seed[:, None])
+    return labels == torch.where(own == -2, -3, own)  # a seed in padding: -3, no token's label
 
 
 def boxes(mask: torch.Tensor, grids: torch.Tensor, patch: tuple[int, int], image_sizes: torch.Tensor) -> torch.Tensor:
@@ -283,20 +293,27 @@ def maskcut_side(x: torch.Tensor, lengths: torch.Tensor, grids: torch.Tensor, si
         lengths: int64 ``(B,)`` on ``x``'s device; grids: int64 CPU ``(B, 2)`` (h, w), h * w = lengths.
         sign_rule: "canonical" (orient x so that its largest-|x| entry is positive first) or "cutler".
     """
-    valid = _valid(lengths, x.shape[1])
-    grids = grids.to(x.device)
-    scale = x.abs().max(-1).values
-    s = tie_argmax(x.abs(), valid, scale)
+    valid = _valid(lengths, x.shape[1]) if _ragged(grids, x.shape[1]) else None  # None: no padding
+    ax = x.abs()
+    scale = ax.amax(-1)
+    # The largest |x|: its maximum is scale, and padding (x = 0) never precedes a valid candidate.
+    s = _first(ax >= (scale - TIE_RTOL * scale)[:, None])
+    del ax
     if sign_rule == "canonical":
         x = x * torch.where(x.gather(1, s[:, None]) < 0, -1.0, 1.0).to(x.dtype)
     mean = x.sum(-1) / lengths.to(x.dtype)
-    part = (x > (mean + TIE_RTOL * scale)[:, None]) & valid
+    part = x > (mean + TIE_RTOL * scale)[:, None]
+    if valid is not None:
+        part &= valid
     h, w = grids[:, 0], grids[:, 1]
-    corners = torch.stack([torch.zeros_like(w), w - 1, (h - 1) * w, h * w - 1], dim=-1)
+    corners = torch.stack([torch.zeros_like(w), w - 1, (h - 1) * w, h * w - 1], dim=-1).to(x.device)
     nc = part.gather(1, corners).sum(-1)
     reverse = (nc >= 3) | ~part.gather(1, s[:, None])[:, 0]
-    seed = torch.where(reverse, tie_argmax(-x, valid, scale), tie_argmax(x, valid, scale))
-    part = torch.where(reverse[:, None], ~part & valid, part)
+    # The seed: the signed argmax on the chosen side, i.e. of -x where reversed (negation is exact).
+    seed = tie_argmax(x * torch.where(reverse, -1.0, 1.0).to(x.dtype)[:, None], valid, scale)
+    part ^= reverse[:, None]
+    if valid is not None:
+        part &= valid
     return MaskCutSide(part, seed, x)
 
 
@@ -306,30 +323,12 @@ def maskcut_filter(mask: torch.Tensor, prev: torch.Tensor, lengths: torch.Tensor
 
     ``mask``, ``prev``: bool ``(B, N_max)``; ``lengths``: int64 ``(B,)``. Returns bool ``(B, N_max)``.
     """
-    inter = (mask & prev).sum(-1).to(torch.float64)
-    union = (mask | prev).sum(-1).to(torch.float64)
-    overlap = (union > 0) & (inter / union.clamp_min(1.0) > 0.5)
-    tiny = mask.sum(-1).to(torch.float64) / lengths.to(torch.float64) <= 0.01
-    return mask & ~(overlap | tiny)[:, None]
-
-
-def disjoint(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each step's mask minus the masks of the earlier steps (CutLER subtracts earlier pixel masks, spec §4
-    step 6; here at token level), and whether anything is left.
-
-    Args:
-        masks: bool ``(B, T, N)``.
-
-    Returns:
-        ``(masks, valid)``: bool ``(B, T, N)``, pairwise disjoint along T, and bool ``(B, T)``, the step's
-        disjoint mask is non-empty (a rejected step, or one that found only tokens of earlier masks, is not).
-    """
-    taken = torch.zeros_like(masks[:, 0])
-    out = torch.empty_like(masks)
-    for t in range(masks.shape[1]):
-        out[:, t] = masks[:, t] & ~taken
-        taken |= masks[:, t]
-    return out, out.any(-1)
+    size = mask.sum(-1)
+    inter = (mask & prev).sum(-1)
+    union = size + prev.sum(-1) - inter
+    overlap = (union > 0) & (inter.to(torch.float64) / union.clamp_min(1).to(torch.float64) > 0.5)
+    tiny = size.to(torch.float64) / lengths.to(torch.float64) <= 0.01
+    return mask.masked_fill((overlap | tiny)[:, None], False)
 
 
 class _Eigen(Protocol):
@@ -343,7 +342,8 @@ class MaskCutSteps:
     """MaskCut's steps for a batch (spec §4), token level, on the features' device.
 
     Attributes:
-        masks: bool ``(B, T, N_max)``, pairwise disjoint along T (``disjoint``); False on padding.
+        masks: bool ``(B, T, N_max)``, pairwise disjoint along T (each step's mask minus the earlier ones);
+            False on padding.
         valid: bool ``(B, T)``, the step's mask is non-empty.
         seeds: int64 ``(B, T)``.
         lambda2, lambda3: float64 ``(B, T)``.
@@ -358,47 +358,42 @@ class MaskCutSteps:
     x: torch.Tensor
 
 
-def maskcut(solve: Callable[[torch.Tensor], _Eigen], feats: torch.Tensor, lengths: torch.Tensor,
-            grids: torch.Tensor, n_masks: int, sign_rule: str) -> MaskCutSteps:
+def maskcut(solve: Callable[[torch.Tensor | None], _Eigen], lengths: torch.Tensor, grids: torch.Tensor,
+            n_masks: int, sign_rule: str) -> MaskCutSteps:
     """CutLER's MaskCut steps at token level (spec §4, ``reference.maskcut``) for a padded batch, then the
     masks made disjoint.
 
-    Each step zeroes the keys of the tokens its predecessors cut (the zeroing accumulates), solves every
-    image in one call of ``solve`` (features ``(B, N_max, C)`` -> an object with ``lambda2``, ``lambda3``
-    ``(B,)`` and ``x`` ``(B, N_max)``, as ``backends.Spectrum``), chooses the side with the corner rule
+    Each step zeroes the keys of the tokens its predecessors cut (the zeroing accumulates): it solves every
+    image in one call of ``solve`` (the painted tokens, bool ``(B, N_max)`` or None for none, -> an object
+    with ``lambda2``, ``lambda3`` ``(B,)`` and ``x`` ``(B, N_max)``, as ``backends.Spectrum``; the backends
+    solve painted rows as zero rows, ``backends.contract``), chooses the side with the corner rule
     (``maskcut_side``), keeps the seed's component and, from the second step on, rejects tiny or overlapping
     masks (``maskcut_filter``, against the previous step's mask). The steps themselves see CutLER's masks;
-    the returned masks are those minus the earlier returned masks (``disjoint``), so no token belongs to two
-    masks and a step that found only tokens of earlier masks comes back empty and not ``valid``.
+    the returned masks are those minus the earlier steps' masks (CutLER subtracts earlier pixel masks, spec §4
+    step 6; here at token level), so no token belongs to two masks and a step that found only tokens of
+    earlier masks comes back empty and not ``valid``.
 
     Args:
-        lengths: int64 ``(B,)`` on ``feats``' device; grids: int64 CPU ``(B, 2)``; sign_rule: as
+        lengths: int64 ``(B,)`` on the features' device; grids: int64 CPU ``(B, 2)``; sign_rule: as
             ``maskcut_side``.
     """
-    bsz, n_max = feats.shape[0], feats.shape[1]
-    dev = feats.device
-    painting = torch.zeros(bsz, n_max, dtype=torch.bool, device=dev)
-    prev = torch.zeros_like(painting)
-    masks = torch.zeros(bsz, n_masks, n_max, dtype=torch.bool, device=dev)
-    seeds = torch.zeros(bsz, n_masks, dtype=torch.int64, device=dev)
-    lam2, lam3 = (torch.zeros(bsz, n_masks, dtype=torch.float64, device=dev) for _ in range(2))
-    vecs = torch.zeros(bsz, n_masks, n_max, dtype=torch.float64, device=dev)
-    k = feats
+    masks, seeds, lam2, lam3, vecs = [], [], [], [], []
+    painting = prev = None
     for t in range(n_masks):
-        if t >= 1:
-            # spec §4 step 1: paint the previous mask and zero the painted keys (accumulating).
-            painting |= prev
-            k = k * (~painting)[:, :, None].to(k.dtype)
-        sp = solve(k)
+        sp = solve(painting)  # spec §4 step 1: the earlier steps' masks painted (None at the first step)
         side = maskcut_side(sp.x, lengths, grids, sign_rule)  # spec §4 steps 2-3
         mask = seed_component(side.partition, side.seed, grids)  # spec §4 step 4
-        if t >= 1:
+        if prev is not None:
             mask = maskcut_filter(mask, prev, lengths)  # spec §4 step 5
+        # spec §4 step 6 at token level: the painting is the union of the earlier steps' masks
+        masks.append(mask if painting is None else mask & ~painting)
+        if t + 1 < n_masks:
+            painting = mask if painting is None else painting | mask
         prev = mask
-        masks[:, t] = mask
-        seeds[:, t] = side.seed
-        vecs[:, t] = side.x
-        lam2[:, t] = sp.lambda2
-        lam3[:, t] = sp.lambda3
-    out, valid = disjoint(masks)  # spec §4 step 6, at token level
-    return MaskCutSteps(out, valid, seeds, lam2, lam3, vecs)
+        seeds.append(side.seed)
+        vecs.append(side.x)
+        lam2.append(sp.lambda2)
+        lam3.append(sp.lambda3)
+    out = torch.stack(masks, 1)
+    return MaskCutSteps(out, out.any(-1), torch.stack(seeds, 1), torch.stack(lam2, 1), torch.stack(lam3, 1),
+                        torch.stack(vecs, 1))

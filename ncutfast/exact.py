@@ -25,23 +25,26 @@ The bounds (u_p = 2^-p is the unit roundoff of a p-bit significand; gamma_n(u) =
 1. Normalized rows. With sigma = fl(sum k_q^2) = ||k||^2 (1 + theta), |theta| <= gamma_C(u_53), the
    computed norm and the C divisions give ``||f|| <= (1 + u)/((1 - u) sqrt(1 - gamma_C)) <= nu`` with
    ``nu = 1 + (C + 4) u_53`` (``norm_bound``). Clamped rows (norm < 1e-12) are shorter still.
-2. Screening product (``screen_bound``). Write d_i for the reference's denominators max(||k_i||, 1e-12)
-   (f_i = fl64(k_i / d_i)) and u = 2^-24, u' = u + 2 u_53. The screen is either
-   (a) v_ij = fl32(fl32(k^_i . k^_j) * sc_j) with k^ = fl32(k), sc_j = fl32(fl64(1 / d_j)), compared with
-       thresholds (tau +- B) d_i rounded outward (the CPU path when every nonzero norm lies in
-       [2^-40, 2^40]: the float32 path's product, no normalized copy), or
-   (b) v_ij = fl32(g_i . g_j) with g = fl32(f), compared with tau +- B.
-   In both, a = k^ / d (or g) satisfies |a_q - f_q| <= u' |f_q| elementwise, up to subnormal inputs (a
-   flushed or gradual-underflow entry errs by at most 2^-126 in units where 1 / d <= 2^40). Any float32
-   summation order of the C products obeys |fl32(x . y) - x . y| <= gamma_C(u) sum|x_q y_q| (plus
-   2^-126 per product for flushed or underflowed products). With Cauchy-Schwarz (sum|f_iq f_jq| <= nu^2)
-   and |a| <= (1 + u')|f|, and (a)'s final product and scale costing a relative 2u + u_53 < 4u of v:
+2. CPU screen (``int16_error_bound``), an exact integer product. The extension quantizes each row to
+   q_i = clamp(rint(f_i 2^15), -32767, 32767) (int16) and forms e_i = f_i - q~_i with q~_i = 2^-15 q_i;
+   e_i is exact (q_k = 0: e_k = f_k; an unclamped q_k != 0 needs |f_k| > 2^-16, so f_k and q~_k are
+   multiples of 2^-68 at most 2^-16 apart; a clamped one, |f_k| in [1 - 2^-16, nu], multiples of 2^-53
+   less than 2^-14 apart: 52 significant bits either way). Its
+   norm bound err_i >= ||e_i|| is the float64 sum of squares (any order) times 1 + (C + 4) u_53 (C + 1
+   roundings), plus C 2^-1074 (squares that underflow), whose sqrt is then raised by a relative 2^-50.
+   The screen is a_ij = q_i . q_j summed in int32: every |q_k| <= 32767 keeps each pair sum of vpmaddwd
+   below 2^31, and every partial sum is at most sum|q_ik q_jk| <= ||q_i|| ||q_j|| <= 2^30 (nu + err)^2,
+   below 2^31 while nu + err < sqrt(2) (err = max_i err_i; checked). So a_ij is exact, and
 
-       |v_ij / d_i - s*| <= [u' (2 + u') + gamma_C(u) (1 + u')^2 + 4 u] nu^2 + C 2^-44   (screen_error_bound)
+       |2^-30 a_ij - s*| = |e_i . f_j + q~_i . e_j| <= err nu + (nu + err) err = err (2 nu + err)
 
-   The order, the blocking and FMA use of the BLAS only ever lower the error, and every term counts its
-   worst case over all C terms at once (no sqrt(C) statistics). For C = 768 that is 4.6e-5. The kernels use
-   twice it (``SCREEN_MARGIN``), so the screen is never the place where the proof is tight.
+   (``int16_error_bound``, raised by a relative 2^-50 for its own float64 evaluation). For rows of C
+   features err is about sqrt(C / 12) 2^-15 (2.6e-4 at C = 768, at most sqrt(C) 2^-16 plus clamping):
+   a bound about 10 times the float32 product's, from a product that runs at twice the float32 FMA rate
+   (16 multiply-adds per AVX2 vpmaddwd against 8 per FMA). The kernel uses ``SCREEN_MARGIN`` times it
+   (``int16_screen_bound``), as integer thresholds hi = floor(2^30 up(tau + B)) and
+   lo = ceil(2^30 down(tau - B)) (up/down: the next float64 outwards), so a_ij > hi proves s* > tau and
+   a_ij < lo proves s* < tau exactly; the entries in between go to the recheck.
 2'. GPU screen (``tensor_core_bound``, the Triton kernel): h = fl16(f) (through float32, as torch converts:
    |h_q - f_q| <= u |f_q| + eta with u = 2^-11 + 2^-23 and eta = 2^-25 for fp16 subnormals), one
    tensor-core product with fp32 accumulation. Tensor cores add products with truncation and fewer
@@ -70,15 +73,16 @@ import torch
 
 from . import reference
 
-__all__ = ["SCREEN_MARGIN", "norm_bound", "screen_error_bound", "screen_bound", "tensor_core_error_bound",
+__all__ = ["SCREEN_MARGIN", "norm_bound", "int16_error_bound", "int16_screen_bound", "tensor_core_error_bound",
            "tensor_core_bound", "dot_bound", "dot2_bound",
            "normalized_rows", "recheck", "recheck_fraction", "exact_mask"]
 
 _U64 = 2.0**-53
-_U32 = 2.0**-24
 _ETA64 = 2.0**-1074  # float64 absolute error per underflowing product
 #: Factor between the proven screening bound and the one the kernels use.
 SCREEN_MARGIN = 2.0
+#: The int16 screen's integer products stay below 2^31 while ||q_i|| 2^-15 <= nu + err < sqrt(2) (step 2).
+_INT16_ERR_MAX = 2.0**0.5
 
 
 def _gamma(n: int, u: float) -> float:
@@ -92,16 +96,18 @@ def norm_bound(c: int) -> float:
     return 1.0 + (c + 4) * _U64
 
 
-def screen_error_bound(c: int) -> float:
-    """Proven bound on the float32 screen's error |v_ij / d_i - f_i . f_j|, any float32 summation (step 2)."""
-    u = _U32
-    up = u + 2.0 * _U64
-    return (up * (2.0 + up) + _gamma(c, u) * (1.0 + up) ** 2 + 4.0 * u) * norm_bound(c) ** 2 + c * 2.0**-44
+def int16_error_bound(c: int, err: float) -> float:
+    """Proven bound on the int16 screen's error |2^-30 q_i . q_j - f_i . f_j| (step 2) when every row's
+    quantization error has 2-norm <= ``err`` (``exact_quantize_cpu``'s per-row bounds, maximised)."""
+    nu = norm_bound(c)
+    if not 0.0 <= err < _INT16_ERR_MAX - nu:
+        raise ValueError(f"err: the int16 screen needs 0 <= err < {_INT16_ERR_MAX - nu:.3g}, got {err!r}")
+    return err * (2.0 * nu + err) * (1.0 + 2.0**-50)
 
 
-def screen_bound(c: int) -> float:
-    """The screening bound the kernels use: ``SCREEN_MARGIN * screen_error_bound(c)``."""
-    return SCREEN_MARGIN * screen_error_bound(c)
+def int16_screen_bound(c: int, err: float) -> float:
+    """The int16 screening bound the CPU kernel uses: ``SCREEN_MARGIN * int16_error_bound(c, err)``."""
+    return SCREEN_MARGIN * int16_error_bound(c, err)
 
 
 def tensor_core_error_bound(c: int) -> float:

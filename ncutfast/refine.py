@@ -7,11 +7,13 @@ computes what ``ncutfast.reference.bilateral_solve`` computes, image by image, u
 1. Grid coordinates (x, y, Y, U, V) of every pixel, truncated toward zero, and a key that orders and
    neighbours vertices as TokenCut's hash sum_d coord_d * 255**d does; ``torch.unique`` per image gives its
    vertices (sorted keys) and every pixel's vertex.
-2. The blur's neighbours: vertex key + stride_d, looked up in the image's sorted keys with
-   ``searchsorted`` (the neighbours below are the transpose). The images' vertex sets are then
-   concatenated with per-image offsets into one sparse blur matrix for the batch.
+2. The blur's neighbours, vertex key -+ stride_d, for the whole batch at once: by lookups in two small
+   dense tables (the rank of a colour cell, then the vertex of a (colour rank, spatial cell) pair), or, for
+   TokenCut's wrapping hashes and grids too large for the tables, by ``searchsorted`` in the sorted keys.
+   They form one sparse CSR blur matrix for the batch.
 3. Splat (a scatter-add over each pixel's vertex), [1 2 1] blur (a sparse CSR product), slice (a gather),
-   bistochastization, and one Jacobi-preconditioned conjugate gradient for the whole batch. Vertex vectors
+   bistochastization, and one Jacobi-preconditioned conjugate gradient for the whole batch, written into
+   reused buffers (fresh vertex- or pixel-sized temporaries cost page faults). Vertex vectors
    are padded to ``(B, max V_i)``, so per-image dot products are row sums: every image follows SciPy's
    ``cg`` exactly (its own step sizes and its own stop at ||r|| < 1e-5 ||b||, at most 25 iterations) and
    is frozen once it stops.
@@ -40,8 +42,9 @@ def _as_tensor(x: ArrayLike, device: torch.device) -> torch.Tensor:
     return torch.as_tensor(x).to(device)
 
 
-def _radices(sizes: list[tuple[int, int]], sigmas: tuple[float, float, float]) -> tuple[list[int], int]:
-    """Digit radices of the vertex keys of a batch, and a bound above every key + its largest neighbour step.
+def _radices(sizes: list[tuple[int, int]], sigmas: tuple[float, float, float]) -> tuple[list[int], int, bool]:
+    """Digit radices of the vertex keys of a batch, a bound above every key + its largest neighbour step,
+    and whether the radices are the compact ones (False: TokenCut's 255).
 
     TokenCut's hash is sum_d coord_d * 255**d. While every coordinate is <= 253 (images below 254 grid cells
     per side, sigmas above about 1), a neighbour hash (+- 255**d) can only hit the vertex one cell away, so
@@ -56,58 +59,108 @@ def _radices(sizes: list[tuple[int, int]], sigmas: tuple[float, float, float]) -
     # Y <= 255 and U, V <= 255.5 up to rounding; 256 leaves room for it.
     top = [int((width - 1) / sigma_spatial), int((height - 1) / sigma_spatial), int(256.0 / sigma_luma),
            int(256.0 / sigma_chroma), int(256.0 / sigma_chroma)]
-    if max(top) <= reference.BS_HASH_BASE - 2:
+    compact = max(top) <= reference.BS_HASH_BASE - 2
+    if compact:
         radices = [t + 2 for t in top]
     else:
         radices = [reference.BS_HASH_BASE] * reference.BS_DIMS
     strides = np.cumprod([1, *radices[:-1]]).tolist()
-    return radices, sum(t * s for t, s in zip(top, strides, strict=True)) + strides[-1] + 1
+    return radices, sum(t * s for t, s in zip(top, strides, strict=True)) + strides[-1] + 1, compact
 
 
-def _pixel_keys(image: torch.Tensor, sigmas: tuple[float, float, float], strides: list[int],
-                dtype: torch.dtype) -> torch.Tensor:
-    """The vertex key sum_d coord_d * strides[d] of every pixel of one uint8 ``(H, W, 3)`` image, ``(H * W,)``.
+def _pixel_keys(images: list[torch.Tensor], sigmas: tuple[float, float, float], strides: list[int],
+                dtype: torch.dtype) -> list[torch.Tensor]:
+    """The vertex key sum_d coord_d * strides[d] of every pixel of each uint8 ``(H_i, W_i, 3)`` image, a list
+    of ``(H_i * W_i,)`` tensors of ``dtype``.
 
     The coordinates come from the same float64 operations in the same order as ``reference.rgb_to_yuv`` and
-    ``reference.bilateral_coords``, so they are identical to the reference's (not merely close).
+    ``reference.bilateral_coords``, so they are identical to the reference's (not merely close). The
+    arithmetic writes into buffers shared by the whole batch: fresh pixel-sized temporaries (page faults)
+    would cost more than the arithmetic itself.
     """
-    h, w, _ = image.shape
     sigma_spatial, sigma_luma, sigma_chroma = sigmas
-    dev = image.device
-    r, g, b = image.permute(2, 0, 1).contiguous().to(torch.float64)  # planar: contiguous channels
-    # .to(int) truncates toward zero, as NumPy's astype(int).
-    cols = (torch.arange(w, device=dev, dtype=torch.float64) / sigma_spatial).to(dtype) * strides[0]
-    rows = (torch.arange(h, device=dev, dtype=torch.float64) / sigma_spatial).to(dtype) * strides[1]
-    key = rows[:, None] + cols[None, :]
-    for d, (c, o, sigma) in enumerate(zip(reference.RGB_TO_YUV, reference.YUV_OFFSET,
-                                          (sigma_luma, sigma_chroma, sigma_chroma), strict=True)):
-        yuv = r * c[0] + g * c[1] + b * c[2]
-        if o:  # Y's offset is 0.0: adding it changes no value
-            yuv += o
-        key.add_((yuv / sigma).to(dtype), alpha=strides[2 + d])
-    return key.reshape(-1)
+    dev = images[0].device
+    npix = [im.shape[0] * im.shape[1] for im in images]
+    keys = torch.empty(sum(npix), dtype=dtype, device=dev).split(npix)
+    rgb = torch.empty(3, max(npix), dtype=torch.float64, device=dev)
+    yuv_buf, term_buf = torch.empty_like(rgb[0]), torch.empty_like(rgb[0])
+    coord_buf = torch.empty(max(npix), dtype=dtype, device=dev)
+    for image, key in zip(images, keys, strict=True):
+        h, w, _ = image.shape
+        # .to(int) truncates toward zero, as NumPy's astype(int).
+        cols = (torch.arange(w, device=dev, dtype=torch.float64) / sigma_spatial).to(dtype) * strides[0]
+        rows = (torch.arange(h, device=dev, dtype=torch.float64) / sigma_spatial).to(dtype) * strides[1]
+        torch.add(rows[:, None], cols[None, :], out=key.view(h, w))
+        r, g, b = rgb[:, :h * w].copy_(image.permute(2, 0, 1).reshape(3, h * w))  # planar float64
+        yuv, term, coord = yuv_buf[:h * w], term_buf[:h * w], coord_buf[:h * w]
+        for d, (c, o, sigma) in enumerate(zip(reference.RGB_TO_YUV, reference.YUV_OFFSET,
+                                              (sigma_luma, sigma_chroma, sigma_chroma), strict=True)):
+            torch.mul(r, c[0], out=yuv)  # ((c0 R + c1 G) + c2 B) + o, every step rounded
+            yuv.add_(torch.mul(g, c[1], out=term))
+            yuv.add_(torch.mul(b, c[2], out=term))
+            if o:  # Y's offset is 0.0: adding it changes no value
+                yuv.add_(o)
+            key.add_(coord.copy_(yuv.div_(sigma)), alpha=strides[2 + d])  # copy_ to int truncates toward zero
+    return list(keys)
 
 
-def _neighbours(key: torch.Tensor, strides: list[int]) -> torch.Tensor:
-    """The blur's taps of one image's vertices (``key``: their sorted keys), int64 ``(V, 10)``.
+#: Most entries of a table of the dense neighbour search (``_dense_taps``); larger grids use ``searchsorted``.
+_DENSE_TABLE_MAX = 1 << 24
 
-    Columns: [below in dim 4, ..., below in dim 0, above in dim 0, ..., above in dim 4], -1 where the
-    neighbour does not exist. Keys, hence vertex indices, ascend along a row (key - strides[4] < ... <
-    key - strides[0] < key + strides[0] < ...). Only the neighbours above are searched (``searchsorted``);
-    those below are their transpose. As in TokenCut, a neighbour is any vertex of the image with that key.
+
+def _search_taps(keys: torch.Tensor, local: torch.Tensor, slots: torch.Tensor,
+                 strides: list[int]) -> list[torch.Tensor]:
+    """The blur's taps by binary search among the batch's sorted int64 vertex ``keys`` (image i's local
+    keys ``local`` offset by (i + 1) blocks of at least the image's largest key + stride), any radices: per
+    direction (below in dim 4, ..., dim 0, then above in dim 0, ..., dim 4), the slot of each vertex's
+    neighbour at key -+ strides[d], or -1, as ``(V,)`` tensors of ``slots``' dtype."""
+    last = keys.shape[0] - 1
+
+    def find(wanted: torch.Tensor) -> torch.Tensor:
+        loc = torch.searchsorted(keys, wanted).clamp_(max=last)
+        return torch.where(keys.index_select(0, loc) == wanted, slots.index_select(0, loc), -1)
+
+    below = [torch.where(local >= s, find(keys - s), -1) for s in reversed(strides)]  # else another image's
+    return below + [find(keys + s) for s in strides]
+
+
+def _dense_taps(keys: torch.Tensor, slots: torch.Tensor, strides: list[int],
+                n_high: int) -> list[torch.Tensor] | None:
+    """The blur's taps as ``_search_taps``, by table lookups; compact radices only (no carries). None when a
+    table would exceed ``_DENSE_TABLE_MAX`` entries.
+
+    A key is ``high * split + low`` with ``split = strides[2]``: ``low`` holds the spatial digits, ``high``
+    the image block and the colour digits, and every key of image i has ``high`` in
+    ``[(i + 1) * n_high, (i + 2) * n_high)``. ``rank`` maps a present ``high`` to its rank among the
+    distinct ones (-1 where absent); ``cells`` holds the slot of the vertex at ``(rank + 1) * split + low``
+    (-1 elsewhere, including the first ``split`` entries): tables of (B + 2) * n_high and of (distinct highs
+    + 2) x ``split`` entries, small where one over the key space would not be (an image has few colour
+    cells). A spatial neighbour is then the cell +- strides[d], a colour one the rank of high +- strides[d] /
+    split: with no carry, a step off the grid lands on a digit equal to its radix - 1, which no vertex has,
+    or in a padding row or block.
     """
-    dims = reference.BS_DIMS
-    nv = key.shape[0]
-    table = torch.full((nv, 2 * dims), -1, dtype=torch.int64, device=key.device)
-    vertex = torch.arange(nv, device=key.device)
-    for d in range(dims):
-        wanted = key + strides[d]
-        loc = torch.searchsorted(key, wanted).clamp_(max=nv - 1)
-        ok = key[loc] == wanted
-        src, dst = torch.masked_select(vertex, ok), torch.masked_select(loc, ok)
-        table[src, dims + d] = dst
-        table[dst, dims - 1 - d] = src
-    return table
+    split = strides[2]
+    high = torch.div(keys, split, rounding_mode="floor")
+    low = keys - high * split
+    first = torch.ones_like(high, dtype=torch.bool)
+    torch.ne(high[1:], high[:-1], out=first[1:])
+    n_distinct = int(first.sum())
+    n_rank = int(high[-1]) // n_high * n_high + 2 * n_high  # through the block after the last image
+    if max(n_rank, (n_distinct + 2) * split) > _DENSE_TABLE_MAX:
+        return None
+    rank = torch.full((n_rank,), -1, dtype=torch.int64, device=keys.device)
+    rank[high[first]] = torch.arange(n_distinct, device=keys.device)
+    cells = torch.full(((n_distinct + 2) * split,), -1, dtype=slots.dtype, device=keys.device)
+    cell = torch.cumsum(first, 0).mul_(split).add_(low)  # (rank + 1) * split + low
+    cells[cell] = slots
+
+    def tap(sign: int, stride: int) -> torch.Tensor:
+        if stride < split:  # spatial: same colour row
+            return cells.index_select(0, cell + sign * stride)
+        row = rank.index_select(0, high + sign * (stride // split)).add_(1)  # 0 where absent: padding row
+        return cells.index_select(0, row.mul_(split).add_(low))
+
+    return [tap(-1, s) for s in reversed(strides)] + [tap(1, s) for s in strides]
 
 
 class _BatchGrid:
@@ -117,7 +170,7 @@ class _BatchGrid:
     and no neighbour.
 
     Attributes:
-        inverse: int64 ``(P,)``, the slot of every pixel (pixels of all images, concatenated).
+        inverses: per image, int64 ``(H_i * W_i,)``, the vertex (row position in ``(B, vmax)``) of every pixel.
         blur_matrix: ``(B * vmax, B * vmax)`` sparse CSR float64, the blur's off-centre taps (1 per existing
             neighbour).
         counts: float64 ``(B * vmax,)``, pixels per vertex (splat of ones; 0 on padding).
@@ -127,86 +180,110 @@ class _BatchGrid:
                  sigmas: tuple[float, float, float]) -> None:
         device = images[0].device
         self.n_images = n_images = len(images)
-        radices, bound = _radices(sizes, sigmas)
+        radices, bound, compact = _radices(sizes, sigmas)
         strides = [int(np.prod(radices[:d], dtype=np.int64)) for d in range(reference.BS_DIMS)]
-        if bound >= 2**63:
+        split = strides[2]  # a key is (colour digits) * split + (spatial digits)
+        n_high = bound // split + 1  # every key + its largest stride is < bound < n_high * split
+        if (n_images + 2) * n_high * split >= 2**63:
             raise ValueError("sigma_spatial / sigma_luma / sigma_chroma: too small, the grid's vertex keys "
                              "overflow int64")
         dtype = torch.int32 if bound < 2**31 else torch.int64
-        grids = []  # per image: vertex of every pixel, pixels per vertex, neighbour table
-        for img in images:
-            key, inverse, counts = torch.unique(_pixel_keys(img, sigmas, strides, dtype), sorted=True,
-                                                return_inverse=True, return_counts=True)
-            grids.append((inverse.reshape(-1), counts, _neighbours(key, strides)))
-        self.vmax = vmax = max(counts.shape[0] for _, counts, _ in grids)
+        grids = [torch.unique(k, sorted=True, return_inverse=True, return_counts=True)
+                 for k in _pixel_keys(images, sigmas, strides, dtype)]
+        self.inverses = [inverse for _, inverse, _ in grids]
+        n_vertices = [k.shape[0] for k, _, _ in grids]
+        self.vmax = vmax = max(n_vertices)
         self.size = n_images * vmax
+        counts = torch.zeros(n_images, vmax, dtype=torch.float64, device=device)
+        for row, (_, _, c) in zip(counts, grids, strict=True):
+            row[:c.shape[0]] = c
+        self.counts = counts.reshape(-1)
 
-        def padded(x: torch.Tensor) -> torch.Tensor:
-            return torch.cat([x, x.new_zeros(vmax - x.shape[0])])
-
-        self.inverse = torch.cat([inverse + i * vmax for i, (inverse, _, _) in enumerate(grids)])
-        self.counts = torch.cat([padded(counts.to(torch.float64)) for _, counts, _ in grids])
-        present = [table >= 0 for _, _, table in grids]
-        per_row = torch.cat([padded(p.sum(dim=1)) for p in present])
+        # The whole batch's vertices: image i's keys offset by (i + 1) * n_high * split, so that they ascend
+        # and no step off an image reaches another, and their slots.
+        local = torch.cat([k for k, _, _ in grids]).to(torch.int64)
+        image = torch.repeat_interleave(torch.arange(n_images, device=device),
+                                        torch.tensor(n_vertices, device=device))
+        keys = local + (image + 1) * (n_high * split)
+        first_vertex = np.cumsum([0, *n_vertices[:-1]]).tolist()
         index_dtype = torch.int32 if self.size * 2 * reference.BS_DIMS < 2**31 else torch.int64  # MKL's SpMV
+        slots = (torch.arange(local.shape[0], device=device) + torch.repeat_interleave(
+            torch.tensor([i * vmax - f for i, f in enumerate(first_vertex)], device=device),
+            torch.tensor(n_vertices, device=device))).to(index_dtype)
+        # The blur's taps: [below in dim 4, ..., below in dim 0, above in dim 0, ..., above in dim 4], the slot
+        # or -1 where absent; as in TokenCut, the neighbour in dimension d is any vertex of the image whose
+        # key is key -+ strides[d] (slots ascend along a row, as keys do).
+        taps = (_dense_taps(keys, slots, strides, n_high) if compact else None) or _search_taps(
+            keys, local, slots, strides)
+        taps = torch.stack(taps, dim=1).view(-1)
+        # Row-major: every row's columns ascend, and rows ascend with the slots (CSR order).
+        col = torch.masked_select(taps, taps >= 0)
+        per_slot = torch.zeros(self.size, dtype=index_dtype, device=device)
+        per_slot[slots] = sum((t >= 0).to(index_dtype) for t in taps.view(-1, 2 * reference.BS_DIMS).unbind(1))
         crow = torch.zeros(self.size + 1, dtype=index_dtype, device=device)
-        crow[1:] = torch.cumsum(per_row, 0)
-        # Row-major selection keeps every row's columns ascending: CSR order.
-        col = torch.cat([torch.masked_select(table, p) + i * vmax
-                         for i, ((_, _, table), p) in enumerate(zip(grids, present, strict=True))])
+        torch.cumsum(per_slot, 0, out=crow[1:])
         with warnings.catch_warnings():  # torch flags sparse CSR as beta; the matrix-vector product is stable
             warnings.simplefilter("ignore", UserWarning)
-            self.blur_matrix = torch.sparse_csr_tensor(crow, col.to(index_dtype), torch.ones(
+            self.blur_matrix = torch.sparse_csr_tensor(crow, col, torch.ones(
                 col.shape[0], dtype=torch.float64, device=device), (self.size, self.size))
 
-    def splat(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.zeros(self.size, dtype=x.dtype, device=x.device).index_add_(0, self.inverse, x)
+    def splat(self, values: list[torch.Tensor]) -> torch.Tensor:
+        """Per-image float64 pixel values ``(H_i * W_i,)`` -> their sums on the vertices, ``(B * vmax,)``."""
+        out = torch.zeros(self.n_images, self.vmax, dtype=torch.float64, device=self.counts.device)
+        for row, inverse, v in zip(out, self.inverses, values, strict=True):
+            row.scatter_add_(0, inverse, v)
+        return out.reshape(-1)
 
-    def slice(self, y: torch.Tensor) -> torch.Tensor:
-        return y[self.inverse]
+    def slice(self, y: torch.Tensor) -> list[torch.Tensor]:
+        """A vertex vector ``(B * vmax,)`` -> every pixel's vertex value, per image ``(H_i * W_i,)``."""
+        return [row.index_select(0, inverse) for row, inverse in zip(self.per_image(y), self.inverses,
+                                                                      strict=True)]
 
-    def blur(self, x: torch.Tensor) -> torch.Tensor:
-        return 2 * reference.BS_DIMS * x + self.blur_matrix @ x
+    def blur(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """[1 2 1] in every dimension: 2 * 5 * x + the existing neighbours, into ``out``."""
+        return torch.addmv(x, self.blur_matrix, x, beta=2 * reference.BS_DIMS, out=out)
 
     def per_image(self, x: torch.Tensor) -> torch.Tensor:
         """A vertex vector as ``(B, vmax)`` (a view)."""
         return x.view(self.n_images, self.vmax)
 
 
-def _cg(grid: _BatchGrid, matvec: Callable[[torch.Tensor], torch.Tensor], b: torch.Tensor, x0: torch.Tensor,
-        precond: torch.Tensor) -> torch.Tensor:
+def _cg(grid: _BatchGrid, matvec: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], b: torch.Tensor,
+        x0: torch.Tensor, precond: torch.Tensor) -> torch.Tensor:
     """SciPy's ``cg`` (rtol 1e-5, atol 0, at most 25 iterations) on every image's block at once.
 
     Vectors are ``(B, vmax)`` (one image per row); dot products are row sums. Every image follows SciPy's
     iteration on its own block, stops when ||r|| < 1e-5 ||b|| and then takes zero steps (its scalars are
-    masked, never the vectors).
+    masked, never the vectors). ``matvec(v, out)`` writes A v into ``out``; the iteration reuses its
+    buffers.
     """
     b, x0, precond = (grid.per_image(v) for v in (b, x0, precond))
-
-    def mv(v: torch.Tensor) -> torch.Tensor:
-        return grid.per_image(matvec(v.reshape(-1)))
+    tmp = torch.empty_like(b)
 
     def dot(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:  # row-wise dot products
-        return (u * v).sum(dim=1)
+        return torch.mul(u, v, out=tmp).sum(dim=1)
 
     bnorm = dot(b, b).sqrt()
     atol = reference.BS_CG_TOL * bnorm
     active = bnorm > 0
     x = torch.where(active[:, None], x0, b)  # SciPy returns b itself when ||b|| = 0
-    r = b - mv(x)
-    p = torch.zeros_like(b)
+    r, z, p, q = (torch.empty_like(b) for _ in range(4))
+    torch.sub(b, matvec(x, q), out=r)
     rho_prev = torch.ones_like(bnorm)
     for it in range(reference.BS_CG_MAXITER):
-        active = active & ~(dot(r, r).sqrt() < atol)
+        active &= ~(torch.linalg.vector_norm(r, dim=1) < atol)
         if not bool(active.any()):
             break
-        z = precond * r
+        torch.mul(precond, r, out=z)
         rho = dot(r, z)
-        p = z if it == 0 else torch.addcmul(z, torch.where(active, rho / rho_prev, 0.0)[:, None], p)
-        q = mv(p)
+        if it == 0:
+            p.copy_(z)
+        else:  # p = beta p + z
+            p.mul_(torch.where(active, rho / rho_prev, 0.0)[:, None]).add_(z)
+        matvec(p, q)
         alpha = torch.where(active, rho / dot(p, q), 0.0)[:, None]
-        x = torch.addcmul(x, alpha, p)
-        r = torch.addcmul(r, alpha, q, value=-1.0)
+        x.addcmul_(alpha, p)
+        r.addcmul_(alpha, q, value=-1.0)
         rho_prev = rho
     return x.reshape(-1)
 
@@ -265,9 +342,10 @@ def bilateral_solve(
         tag = "" if single else f"[{i}]"
         size = check_rgb_image(image, f"images{tag}")
         check_target(target, size, f"targets{tag}", all_finite=True)  # type, shape, dtype
-        t = _as_tensor(target, device).to(torch.float64)
-        if not bool(torch.isfinite(t).all()):
+        t = _as_tensor(target, device)
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise ValueError(f"targets{tag}: contains NaN or inf")
+        t = t.to(torch.float64)
         imgs.append(_as_tensor(image, device))
         tgts.append(t.reshape(-1))
         sizes.append(size)
@@ -277,24 +355,27 @@ def bilateral_solve(
     has_pixels = grid.counts > 0
     m = torch.where(has_pixels, grid.counts, 1.0)  # padding slots: isolated vertices (finite, never used)
     n = torch.ones_like(m)
+    blurred = torch.empty_like(m)
     for _ in range(reference.BS_BISTOCHASTIC_ITERS):
-        n = torch.sqrt(n * m / grid.blur(n))
-    m = n * grid.blur(n)
+        grid.blur(n, blurred)
+        n.mul_(m).div_(blurred).sqrt_()
+    m = n * grid.blur(n, blurred)
 
-    t = torch.cat(tgts)
     c_splat = grid.counts * confidence
-    b = grid.splat(t) * confidence  # splat(t c) for a constant c
+    b = grid.splat(tgts).mul_(confidence)  # splat(t c) for a constant c
     diag = lam * (m - n * (2 * reference.BS_DIMS * n)) + c_splat  # diag(A), rounded as the reference's
     lam_n = lam * n
+    scaled, taps = torch.empty_like(m), torch.empty_like(m)
 
-    def matvec(y: torch.Tensor) -> torch.Tensor:
+    def matvec(y: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         # A y = lam (Dm - Dn B Dn) y + splat(c) y = diag(A) y - lam n (B_off (n y)), B_off = B - 2 * 5 I.
-        return torch.addcmul(diag * y, lam_n, grid.blur_matrix @ (n * y), value=-1.0)
+        y = y.reshape(-1)
+        torch.mv(grid.blur_matrix, torch.mul(n, y, out=scaled), out=taps)
+        return torch.mul(diag, y, out=out.view(-1)).addcmul_(lam_n, taps, value=-1.0).view_as(out)
 
     precond = 1.0 / torch.clamp(diag, min=reference.BS_A_DIAG_MIN)
     y = _cg(grid, matvec, b, torch.where(has_pixels, b / torch.where(has_pixels, c_splat, 1.0), 0.0), precond)
-    out = list(grid.slice(y).split([h * w for h, w in sizes]))
-    out = [o.reshape(s) for o, s in zip(out, sizes, strict=True)]
+    out = [o.reshape(s) for o, s in zip(grid.slice(y), sizes, strict=True)]
     return out[0] if single else out
 
 

@@ -8,6 +8,7 @@ import torch
 
 import ncutfast
 from ncutfast import backends, reference
+from ncutfast.backends.contract import paint
 from ncutfast.reference import relative_gap
 from ncutfast.testing import GAP_MIN, mean_tied_tokens, planted_scene
 
@@ -120,10 +121,11 @@ def test_maskcut_matches_reference_in_both_modes(rng, monkeypatch) -> None:
     def aligned(backend, device):
         name, fn = real(backend, device)
 
-        def solve(feats_b, lengths, params):
-            sp = fn(feats_b, lengths, params)
+        def solve(feats_b, lengths, params, painted=None):
+            sp = fn(feats_b, lengths, params, painted=painted)
+            zeroed = paint(feats_b, painted)  # the features the step solved
             for b in range(sp.x.shape[0]):
-                f = feats_b[b].numpy()
+                f = zeroed[b].numpy()
                 x_ref = reference.fiedler(reference.affinity(f, params.tau, similarity_dtype=np.float32))[2]
                 if float(np.dot(x_ref, sp.x[b].numpy())) < 0:
                     sp.x[b] = -sp.x[b]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from ncutfast import reference
+from ncutfast import reference, refine
 from ncutfast.refine import _BatchGrid, bilateral_binary, bilateral_solve
 from ncutfast.testing import synthetic_photo
 
@@ -25,30 +25,49 @@ def _assert_same_grid(images: list[np.ndarray], sigmas: tuple[float, float, floa
     grid = _BatchGrid([torch.from_numpy(im) for im in images], [im.shape[:2] for im in images], sigmas)
     blur = grid.blur_matrix.to_dense().numpy()
     counts = grid.counts.numpy()
-    pix = 0
-    for i, im in enumerate(images):
+    assert len(grid.inverses) == len(images)
+    for i, (im, grid_inverse) in enumerate(zip(images, grid.inverses, strict=True)):
         inverse, ref_blur = _reference_grid(im, sigmas)
-        nv, npix, first = ref_blur.shape[0], inverse.shape[0], i * grid.vmax
-        np.testing.assert_array_equal(grid.inverse[pix:pix + npix].numpy() - first, inverse)
+        nv, first = ref_blur.shape[0], i * grid.vmax
+        np.testing.assert_array_equal(grid_inverse.numpy(), inverse)
         np.testing.assert_array_equal(counts[first:first + nv], np.bincount(inverse))
         np.testing.assert_array_equal(blur[first:first + nv, first:first + nv], ref_blur)
         assert not counts[first + nv:first + grid.vmax].any()  # padding slots: no pixel
-        pix += npix
     assert blur.sum() == sum(_reference_grid(im, sigmas)[1].sum() for im in images)  # no other tap
 
 
-def test_grid_identical_to_reference_on_every_kind_of_colour(rng: np.random.Generator) -> None:
+@pytest.fixture(params=["dense", "search"])
+def neighbour_search(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Runs a test with each of the two neighbour searches, and checks that it ran the one named."""
+    if request.param == "search":
+        monkeypatch.setattr(refine, "_DENSE_TABLE_MAX", 0)  # no table is small enough: searchsorted
+    else:
+        def no_search(*args: object) -> None:
+            raise AssertionError("the dense neighbour search was expected")
+        monkeypatch.setattr(refine, "_search_taps", no_search)
+    return request.param
+
+
+def test_grid_identical_to_reference_on_every_kind_of_colour(rng: np.random.Generator,
+                                                              neighbour_search: str) -> None:
     """Vertices and blur taps equal the reference's exactly, including the colours whose YUV lands on a
-    cell boundary (all 256 greys, e.g. grey 16 has U = 128 - 1 ulp) and random colours."""
+    cell boundary (all 256 greys, e.g. grey 16 has U = 128 - 1 ulp), random colours, extreme colours and
+    odd sizes (1x1, 3x500, grayscale), with either neighbour search."""
     greys = np.repeat(np.arange(256, dtype=np.uint8).reshape(16, 16, 1), 3, axis=2)
     noise = rng.integers(0, 256, size=(29, 23, 3), dtype=np.uint8)
     _assert_same_grid([greys, noise], SIGMAS)
     _assert_same_grid([noise, greys], (3.0, 1.5, 2.5))
+    corners = np.array([[[r, g, b] for r in (0, 255) for g in (0, 255) for b in (0, 255)]], dtype=np.uint8)
+    one = np.full((1, 1, 3), 255, dtype=np.uint8)
+    _assert_same_grid([one, corners, rng.integers(0, 256, size=(3, 500, 3), dtype=np.uint8), one,
+                       synthetic_photo(rng, 61, 47, gray=True)[0]], SIGMAS)
+    _assert_same_grid([corners, one], (1.5, 2.0, 2.0))
 
 
 def test_grid_keeps_tokencut_hash_wraparound(rng: np.random.Generator) -> None:
     """Coordinates >= 254 (here sigma_spatial 1 on a 300-px wide image): TokenCut's hash wraps (x = 254 at
-    row 0 and x = 0 at row 1 become blur neighbours); the batched grid keeps that behaviour."""
+    row 0 and x = 0 at row 1 become blur neighbours); the batched grid (its binary search: the dense one
+    assumes no carries) keeps that behaviour."""
     image = rng.integers(0, 256, size=(3, 300, 3), dtype=np.uint8)
     image[:] = image[0, 0]  # one colour: only x and y vary, so the wrapped taps exist
     _assert_same_grid([image, synthetic_photo(rng, 5, 7)[0]], (1.0, 16.0, 8.0))

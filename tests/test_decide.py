@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -170,17 +172,38 @@ def test_maskcut_filter_matches_the_reference_rule(rng: np.random.Generator) -> 
         np.testing.assert_array_equal(g, np.zeros(n, dtype=bool) if rejected else mask)
 
 
-def test_disjoint_subtracts_earlier_masks(rng: np.random.Generator) -> None:
-    masks = rng.uniform(size=(5, 4, 37)) < 0.4
-    masks[0, 2] = masks[0, 0]  # the same object twice: nothing left
-    masks[1, 1] = False  # a rejected step
-    got, valid = decide.disjoint(torch.from_numpy(masks))
-    got = got.numpy()
-    for b in range(5):
-        want = reference.subtract_earlier(masks[b])
-        np.testing.assert_array_equal(got[b], want)
-        assert valid[b].tolist() == [bool(m.any()) for m in want]
-    assert not valid[0, 2] and not valid[1, 1]
+def test_same_component_never_selects_padding() -> None:
+    """Seeds in a component, outside the mask (every token outside it) and in padding (nothing)."""
+    labels = torch.tensor([[0, 0, -1, 3, 3, -1, -2, -2]] * 3)
+    got = decide.same_component(labels, torch.tensor([1, 2, 7]))
+    assert got.tolist() == [[True, True, False, False, False, False, False, False],
+                            [False, False, True, False, False, True, False, False],
+                            [False] * 8]
+
+
+def test_maskcut_steps_paint_and_subtract_earlier_masks() -> None:
+    """decide.maskcut with scripted solves on a 1 x 23 grid: step masks A, B (overlapping A), A again. The
+    solves see the union of the earlier steps' masks painted; the returned masks are each minus the earlier
+    ones (``reference.subtract_earlier``), and the third step (only tokens of A) is empty and not valid."""
+    n = 23
+    a = torch.zeros(n, dtype=torch.bool)
+    a[3:9] = True
+    b = torch.zeros(n, dtype=torch.bool)
+    b[7:15] = True
+    seen = []
+
+    def solve(painted):
+        seen.append(None if painted is None else painted.clone())
+        x = torch.where((a, b, a)[len(seen) - 1], 1.0, -0.5).to(torch.float64)[None]
+        return SimpleNamespace(lambda2=torch.full((1,), 0.1 * len(seen)), lambda3=torch.ones(1), x=x)
+
+    res = decide.maskcut(solve, torch.tensor([n]), torch.tensor([[1, n]]), 3, "canonical")
+    assert seen[0] is None and torch.equal(seen[1][0], a) and torch.equal(seen[2][0], a | b)
+    want = reference.subtract_earlier(torch.stack([a, b, a]).numpy())
+    np.testing.assert_array_equal(res.masks[0].numpy(), want)
+    assert res.valid[0].tolist() == [True, True, False]
+    assert res.seeds[0].tolist() == [3, 7, 3]
+    torch.testing.assert_close(res.lambda2[0], torch.tensor([0.1, 0.2, 0.3]))
 
 
 def test_maskcut_never_returns_overlapping_masks_or_an_object_twice() -> None:

@@ -34,10 +34,10 @@ def _graphs(feats: list[np.ndarray], tau: float, backend: str) -> tuple[list[np.
     for b, f in enumerate(feats):
         pad[b, : f.shape[0]] = f
     t, ln = torch.from_numpy(pad), torch.tensor(lengths)
-    if backend == "cpu":
+    if backend.startswith("cpu"):
         from ncutfast.backends.ext import exact_graph_bits
 
-        bits, rechecked = exact_graph_bits(t, ln, tau)
+        bits, rechecked = exact_graph_bits(t, ln, tau, simd=backend == "cpu")
         dense = _unpack(bits, n)
         frac = rechecked.numpy() / (ln.numpy() * (ln.numpy() + 1) / 2)
     else:
@@ -60,6 +60,8 @@ def _near_tau(rng: np.random.Generator, n: int, c: int, tau: float, spread: floa
 
 
 BACKENDS = [pytest.param("cpu", marks=needs_ext), "torch"]
+# graph builders of _graphs; "cpu-portable": the extension's portable screening kernel where AVX2 exists
+GRAPH_BACKENDS = [*BACKENDS, pytest.param("cpu-portable", marks=needs_ext)]
 
 
 @needs_ext
@@ -91,7 +93,7 @@ def test_torch_rows_are_the_references(rng: np.random.Generator, c: int) -> None
     assert not f[1, 6:].any()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", GRAPH_BACKENDS)
 @pytest.mark.parametrize("c", [1, 3, 64, 384, 768, 1024])
 def test_zero_flips_gaussian_and_planted_ragged(rng: np.random.Generator, backend: str, c: int) -> None:
     """Ragged batches of Gaussian features (dense near tau at small C) and planted scenes: the reference's
@@ -109,26 +111,26 @@ def test_zero_flips_gaussian_and_planted_ragged(rng: np.random.Generator, backen
     assert np.all((frac >= 0) & (frac <= 1))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", GRAPH_BACKENDS)
 @pytest.mark.parametrize("scale", [1.0, 1e25])
 @pytest.mark.parametrize("c", [2, 64, 768])
 def test_entries_within_the_bound_are_rechecked_exactly(rng: np.random.Generator, backend: str, c: int,
                                                         scale: float) -> None:
     """Cosines planted within the screening bound of tau (but far beyond float64 rounding): the screen cannot
-    decide them, the recheck must, and it must match the reference. Extreme norms (float64 input) take the
-    CPU path that screens the normalized rows."""
+    decide them, the recheck must, and it must match the reference, at any norm (float64 input). Row 0 is a
+    unit vector, whose clamped int16 row errs by 2^-15, so the CPU's bound is at least the one used here."""
     tau = 0.2
-    spread = 0.5 * exact.screen_bound(c)
+    spread = 0.5 * exact.int16_screen_bound(c, 2.0**-15)
     f = _near_tau(rng, 131, c, tau, spread) * scale
     (g,), frac = _graphs([f], tau, backend)
     want = reference.affinity(f, tau) == 1.0
     np.testing.assert_array_equal(g, want)
     assert want[0, 1:].any() and not want[0, 1:].all()  # both sides of tau are present
-    if backend == "cpu":  # the float32 screen leaves at least row 0's planted pairs to the recheck
+    if backend != "torch":  # the int16 screen leaves at least row 0's planted pairs to the recheck
         assert frac[0] * 131 * 132 / 2 >= 130
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", GRAPH_BACKENDS)
 @pytest.mark.parametrize("c", [2, 3, 64, 384])
 def test_exact_ties_honour_the_strict_threshold(rng: np.random.Generator, backend: str, c: int) -> None:
     """Pythagorean rows (3, 4) / 5 against (1, 0): the float64 similarity is fl(0.6) == tau exactly, so no
@@ -151,39 +153,60 @@ def _exact_dot(a: np.ndarray, b: np.ndarray) -> Fraction:
     return sum((Fraction(float(x)) * Fraction(float(y)) for x, y in zip(a, b, strict=True)), Fraction(0))
 
 
-@pytest.mark.parametrize("c", [1, 3, 64, 768, 1024])
-def test_screening_error_stays_inside_the_proven_bound(rng: np.random.Generator, c: int) -> None:
-    """Adversarial screening inputs: rows of norm just below 1 (the bound's premise) with all products
-    positive (the float32 sum's errors add up) and every entry just under half an ulp above a float32 (each
-    rounding error as large as it gets, all of one sign). Both torch's BLAS and a naive left-to-right
-    float32 sum stay within screen_error_bound."""
-    ulp = np.spacing(np.float32(0.999 / np.sqrt(c)))
-    base = np.float32(0.999 / np.sqrt(c)) + ulp * rng.integers(-3, 4, size=(4, c)).astype(np.float32)
-    f = base.astype(np.float64) + 0.499 * float(ulp)  # rounds down to base
+def _quantize(f: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """exact_quantize_cpu of float64 rows ``f`` (n, c) taken as normalized (norms 1): q (n, cq) int16 and the
+    error norm bounds err (n,)."""
+    n, c = f.shape
+    cq = c + c % 2
+    t = torch.from_numpy(np.ascontiguousarray(f, dtype=np.float64))[None]
+    ln, norms = torch.tensor([n]), torch.ones(1, n, dtype=torch.float64)
+    q, err = torch.empty(1, n, cq, dtype=torch.int16), torch.empty(1, n, dtype=torch.float64)
+    _ext.C.exact_quantize_cpu(t.data_ptr(), "float64", 1, n, c, ln.data_ptr(), norms.data_ptr(), q.data_ptr(), cq,
+                              err.data_ptr())
+    return q[0].numpy(), err[0].numpy()
+
+
+@needs_ext
+@pytest.mark.parametrize("c", [1, 2, 3, 64, 768, 1024])
+def test_int16_screening_error_stays_inside_the_proven_bound(rng: np.random.Generator, c: int) -> None:
+    """Adversarial int16 screens: rows of norm just below 1 whose every entry lies just below a quantization
+    midpoint (each error as large as it gets, all parallel to the rows, so the products' errors add up),
+    one of them negated, plus rows concentrated on one or two channels (clamped at 32767). The quantizer
+    rounds as documented, its err bounds the true error norms, and every exact integer product stays within
+    int16_error_bound, which such rows nearly reach."""
+    m = np.floor(0.999 / np.sqrt(c) * 2.0**15) + rng.integers(-3, 1, size=(4, c))
+    f = (m + 0.5 - 2.0**-20) / 2.0**15
+    f[3] *= -1.0
+    spikes = np.zeros((3, c))
+    spikes[0, 0] = 1.0  # clamped
+    spikes[1, -1] = 1.0 - 2.0**-17  # clamped from below the largest int16
+    spikes[2, : min(c, 2)] = (0.6, 0.8)[: min(c, 2)]
+    f = np.concatenate([f, spikes])
     assert np.linalg.norm(f, axis=1).max() <= exact.norm_bound(c)
-    g = f.astype(np.float32)
-    np.testing.assert_array_equal(g, base)
-    blas = (torch.from_numpy(g) @ torch.from_numpy(g).T).numpy()  # screen (b): g = fl32(f)
-    # screen (a): raw float32 products of k = 3.7 f scaled by the reference's norms (d = ||k||)
-    k = 3.7 * f
-    d = np.sqrt((k * k).sum(axis=1))
-    kf = k.astype(np.float32)
-    sc = (1.0 / d).astype(np.float32)
-    raw = (torch.from_numpy(kf) @ torch.from_numpy(kf).T).numpy() * sc[None, :]
-    fk = reference.normalize_rows(k)
-    bound = exact.screen_error_bound(c)
+    q, err = _quantize(f)
+    np.testing.assert_array_equal(q[:, :c], np.clip(np.rint(f * 2.0**15), -32767, 32767))
+    assert not q[:, c:].any()
+    for i in range(f.shape[0]):
+        e = [Fraction(float(x)) - Fraction(int(y), 2**15) for x, y in zip(f[i], q[i, :c], strict=True)]
+        assert sum(x * x for x in e) <= Fraction(float(err[i])) ** 2
+    bound = exact.int16_error_bound(c, float(err.max()))
     worst = 0.0
-    for i in range(4):
-        for j in range(i, 4):
-            naive = np.float32(0.0)
-            for q in range(c):
-                naive = np.float32(naive + g[i, q] * g[j, q])
-            true = _exact_dot(f[i], f[j])
-            for v in (blas[i, j], naive):
-                worst = max(worst, abs(float(Fraction(float(v)) - true)))
-            screened = Fraction(float(raw[i, j])) / Fraction(float(d[i]))
-            worst = max(worst, abs(float(screened - _exact_dot(fk[i], fk[j]))))
-    assert 0.0 < worst <= bound
+    for i in range(f.shape[0]):
+        for j in range(i, f.shape[0]):
+            screened = Fraction(int(q[i].astype(np.int64) @ q[j].astype(np.int64)), 2**30)
+            worst = max(worst, abs(float(screened - _exact_dot(f[i], f[j]))))
+    assert 0.9 * bound <= worst <= bound
+
+
+@needs_ext
+def test_int16_screen_rejects_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="err"):
+        exact.int16_error_bound(768, 0.5)  # the int32 sums could overflow
+    f = torch.ones(1, 3, 5, dtype=torch.float64)
+    q, err, ln = torch.empty(1, 3, 6, dtype=torch.int16), torch.empty(1, 3, dtype=torch.float64), torch.tensor([3])
+    with pytest.raises(ValueError, match="cq"):
+        _ext.C.exact_quantize_cpu(f.data_ptr(), "float64", 1, 3, 5, ln.data_ptr(), err.data_ptr(), q.data_ptr(), 5,
+                                  err.data_ptr())
 
 
 @pytest.mark.parametrize("c", [1, 3, 64, 768, 1024])

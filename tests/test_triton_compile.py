@@ -25,7 +25,12 @@ def _variants() -> list[tuple[str, object, dict, dict, dict]]:
     from ncutfast.kernels import _utils
     from ncutfast.kernels.affinity import _PRECISIONS, _affinity_exact_kernel, _affinity_kernel, _normalize_kernel
     from ncutfast.kernels.lanczos import _lanczos_matvec_kernel, _lanczos_persistent_kernel, _lanczos_step_kernel
-    from ncutfast.kernels.matvec import _bitmask_matvec_i8_kernel, _bitmask_matvec_kernel, _digits_kernel
+    from ncutfast.kernels.matvec import (
+        _bitmask_matvec_dp4a_kernel,
+        _bitmask_matvec_i8_kernel,
+        _bitmask_matvec_kernel,
+        _digits_kernel,
+    )
     from ncutfast.kernels.ritz import _ritz_top2_kernel
 
     tl_name = {"torch.float16": "fp16", "torch.float32": "fp32", "torch.float64": "fp64"}
@@ -67,21 +72,36 @@ def _variants() -> list[tuple[str, object, dict, dict, dict]]:
         consts = {"BM": mv["BM"], "BN": max(32, mv["BN"] // kp), "KP": kp}
         out.append((f"matvec-k{kp}", _bitmask_matvec_kernel, sig, consts, {"num_warps": mv["num_warps"]}))
     i8 = _utils.block_sizes("matvec_int8")
-    flags = {"step_ptr": "*i32", "done_ptr": "*i8", "stalled_ptr": "*i8"}
-    for kp, stepped in ((2, False), (4, False), (2, True)):  # stepped: FusedSteps' int8 mat-vec (K = 1)
+    dp = _utils.block_sizes("matvec_dp4a")
+    flag_names = ("step_ptr", "done_ptr", "stalled_ptr")
+    flags = dict.fromkeys(flag_names, "*i32") | {"done_ptr": "*i8", "stalled_ptr": "*i8"}
+    for kp, stepped, lanes in ((2, False, False), (4, False, False), (2, True, False), (1, False, True),
+                               (1, True, True)):
+        # stepped: FusedSteps' mat-vecs (K = 1); unstepped launches pass None for the step/done/stalled flags
         tag = f"k{kp}" + ("-stepped" if stepped else "")
+        fl = flags if stepped else dict.fromkeys(flag_names, "constexpr")
+        none = {} if stepped else dict.fromkeys(flag_names)
         sig = {"s_ptr": "*fp64", "len_ptr": "*i32", "idx_ptr": "*i32", "v_ptr": "*fp64", "dig_ptr": "*i8",
-               "scale_ptr": "*fp64", "tot_ptr": "*fp64", **flags, "N_max": "i32", "K": "i32",
+               "scale_ptr": "*fp64", "tot_ptr": "*fp64", **fl, "N_max": "i32", "NP": "i32", "K": "i32",
                "stride_vb": "i32", "stride_vn": "i32", "stride_vk": "i32", "stride_vr": "i32",
-               "BR": "constexpr", "KP": "constexpr", "STEPPED": "constexpr"}
-        consts = {"BR": i8["BR"], "KP": kp, "STEPPED": stepped}
-        out.append((f"digits-{tag}", _digits_kernel, sig, consts, {"num_warps": 4}))
-        sig = {"mask_ptr": "*i32", "s_ptr": "*fp64", "len_ptr": "*i32", "eps_ptr": "*fp64", "idx_ptr": "*i32",
-               "dig_ptr": "*i8", "scale_ptr": "*fp64", "tot_ptr": "*fp64", "y_ptr": "*fp64", **flags,
-               "N_max": "i32", "W": "i32", "K": "i32", "stride_yb": "i32", "stride_yn": "i32", "stride_yk": "i32",
-               "BM": "constexpr", "BN": "constexpr", "KP": "constexpr", "STEPPED": "constexpr"}
-        consts = {"BM": i8["BM"], "BN": i8["BN"], "KP": kp, "STEPPED": stepped}
-        out.append((f"matvec-int8-{tag}", _bitmask_matvec_i8_kernel, sig, consts, {"num_warps": i8["num_warps"]}))
+               "BR": "constexpr", "KP": "constexpr", "STEPPED": "constexpr", "LANES": "constexpr"}
+        consts = {**none, "BR": (dp if lanes else i8)["BR"], "KP": kp, "STEPPED": stepped, "LANES": lanes}
+        out.append((f"digits-{'lanes-' if lanes else ''}{tag}", _digits_kernel, sig, consts, {"num_warps": 4}))
+        common = {"mask_ptr": "*i32", "s_ptr": "*fp64", "len_ptr": "*i32", "eps_ptr": "*fp64", "idx_ptr": "*i32",
+                  "dig_ptr": "*i32" if lanes else "*i8", "scale_ptr": "*fp64", "tot_ptr": "*fp64", "y_ptr": "*fp64",
+                  **fl, "N_max": "i32", "W": "i32"}
+        if lanes:
+            sig = {**common, "stride_yb": "i32", "stride_yn": "i32", "BM": "constexpr", "BW": "constexpr",
+                   "STEPPED": "constexpr", "ASM": "constexpr"}
+            consts = {**none, "BM": dp["BM"], "BW": dp["BW"], "STEPPED": stepped, "ASM": True}
+            out.append((f"matvec-dp4a-{tag}", _bitmask_matvec_dp4a_kernel, sig, consts,
+                        {"num_warps": dp["num_warps"]}))
+        else:
+            sig = {**common, "K": "i32", "stride_yb": "i32", "stride_yn": "i32", "stride_yk": "i32",
+                   "BM": "constexpr", "BN": "constexpr", "KP": "constexpr", "STEPPED": "constexpr"}
+            consts = {**none, "BM": i8["BM"], "BN": i8["BN"], "KP": kp, "STEPPED": stepped}
+            out.append((f"matvec-int8-{tag}", _bitmask_matvec_i8_kernel, sig, consts,
+                        {"num_warps": i8["num_warps"]}))
     # fused Lanczos steps (FusedSteps), at the default Krylov dimension 48: KB = next power of two of 50
     lz = _utils.block_sizes("lanczos")
     state = {"basis_ptr": "*fp64", "w_ptr": "*fp64", "alpha_ptr": "*fp64", "beta_ptr": "*fp64", "live_ptr": "*i8",
@@ -147,7 +167,7 @@ def _compile_all() -> None:
         ptx = k.asm["ptx"]
         regs, spills = _registers(ptx)
         print(json.dumps({"label": label, "registers": regs, "spill_bytes": spills, "cubin": len(k.asm["cubin"]),
-                          "popc": "popc.b32" in ptx,
+                          "popc": "popc.b32" in ptx, "dp4a": "dp4a.u32.s32" in ptx,
                           "wgmma": "wgmma" in ptx, "pipelined": "async_copy_global_to_local" in k.asm["ttgir"],
                           "shared": k.metadata.shared}), flush=True)
 
@@ -187,11 +207,18 @@ def test_exact_affinity_does_not_spill(compiled):
     assert all(compiled[f"matvec-int8-{tag}"]["wgmma"] for tag in ("k2", "k4", "k2-stepped"))  # int8 wgmma
 
 
+def test_dp4a_matvec_uses_dp4a(compiled):
+    # the GPU variant of matvec._dp4a is the instruction, not the interpreter's byte arithmetic
+    assert all(compiled[f"matvec-dp4a-{tag}"]["dp4a"] for tag in ("k1", "k1-stepped"))
+    assert not compiled["matvec-int8-k2"]["dp4a"]
+
+
 def test_fp64_kernels_do_not_spill(compiled):
     # fp64 tiles cost two registers per element: the GPU block sizes of the mat-vec and the fused Lanczos
     # kernels are chosen to stay in registers (ptxas of sm_90a, at the default launch settings).
-    for label in ("matvec-k1", "matvec-k4", "lanczos-matvec", "lanczos-step", "lanczos-persistent-check0",
-                  "lanczos-persistent-check6", "ritz-top2", "ritz-top2-vectors"):
+    for label in ("matvec-k1", "matvec-k4", "matvec-dp4a-k1", "matvec-dp4a-k1-stepped", "lanczos-matvec",
+                  "lanczos-step", "lanczos-persistent-check0", "lanczos-persistent-check6", "ritz-top2",
+                  "ritz-top2-vectors"):
         assert compiled[label]["spill_bytes"] == 0, compiled[label]
 
 

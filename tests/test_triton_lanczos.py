@@ -12,6 +12,7 @@ import pytest
 import torch
 
 triton = pytest.importorskip("triton")
+tl = triton.language
 
 from ncutfast import backends, reference, testing  # noqa: E402
 from ncutfast.backends import SolveParams  # noqa: E402
@@ -19,7 +20,7 @@ from ncutfast.backends import lanczos as _lanczos  # noqa: E402
 from ncutfast.backends import triton_backend as tb  # noqa: E402
 from ncutfast.kernels import _utils  # noqa: E402
 from ncutfast.kernels.affinity import affinity_fwd  # noqa: E402
-from ncutfast.kernels.matvec import bitmask_matvec_fwd  # noqa: E402
+from ncutfast.kernels.matvec import _dp4a, bitmask_matvec_fwd  # noqa: E402
 from ncutfast.kernels.operator import BitmaskOperator, FusedSteps  # noqa: E402
 
 DEVICE = "cpu" if _utils.interpreting() else "cuda"
@@ -33,6 +34,12 @@ def _triton_can_run() -> None:
 
 
 EPS = reference.EPS
+
+
+@triton.jit
+def _dp4a_kernel(a_ptr, b_ptr, c_ptr, o_ptr, N: tl.constexpr):
+    i = tl.arange(0, N)
+    tl.store(o_ptr + i, _dp4a(tl.load(a_ptr + i), tl.load(b_ptr + i), tl.load(c_ptr + i), False))
 
 
 def batch(feats: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,7 +58,10 @@ def reference_operator(f: np.ndarray, tau: float) -> np.ndarray:
     return s[:, None] * w * s[None, :]
 
 
-@pytest.mark.parametrize("int8", [0, 1], ids=["fp64", "int8"])
+MATVECS = pytest.mark.parametrize("int8", [0, 1, 2], ids=["fp64", "int8", "dp4a"])
+
+
+@MATVECS
 @pytest.mark.parametrize("k", [None, 1, 3, 5])
 def test_matvec_matches_reference(k, int8):
     rng = np.random.default_rng(20 + (k or 0))
@@ -61,7 +71,8 @@ def test_matvec_matches_reference(k, int8):
     op = BitmaskOperator(*affinity_fwd(x, lengths, tau=0.2, precision="float64"), lengths, EPS)
     shape = (len(feats), x.shape[1]) + (() if k is None else (k,))
     v = torch.from_numpy(rng.standard_normal(shape)).to(DEVICE)
-    with _utils.override("matvec", int8=int8), _utils.override("matvec_int8", BM=32, BN=64, BR=32):
+    with _utils.override("matvec", int8=int8), _utils.override("matvec_int8", BM=32, BN=64, BR=32), \
+            _utils.override("matvec_dp4a", BM=32, BW=2, BR=32):
         y = op(v).cpu().numpy()
     assert y.shape == shape and y.dtype == np.float64
     for b, f in enumerate(feats):
@@ -75,7 +86,7 @@ def test_matvec_matches_reference(k, int8):
                                    reference.degrees(reference.affinity(f, 0.2, EPS)), rtol=1e-14, atol=0)
 
 
-@pytest.mark.parametrize("int8", [0, 1], ids=["fp64", "int8"])
+@MATVECS
 def test_matvec_subset_and_strides(int8):
     # The Lanczos driver passes strided views of its basis and index subsets after restarts.
     rng = np.random.default_rng(30)
@@ -91,6 +102,39 @@ def test_matvec_subset_and_strides(int8):
         assert torch.equal(sub, op(basis[:, 1])[idx])
         public = bitmask_matvec_fwd(mask, lengths, op.s, basis[:, 2], EPS)
     assert torch.equal(full, public)
+
+
+def test_dp4a_fallback_is_dp4a():
+    # The interpreter's stand-in for the GPU's dp4a.u32.s32: acc + sum over the 4 bytes of unsigned a times
+    # signed b, wrapping in int32 like the instruction.
+    rng = np.random.default_rng(7)
+    a, b, c = (rng.integers(-2**31, 2**31, 64, dtype=np.int64).astype(np.int32) for _ in range(3))
+    a[:3], b[:3], c[:3] = -1, [-1, 2**31 - 1, -2**31], [2**31 - 1, 0, -5]  # all bytes 255 / -1, 127, -128
+    out = torch.empty(64, dtype=torch.int32, device=DEVICE)
+    _dp4a_kernel[(1,)](*(torch.from_numpy(x).to(DEVICE) for x in (a, b, c)), out, N=64)
+    ab, bb = a.view(np.uint8).reshape(64, 4).astype(np.int64), b.view(np.int8).reshape(64, 4).astype(np.int64)
+    want = ((c.astype(np.int64) + (ab * bb).sum(1) + 2**31) % 2**32 - 2**31).astype(np.int32)
+    np.testing.assert_array_equal(out.cpu().numpy(), want)
+
+
+def test_dp4a_matvec_sums_the_int8_digits():
+    # Same digits and exact integer sums as the tensor-core variant: the two differ only by the rounding of
+    # the fp64 recombination (a few ulps of the largest term), on awkward sizes and ragged lengths.
+    rng = np.random.default_rng(41)
+    feats = [rng.standard_normal((n, 11)).astype(np.float32) for n in (1, 31, 67, 2, 129)]
+    x, lengths = batch(feats)
+    op = BitmaskOperator(*affinity_fwd(x, lengths, tau=0.1), lengths, EPS)
+    mag = 10.0 ** rng.integers(-3, 3, (len(feats), 1))
+    v = torch.from_numpy(rng.standard_normal((len(feats), x.shape[1])) * mag).to(DEVICE)
+    with _utils.override("matvec_int8", BM=32, BN=64, BR=32), _utils.override("matvec_dp4a", BM=64, BW=3, BR=64):
+        with _utils.override("matvec", int8=1):
+            y1 = op(v)
+        with _utils.override("matvec", int8=2):
+            y2 = op(v)
+    n = lengths.to(DEVICE)[:, None]
+    scale = (op.s * v).abs().amax(dim=1, keepdim=True) * op.s.amax(dim=1, keepdim=True) * n
+    assert ((y2 - y1).abs() <= 4 * 2.0**-52 * scale).all()
+    assert not y2[0, 1:].any() and not y2[3, 2:].any()
 
 
 def test_matvec_bad_input_raises():
@@ -129,8 +173,10 @@ _NEEDS_CUDA = pytest.mark.skipif(DEVICE == "cpu", reason="CUDA graphs need CUDA"
 
 @pytest.mark.parametrize(("mode", "int8"), [("steps", 0), ("persistent", 0),
                                             pytest.param("graph", 0, marks=_NEEDS_CUDA),
-                                            ("steps", 1), pytest.param("graph", 1, marks=_NEEDS_CUDA)],
-                         ids=["steps", "persistent", "graph", "steps-int8", "graph-int8"])
+                                            ("steps", 1), pytest.param("graph", 1, marks=_NEEDS_CUDA),
+                                            ("steps", 2), pytest.param("graph", 2, marks=_NEEDS_CUDA)],
+                         ids=["steps", "persistent", "graph", "steps-int8", "graph-int8", "steps-dp4a",
+                              "graph-dp4a"])
 def test_fused_steps_match_torch_steps(mode, int8):
     # FusedSteps must do exactly what the shared driver's op-by-op step does, branch for branch: the same
     # live slots, step counts, breakdowns and finished problems, and the same numbers to rounding. The
@@ -144,7 +190,7 @@ def test_fused_steps_match_torch_steps(mode, int8):
     fused.begin(ours)
     # several column steps and row blocks per problem; int8: the tensor-core mat-vec in both
     with _utils.override("lanczos", BM=32, BN=32, BS=32), _utils.override("matvec", int8=int8), \
-            _utils.override("matvec_int8", BM=32, BN=64, BR=32):
+            _utils.override("matvec_int8", BM=32, BN=64, BR=32), _utils.override("matvec_dp4a", BM=32, BW=2, BR=32):
         for j0, j1 in ((0, 2), (2, 3), (3, m)):
             fused.run(j0, j1)
             for j in range(j0, j1):
@@ -317,7 +363,8 @@ def solve(x: torch.Tensor, lengths: torch.Tensor, tau: float, precision: str, **
 
 
 @pytest.mark.parametrize(("precision", "int8", "mode"), [("float32", 0, "steps"), ("fast", 0, "steps"),
-                                                         ("float64", 0, "persistent"), ("float32", 1, "torch")])
+                                                         ("float64", 0, "persistent"), ("float32", 1, "torch"),
+                                                         ("fast", 2, "steps")])
 def test_solve_agrees_with_reference(precision, int8, mode):
     rng = np.random.default_rng(40)
     scenes = [testing.planted_scene(rng, n, channels=40) for n in (12, 35, 64, 97, 120)]

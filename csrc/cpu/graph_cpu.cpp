@@ -1,11 +1,21 @@
 #include "graph_cpu.h"
 
+#include <algorithm>
+#include <climits>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
 #if defined(__SSE2__)
 #include <emmintrin.h>
+#endif
+// The int16 screen's AVX2 kernel is compiled for AVX2 whatever the build's -march and chosen at run time.
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+#define NCUTFAST_X86_SIMD 1
+#include <immintrin.h>
+#else
+#define NCUTFAST_X86_SIMD 0
 #endif
 
 #include "../ncut/exact.h"
@@ -160,7 +170,11 @@ int64_t pack_block_impl(const T* s, int64_t batch, int64_t n_max, int64_t row0, 
       const int64_t n = lengths[b], i = row0 + r;
       const T* row = s + (b * rows + r) * cols;  // row[j - row0] = S_ij
       const T* scale = inv ? inv + b * n_max : nullptr;
-      const T thr = round_down<T>(inv ? tau / static_cast<double>(scale[i < n ? i : 0]) : tau);
+      const double si = inv ? static_cast<double>(scale[i < n ? i : 0]) : 1.0;
+      // si = 0: a zero row (MaskCut's painted token) has cosine 0 with every row: an edge iff 0 > tau. Its
+      // columns in the other rows are s_ij * 0 = 0 (s is finite), compared with tau / inv_i as any 0 is.
+      const T inf = std::numeric_limits<T>::infinity();
+      const T thr = si == 0 ? (tau < 0 ? -inf : inf) : round_down<T>(tau / si);
       uint64_t* out = bits + (b * n_max + i) * words;
       for (int64_t w = w0; w < words; ++w) {
         const int64_t count = i < n ? (n - 64 * w < 64 ? n - 64 * w : 64) : 0;
@@ -186,58 +200,6 @@ struct ExactRows {
     for (int64_t q = 0; q < c; ++q) out[q] = static_cast<double>(src[q]) / norms[i];
   }
 };
-
-/// Decisions of up to 64 columns (j0, j0 + 1, ...) of row i of the exact graph. The screening value
-/// v = s (times scale[j] when given) decides where it is outside [lo, hi] (which contain the row's
-/// [tau - bound, tau + bound]); the others are recomputed in float64 and counted in `*rechecked`. Columns in
-/// `skip` (left of the diagonal: mirrored later) are never rechecked. fi: row i's float64 values, filled on
-/// first use (`*fi_ready`); fj: scratch for the other row.
-template <typename T>
-uint64_t decide_exact(const float* s, const float* scale, int64_t count, uint64_t skip, float lo, float hi,
-                      const ExactRows<T>& rows, int64_t i, int64_t j0, double* fi, bool* fi_ready, double* fj,
-                      double tau, double dot_bound, double dot2_bound, int64_t* rechecked) {
-  uint64_t above = 0, unsure = 0;
-  int64_t k = 0;
-#if defined(__SSE2__)
-  const __m128 vlo = _mm_set1_ps(lo), vhi = _mm_set1_ps(hi);
-  for (; k + 4 <= count; k += 4) {
-    __m128 v = _mm_loadu_ps(s + k);
-    if (scale) v = _mm_mul_ps(v, _mm_loadu_ps(scale + k));
-    const int gt = _mm_movemask_ps(_mm_cmpgt_ps(v, vhi));
-    const int lt = _mm_movemask_ps(_mm_cmplt_ps(v, vlo));
-    above |= static_cast<uint64_t>(gt) << k;
-    unsure |= static_cast<uint64_t>(~(gt | lt) & 0xF) << k;
-  }
-#endif
-  for (; k < count; ++k) {
-    const float v = scale ? s[k] * scale[k] : s[k];
-    above |= static_cast<uint64_t>(v > hi) << k;
-    unsure |= static_cast<uint64_t>(!(v > hi) && !(v < lo)) << k;  // NaN is unsure too
-  }
-  unsure &= ~skip;
-  *rechecked += __builtin_popcountll(unsure);
-  if (unsure && !*fi_ready) {
-    rows.row(i, fi);
-    *fi_ready = true;
-  }
-  while (unsure) {
-    const int j = __builtin_ctzll(unsure);
-    rows.row(j0 + j, fj);
-    above |= static_cast<uint64_t>(exact_edge(fi, fj, rows.c, tau, dot_bound, dot2_bound)) << j;
-    unsure &= unsure - 1;
-  }
-  return above;
-}
-
-/// Smallest float >= x and largest float <= x, for x a finite double, widened by a relative 2^-50 first
-/// (x itself carries one float64 rounding).
-float float_above(double x) {
-  x += std::fabs(x) * std::ldexp(1.0, -50);
-  float r = static_cast<float>(x);
-  if (static_cast<double>(r) < x) r = std::nextafter(r, std::numeric_limits<float>::infinity());
-  return r;
-}
-float float_below(double x) { return -float_above(-x); }
 
 template <typename T>
 int64_t exact_norms_impl(const T* k, int64_t batch, int64_t n_max, int64_t c, const int64_t* lengths,
@@ -267,48 +229,217 @@ int64_t exact_norms_impl(const T* k, int64_t batch, int64_t n_max, int64_t c, co
   return bad;
 }
 
+/// The int16 screen (ncutfast.exact, step 2): q = clamp(rint(f * 2^15), +-32767) of the float64 rows
+/// f = k / norms, and err_i >= ||f_i - q_i 2^-15||_2 rounded upwards.
 template <typename T>
-void pack_exact_impl(const float* s, const float* scale, const T* k, int64_t c, const double* norms, int64_t batch,
-                     int64_t n_max, int64_t row0, int64_t rows, const int64_t* lengths, double tau, double bound,
-                     double dot_bound, double dot2_bound, uint64_t* bits, int64_t* rechecked) {
-  const int64_t words = words_per_row(n_max);
-  const int64_t cols = n_max - row0;
-  const int64_t w0 = row0 / 64;
-  const double margin = bound * (1.0 + std::ldexp(1.0, -40));
+void exact_quantize_impl(const T* k, int64_t batch, int64_t n_max, int64_t c, const int64_t* lengths,
+                         const double* norms, int16_t* q, int64_t cq, double* err) {
+  const double widen = 1.0 + static_cast<double>(c + 4) * std::ldexp(1.0, -52);
+  const double underflow = static_cast<double>(c) * std::ldexp(1.0, -1074);
 #pragma omp parallel
   {
-    std::vector<double> fi(static_cast<size_t>(c)), fj(static_cast<size_t>(c));
-#pragma omp for collapse(2) schedule(dynamic, 4)
+    std::vector<double> buf(static_cast<size_t>(c));
+    double* f = buf.data();
+#pragma omp for collapse(2) schedule(static)
     for (int64_t b = 0; b < batch; ++b) {
-      for (int64_t r = 0; r < rows; ++r) {
-        const int64_t n = lengths[b], i = row0 + r;
-        const float* row = s + (b * rows + r) * cols;  // row[j - row0]: the screening product of (i, j)
-        const float* sc = scale ? scale + b * n_max : nullptr;
-        // With scale, v_ij = s_ij * scale_j estimates f_i . f_j * norm_i: the thresholds scale by norm_i.
-        const double d = sc && i < n ? norms[b * n_max + i] : 1.0;
-        const float hi = float_above((tau + margin) * d), lo = float_below((tau - margin) * d);
-        const ExactRows<T> src{k + b * n_max * c, norms + b * n_max, c};
-        uint64_t* out = bits + (b * n_max + i) * words;
-        int64_t count_row = 0;
-        bool fi_ready = false;
-        // Words left of the diagonal's are mirrored from the block's upper part in phase 2; so are the bits
-        // left of the diagonal in its word.
-        for (int64_t w = w0; w < words; ++w) {
-          const int64_t count = i < n && w >= i / 64 ? (n - 64 * w < 64 ? n - 64 * w : 64) : 0;
-          const uint64_t skip = w == i / 64 ? (1ull << (i % 64)) - 1 : 0;
-          out[w] = count > 0 ? decide_exact(row + (64 * w - row0), sc ? sc + 64 * w : nullptr, count, skip, lo, hi,
-                                            src, i, 64 * w, fi.data(), &fi_ready, fj.data(), tau, dot_bound,
-                                            dot2_bound, &count_row)
-                             : 0;
+      for (int64_t i = 0; i < n_max; ++i) {
+        int16_t* out = q + (b * n_max + i) * cq;
+        if (i >= lengths[b]) {
+          std::fill(out, out + cq, int16_t{0});
+          err[b * n_max + i] = 0.0;
+          continue;
         }
-        if (count_row) {
-#pragma omp atomic
-          rechecked[b] += count_row;
+        const T* row = k + (b * n_max + i) * c;
+        const double norm = norms[b * n_max + i];
+        for (int64_t p = 0; p < c; ++p) f[p] = static_cast<double>(row[p]) / norm;
+        for (int64_t p = 0; p < c; ++p) {
+          // f * 2^15 is exact; adding and subtracting 1.5 * 2^52 rounds it to the nearest integer (ties to
+          // even) for |f * 2^15| < 2^51, and unlike nearbyint it vectorizes
+          const double v = std::min(std::max((f[p] * 32768.0 + 0x1.8p52) - 0x1.8p52, -32767.0), 32767.0);
+          out[p] = static_cast<int16_t>(v);
+          const double e = f[p] - v * (1.0 / 32768.0);  // exact (exact.py, step 2)
+          f[p] = e * e;
         }
+        for (int64_t p = c; p < cq; ++p) out[p] = 0;
+        const double sq = numpy_pairwise_sum(f, c);  // any order will do; this one has 8 partial sums
+        err[b * n_max + i] = std::sqrt(sq * widen + underflow) * (1.0 + std::ldexp(1.0, -50));
       }
     }
   }
-  mirror_block(bits, batch, n_max, row0, rows);
+}
+
+constexpr int kTileRows = 6;    // rows i of a register tile
+constexpr int kTileCols = 16;   // columns j of a register tile (one B panel)
+constexpr int kBlockTiles = 8;  // row tiles per scheduled task: 48 rows share each B panel
+constexpr int64_t kChunkPairs = 128;  // channel pairs per pass: an 8 KiB slice of the panel stays in L1
+
+/// One 6 x 16 tile of int32 sums.
+using TileAcc = int32_t[kTileRows][kTileCols];
+
+/// acc[r][m] += sum_p a[r][p] * panel[p / 2][m][p % 2] over the channels p < 2 kp of this pass: int16
+/// products summed in int32, exact (exact.py step 2).
+void tile_scalar(const int16_t* const a[kTileRows], const int16_t* panel, int64_t kp, TileAcc& acc) {
+  for (int64_t t = 0; t < kp; ++t) {
+    const int16_t* bp = panel + t * 2 * kTileCols;
+    for (int r = 0; r < kTileRows; ++r) {
+      const int32_t a0 = a[r][2 * t], a1 = a[r][2 * t + 1];
+      for (int m = 0; m < kTileCols; ++m) acc[r][m] += a0 * bp[2 * m] + a1 * bp[2 * m + 1];
+    }
+  }
+}
+
+#if NCUTFAST_X86_SIMD
+/// tile_scalar with AVX2: vpmaddwd multiplies a broadcast pair of row r's channels with 8 columns x 2
+/// channels of the panel and adds the pairs into 8 int32 lanes; twelve named accumulators hold the tile
+/// (an array of vectors indexed in loops gets spilled to the stack by GCC).
+__attribute__((target("avx2"))) void tile_avx2(const int16_t* const a[kTileRows], const int16_t* panel, int64_t kp,
+                                               TileAcc& acc) {
+#define NCUTFAST_LD(r, h) _mm256_loadu_si256(reinterpret_cast<const __m256i*>(&acc[r][8 * (h)]))
+  __m256i c00 = NCUTFAST_LD(0, 0), c01 = NCUTFAST_LD(0, 1), c10 = NCUTFAST_LD(1, 0), c11 = NCUTFAST_LD(1, 1),
+          c20 = NCUTFAST_LD(2, 0), c21 = NCUTFAST_LD(2, 1), c30 = NCUTFAST_LD(3, 0), c31 = NCUTFAST_LD(3, 1),
+          c40 = NCUTFAST_LD(4, 0), c41 = NCUTFAST_LD(4, 1), c50 = NCUTFAST_LD(5, 0), c51 = NCUTFAST_LD(5, 1);
+#undef NCUTFAST_LD
+  const int16_t *a0 = a[0], *a1 = a[1], *a2 = a[2], *a3 = a[3], *a4 = a[4], *a5 = a[5];
+  for (int64_t t = 0; t < kp; ++t) {
+    const __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + t * 2 * kTileCols));
+    const __m256i b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(panel + t * 2 * kTileCols + 16));
+#define NCUTFAST_ROW(ar, x0, x1)                          \
+  {                                                       \
+    int32_t pair;                                         \
+    std::memcpy(&pair, (ar) + 2 * t, sizeof pair);        \
+    const __m256i av = _mm256_set1_epi32(pair);           \
+    x0 = _mm256_add_epi32(x0, _mm256_madd_epi16(av, b0)); \
+    x1 = _mm256_add_epi32(x1, _mm256_madd_epi16(av, b1)); \
+  }
+    NCUTFAST_ROW(a0, c00, c01)
+    NCUTFAST_ROW(a1, c10, c11)
+    NCUTFAST_ROW(a2, c20, c21)
+    NCUTFAST_ROW(a3, c30, c31)
+    NCUTFAST_ROW(a4, c40, c41)
+    NCUTFAST_ROW(a5, c50, c51)
+#undef NCUTFAST_ROW
+  }
+#define NCUTFAST_ST(r, v0, v1)                                               \
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(&acc[r][0]), v0);           \
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(&acc[r][8]), v1);
+  NCUTFAST_ST(0, c00, c01)
+  NCUTFAST_ST(1, c10, c11)
+  NCUTFAST_ST(2, c20, c21)
+  NCUTFAST_ST(3, c30, c31)
+  NCUTFAST_ST(4, c40, c41)
+  NCUTFAST_ST(5, c50, c51)
+#undef NCUTFAST_ST
+}
+#endif
+
+template <typename T>
+void exact_graph_impl(const int16_t* q, int64_t cq, const T* k, int64_t c, const double* norms, int64_t batch,
+                      int64_t n_max, const int64_t* lengths, double tau, double bound, double dot_bound,
+                      double dot2_bound, uint64_t* bits, int64_t* rechecked, bool simd) {
+  const int64_t words = words_per_row(n_max);
+  const int64_t kp = cq / 2;
+  const int64_t panels = (n_max + kTileCols - 1) / kTileCols;
+  const int64_t blocks = (n_max + kTileRows * kBlockTiles - 1) / (kTileRows * kBlockTiles);
+  // Integer thresholds on acc = q_i . q_j = 2^30 s~_ij: acc > hi implies s~ > tau + bound, acc < lo implies
+  // s~ < tau - bound (the doubles are rounded outwards, then scaled exactly by 2^30).
+  const double up = std::ldexp(std::nextafter(tau + bound, HUGE_VAL), 30);
+  const double down = std::ldexp(std::nextafter(tau - bound, -HUGE_VAL), 30);
+  const int32_t hi = up >= 2147483647.0 ? INT32_MAX : static_cast<int32_t>(std::floor(up));
+  const int32_t lo = down <= -2147483648.0 ? INT32_MIN : static_cast<int32_t>(std::ceil(down));
+  auto tile = tile_scalar;
+#if NCUTFAST_X86_SIMD
+  if (simd && __builtin_cpu_supports("avx2")) tile = tile_avx2;
+#else
+  (void)simd;
+#endif
+  // The B operand: per problem, panels of 16 rows of q with channel pairs interleaved
+  // (panel[t][m][0..1] = q[16 p + m][2 t .. 2 t + 1]), zero beyond n_max.
+  std::vector<int16_t> packed(static_cast<size_t>(batch * panels * kTileCols * cq));
+  const std::vector<int16_t> zero_row(static_cast<size_t>(cq), 0);
+#pragma omp parallel
+  {
+#pragma omp for collapse(2) schedule(static)
+    for (int64_t b = 0; b < batch; ++b)
+      for (int64_t p = 0; p < panels; ++p) {
+        int16_t* dst = packed.data() + (b * panels + p) * kTileCols * cq;
+        for (int m = 0; m < kTileCols; ++m) {
+          const int64_t j = p * kTileCols + m;
+          const int16_t* src = j < n_max ? q + (b * n_max + j) * cq : zero_row.data();
+          for (int64_t t = 0; t < kp; ++t) {
+            dst[(t * kTileCols + m) * 2] = src[2 * t];
+            dst[(t * kTileCols + m) * 2 + 1] = src[2 * t + 1];
+          }
+        }
+        for (int64_t i = p * kTileCols; i < n_max && i < (p + 1) * kTileCols; ++i)
+          std::fill(bits + (b * n_max + i) * words, bits + (b * n_max + i + 1) * words, uint64_t{0});
+      }
+    std::vector<double> fi(static_cast<size_t>(c)), fj(static_cast<size_t>(c));
+    TileAcc acc[kBlockTiles];
+    // Tasks (problem, block of 48 rows) in order of decreasing work; every tile on or right of the diagonal.
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t task = 0; task < batch * blocks; ++task) {
+      const int64_t blk = task % blocks, b = task / blocks;
+      const int64_t n = lengths[b], row0 = blk * kTileRows * kBlockTiles;
+      if (row0 >= n) continue;
+      const ExactRows<T> src{k + b * n_max * c, norms + b * n_max, c};
+      const int16_t* a[kBlockTiles][kTileRows];
+      for (int tr = 0; tr < kBlockTiles; ++tr)
+        for (int r = 0; r < kTileRows; ++r) {
+          const int64_t i = row0 + tr * kTileRows + r;
+          a[tr][r] = i < n ? q + (b * n_max + i) * cq : zero_row.data();
+        }
+      int64_t fi_row = -1, count = 0;
+      for (int64_t p = row0 / kTileCols; p * kTileCols < n; ++p) {
+        const int16_t* panel = packed.data() + (b * panels + p) * kTileCols * cq;
+        const int64_t j0 = p * kTileCols;
+        // tiles of the block within the problem and not left of the diagonal
+        int tiles = 0;
+        while (tiles < kBlockTiles && row0 + tiles * kTileRows < n && row0 + tiles * kTileRows < j0 + kTileCols)
+          ++tiles;
+        std::memset(acc, 0, sizeof(TileAcc) * static_cast<size_t>(tiles));
+        for (int64_t t0 = 0; t0 < kp; t0 += kChunkPairs) {
+          const int64_t len = kp - t0 < kChunkPairs ? kp - t0 : kChunkPairs;
+          for (int tr = 0; tr < tiles; ++tr) {
+            const int16_t* at[kTileRows];
+            for (int r = 0; r < kTileRows; ++r) at[r] = a[tr][r] + 2 * t0;
+            tile(at, panel + t0 * 2 * kTileCols, len, acc[tr]);
+          }
+        }
+        for (int tr = 0; tr < tiles; ++tr) {
+          for (int r = 0; r < kTileRows && row0 + tr * kTileRows + r < n; ++r) {
+            const int64_t i = row0 + tr * kTileRows + r;
+            uint32_t above = 0, unsure = 0;
+            for (int m = 0; m < kTileCols; ++m) {
+              const int32_t v = acc[tr][r][m];
+              above |= static_cast<uint32_t>(v > hi) << m;
+              unsure |= static_cast<uint32_t>(v >= lo && v <= hi) << m;
+            }
+            // columns j >= i within the problem (those left of the diagonal are mirrored below)
+            uint32_t keep = n - j0 >= kTileCols ? 0xFFFFu : (1u << (n - j0)) - 1u;
+            if (i > j0) keep &= ~((1u << (i - j0)) - 1u);
+            above &= keep;
+            unsure &= keep;
+            count += __builtin_popcount(unsure);
+            if (unsure && fi_row != i) {
+              src.row(i, fi.data());
+              fi_row = i;
+            }
+            for (; unsure; unsure &= unsure - 1) {
+              const int m = __builtin_ctz(unsure);
+              src.row(j0 + m, fj.data());
+              above |= static_cast<uint32_t>(exact_edge(fi.data(), fj.data(), c, tau, dot_bound, dot2_bound)) << m;
+            }
+            bits[(b * n_max + i) * words + j0 / 64] |= static_cast<uint64_t>(above) << (j0 % 64);
+          }
+        }
+      }
+      if (count) {
+#pragma omp atomic
+        rechecked[b] += count;
+      }
+    }
+  }
+  mirror_block(bits, batch, n_max, 0, n_max);
 }
 
 }  // namespace
@@ -341,13 +472,19 @@ int64_t exact_row_norms_cpu(const void* k, DType dtype, int64_t batch, int64_t n
   return bad;
 }
 
-void pack_graph_block_exact_cpu(const float* s, const float* scale, const void* k, DType dtype, int64_t c,
-                                const double* norms, int64_t batch, int64_t n_max, int64_t row0, int64_t rows,
-                                const int64_t* lengths, double tau, double bound, double dot_bound,
-                                double dot2_bound, uint64_t* bits, int64_t* rechecked) {
+void exact_quantize_cpu(const void* k, DType dtype, int64_t batch, int64_t n_max, int64_t c, const int64_t* lengths,
+                        const double* norms, int16_t* q, int64_t cq, double* err) {
   NCUT_DISPATCH_FLOAT(dtype, [&] {
-    pack_exact_impl(s, scale, static_cast<const scalar_t*>(k), c, norms, batch, n_max, row0, rows, lengths, tau,
-                    bound, dot_bound, dot2_bound, bits, rechecked);
+    exact_quantize_impl(static_cast<const scalar_t*>(k), batch, n_max, c, lengths, norms, q, cq, err);
+  });
+}
+
+void exact_graph_cpu(const int16_t* q, int64_t cq, const void* k, DType dtype, int64_t c, const double* norms,
+                     int64_t batch, int64_t n_max, const int64_t* lengths, double tau, double bound, double dot_bound,
+                     double dot2_bound, uint64_t* bits, int64_t* rechecked, bool simd) {
+  NCUT_DISPATCH_FLOAT(dtype, [&] {
+    exact_graph_impl(q, cq, static_cast<const scalar_t*>(k), c, norms, batch, n_max, lengths, tau, bound, dot_bound,
+                     dot2_bound, bits, rechecked, simd);
   });
 }
 

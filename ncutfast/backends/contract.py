@@ -7,6 +7,9 @@ A backend is a function ``solve(feats, lengths, params, **options) -> Spectrum``
   ``lengths[b]`` are padding and must be ignored (they may hold anything finite).
 - ``lengths``: int64 CPU tensor ``(B,)`` with ``1 <= lengths[b] <= N_max``.
 - ``params``: a ``SolveParams`` (checked when it is made).
+- ``painted`` (keyword, optional): bool ``(B, N_max)`` on the features' device, the rows to solve as zero
+  rows (MaskCut's painted tokens, spec §4 step 1): the result is that of the features with those rows
+  zeroed (``paint``), bit for bit, whether a backend zeroes a copy or never reads the rows' values.
 - The backend L2-normalizes rows (norm clamped at 1e-12: ``normalized_features``), forms the similarity in
   ``params.precision`` ("float64", "float32" = fp32 without tf32, "fast" = tensor cores where the device
   has them, "exact" = the float64 graph certified from a low-precision product: ``ncutfast.exact``),
@@ -32,8 +35,8 @@ from ..exact import normalized_rows
 from ..reference import NORM_EPS
 
 __all__ = ["BACKEND_NAMES", "BREAKDOWN", "KRYLOV_DIM", "PARK", "PRECISIONS", "Outputs", "SolveParams", "Spectrum",
-           "batch_slices", "check_batch", "converged_flags", "matmul_precision", "normalized_features",
-           "similarity", "solvable"]
+           "batch_slices", "check_batch", "check_painted", "converged_flags", "matmul_precision",
+           "normalized_features", "paint", "similarity", "solvable"]
 
 BACKEND_NAMES = ("torch", "cpu", "cuda", "triton")
 PRECISIONS = ("float64", "float32", "fast", "exact")
@@ -115,6 +118,27 @@ def check_batch(feats: object, lengths: object, device_types: tuple[str, ...] | 
         i = int(bad.nonzero()[0, 0])
         raise ValueError(f"lengths: entry {i} is {int(lengths[i])}, must lie in [1, {feats.shape[1]}]")
     return lengths.to(torch.int64).contiguous()
+
+
+def check_painted(painted: object, feats: torch.Tensor) -> torch.Tensor | None:
+    """Check the ``painted`` rows of a padded batch (None: no row is painted); return them as given."""
+    if painted is None:
+        return None
+    if not isinstance(painted, torch.Tensor):
+        raise TypeError(f"painted: expected a torch.Tensor or None, got {type(painted).__name__}")
+    if painted.dtype != torch.bool:
+        raise TypeError(f"painted: expected dtype bool, got {dtype_name(painted.dtype)}")
+    if tuple(painted.shape) != tuple(feats.shape[:2]):
+        raise ValueError(f"painted: expected shape {tuple(feats.shape[:2])} (B, N_max), got {tuple(painted.shape)}")
+    if painted.device != feats.device:
+        raise ValueError(f"painted: expected device {feats.device} (the features'), got {painted.device}")
+    return painted
+
+
+def paint(feats: torch.Tensor, painted: torch.Tensor | None) -> torch.Tensor:
+    """``feats`` ``(B, N, C)`` with the ``painted`` rows (bool ``(B, N)``, or None: none) zeroed: a new
+    tensor, or ``feats`` itself when nothing is painted."""
+    return feats if painted is None else feats.masked_fill(painted[:, :, None], 0)
 
 
 @dataclass

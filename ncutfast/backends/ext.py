@@ -14,9 +14,10 @@ Features whose row norms are extreme (outside [2^-40, 2^40], where float32 dot p
 underflow, or 0 for a nonzero row) are normalized first (``normalized_features``, safe for any finite
 magnitude), as are non-binary graphs, which are solved from the full similarity matrix.
 Precision "exact" (``ncutfast.exact``): the extension computes the reference's float64 row norms bit for bit,
-the blocks are the same float32 products as above, and the packing decides each entry from its scaled block
-value unless it lies within the proven bound of tau, where it recomputes the float64 dot product of the
-reference's normalized rows (``csrc/ncut/exact.h``); the recheck counts come back per image.
+quantizes the normalized rows to int16 and screens every pair i <= j with the exact integer product (its own
+AVX2 kernel, chosen at run time, straight into the packed bits); an entry within the proven bound of tau is
+decided by the float64 dot product of the reference's normalized rows (``csrc/ncut/exact.h``); the recheck
+counts come back per image.
 Results are deterministic (and do not depend on the thread count unless a team solves a problem).
 
 CUDA. Per chunk of the padded batch: torch normalizes the rows and forms the similarity with cuBLAS
@@ -36,7 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import _ext, exact, reference
+from .. import _ext, exact
 from .._validate import check_positive_int
 from .contract import (
     KRYLOV_DIM,
@@ -45,7 +46,9 @@ from .contract import (
     Spectrum,
     batch_slices,
     check_batch,
+    check_painted,
     normalized_features,
+    paint,
     similarity,
 )
 
@@ -82,10 +85,16 @@ ROW_BLOCK = 192
 NORM_RANGE = (2.0**-40, 2.0**40)
 
 
-def _inverse_norms(k: torch.Tensor, lengths: torch.Tensor, feats: torch.Tensor) -> torch.Tensor | None:
-    """``1 / max(||k_i||, 1e-12)`` ``(B, n)`` in k's dtype (1 on padding), or None where a norm is outside
-    ``NORM_RANGE`` (the caller normalizes first). ``k`` is ``feats`` converted to the similarity's dtype.
-    Raises for NaN or infinite features."""
+def _inverse_norms(k: torch.Tensor, lengths: torch.Tensor, feats: torch.Tensor,
+                   painted: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The rows the raw products read and their inverse norms ``1 / max(||k_i||, 1e-12)`` ``(B, n)`` in k's
+    dtype (1 on padding), or None where an unpainted norm is outside ``NORM_RANGE`` (the caller normalizes
+    first). ``k`` is ``feats`` converted to the similarity's dtype. Raises for NaN or infinite features.
+
+    Painted rows (bool ``(B, n)`` or None) get inverse norm 0, which the packing reads as a zero row, so
+    their features are never rewritten; only when one of their norms exceeds ``NORM_RANGE`` (its products
+    might overflow) are they zeroed in a copy of ``k``.
+    """
     norms = torch.linalg.vector_norm(k, dim=-1)
     valid = torch.arange(k.shape[1])[None, :] < lengths[:, None]
     vn = norms[valid]
@@ -93,29 +102,38 @@ def _inverse_norms(k: torch.Tensor, lengths: torch.Tensor, feats: torch.Tensor) 
         rows = feats[valid][~torch.isfinite(vn)]
         if not bool(torch.isfinite(rows).all()):
             raise ValueError("feats: contains NaN or inf")
-        return None  # finite features whose norm (or float32 conversion) overflows
+    live = valid
+    if painted is not None:
+        live = valid & ~painted
+        if not bool((norms[painted] <= NORM_RANGE[1]).all()):
+            k = paint(k, painted)
+        vn = norms[live]
+    if not bool(torch.isfinite(vn).all()):
+        return k, None  # finite features whose norm (or float32 conversion) overflows
     if bool(((vn > 0) & (vn < NORM_RANGE[0])).any()) or bool((vn > NORM_RANGE[1]).any()):
-        return None
-    zero = (norms == 0) & valid  # MaskCut's painted rows; only these rows are read again
+        return k, None
+    zero = (norms == 0) & live
     if bool(zero.any()) and bool(k[zero].any()):
-        return None  # a nonzero row whose squares underflow: its raw dot products would too
-    one = torch.ones((), dtype=k.dtype)
-    return torch.where(valid, 1.0 / norms.clamp_min(1e-12), one).contiguous()
+        return k, None  # a nonzero row whose squares underflow: its raw dot products would too
+    one, nil = torch.ones((), dtype=k.dtype), torch.zeros((), dtype=k.dtype)
+    return k, torch.where(live, 1.0 / norms.clamp_min(1e-12), torch.where(valid, nil, one)).contiguous()
 
 
-def exact_graph_bits(feats: torch.Tensor, lengths: torch.Tensor,
-                     tau: float) -> tuple[torch.Tensor, torch.Tensor]:
+def exact_graph_bits(feats: torch.Tensor, lengths: torch.Tensor, tau: float, *,
+                     simd: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Packed exact graph (precision "exact", ``ncutfast.exact``) of finite CPU features.
 
-    The screening blocks are float32 products of the float32-rounded features scaled by the reference's
-    inverse row norms, like the "float32" path (so no normalized copy exists), unless a nonzero row norm
-    lies outside ``NORM_RANGE``; then they are products of the float64-normalized rows rounded to float32.
+    The extension computes the reference's float64 row norms, quantizes the normalized rows to int16
+    (``exact_quantize_cpu``), screens every pair i <= j with the exact integer product and rechecks the
+    entries within ``exact.int16_screen_bound`` of tau in float64 (``exact_graph_cpu``). No N x N float
+    matrix and no float64 copy of the features exist.
 
     Args:
         feats: ``(B, n, C)`` any float dtype, finite within the lengths (the extension checks again);
             n = max(lengths).
         lengths: int64 ``(B,)`` CPU.
         tau: the threshold (strict >).
+        simd: False takes the extension's portable screening kernel even where AVX2 exists (tests).
 
     Returns:
         ``(bits, rechecked)``: int64 ``(B, n, words_per_row(n))`` holding the uint64 bit rows of
@@ -127,35 +145,27 @@ def exact_graph_bits(feats: torch.Tensor, lengths: torch.Tensor,
     lengths = lengths.to(torch.int64).contiguous()
     k = feats.to(torch.float64 if feats.dtype == torch.float64 else torch.float32).contiguous()
     kname = "float64" if k.dtype == torch.float64 else "float32"
-    raw = torch.empty(bsz, n, dtype=torch.float64)
-    C.exact_row_norms_cpu(k.data_ptr(), kname, bsz, n, c, lengths.data_ptr(), raw.data_ptr())
-    norms = raw.clamp_min(reference.NORM_EPS)  # np.maximum(norms, 1e-12): exact, as in the reference
-    if bool(((raw > 0) & ((raw < NORM_RANGE[0]) | (raw > NORM_RANGE[1]))).any()):
-        g, scale = (k / norms[:, :, None]).to(torch.float32), None  # fl32 of the reference's rows
-    else:
-        g, scale = k.to(torch.float32), (1.0 / norms).to(torch.float32)
-    bounds = dict(bound=exact.screen_bound(c), dot_bound=exact.dot_bound(c), dot2_bound=exact.dot2_bound(c, tau))
+    norms = torch.empty(bsz, n, dtype=torch.float64)
+    C.exact_row_norms_cpu(k.data_ptr(), kname, bsz, n, c, lengths.data_ptr(), norms.data_ptr())
+    cq = c + c % 2
+    q = torch.empty(bsz, n, cq, dtype=torch.int16)
+    err = torch.empty(bsz, n, dtype=torch.float64)
+    C.exact_quantize_cpu(k.data_ptr(), kname, bsz, n, c, lengths.data_ptr(), norms.data_ptr(), q.data_ptr(), cq,
+                         err.data_ptr())
     bits = torch.empty(bsz, n, C.words_per_row(n), dtype=torch.int64)
     rechecked = torch.zeros(bsz, dtype=torch.int64)
-    block = min(ROW_BLOCK, n)
-    slices = batch_slices(0, bsz, block * n * 4, SETTINGS["cpu"].memory_budget)
-    buf = torch.empty(max(sl.stop - sl.start for sl in slices) * block * n, dtype=torch.float32)
-    for sl in slices:
-        b = sl.stop - sl.start
-        for r0 in range(0, n, block):
-            r1 = min(r0 + block, n)
-            s = buf[: b * (r1 - r0) * (n - r0)].view(b, r1 - r0, n - r0)
-            torch.bmm(g[sl, r0:r1], g[sl, r0:].transpose(1, 2), out=s)
-            C.pack_graph_block_exact_cpu(s.data_ptr(), k[sl].data_ptr(), kname, c, norms[sl].data_ptr(), b, n, r0,
-                                         r1 - r0, lengths[sl].data_ptr(), float(tau), **bounds,
-                                         bits=bits[sl.start].data_ptr(), rechecked=rechecked[sl].data_ptr(),
-                                         scale=0 if scale is None else scale[sl].data_ptr())
+    C.exact_graph_cpu(q.data_ptr(), cq, k.data_ptr(), kname, c, norms.data_ptr(), bsz, n, lengths.data_ptr(),
+                      float(tau), exact.int16_screen_bound(c, float(err.max())), exact.dot_bound(c),
+                      exact.dot2_bound(c, tau), bits.data_ptr(), rechecked.data_ptr(), simd=simd)
     return bits, rechecked
 
 
 def solve(feats: torch.Tensor, lengths: torch.Tensor, params: SolveParams, *, device_type: str = "cpu",
-          table: bool = True, team: int = 0) -> Spectrum:
+          painted: torch.Tensor | None = None, table: bool = True, team: int = 0) -> Spectrum:
     """The backend contract (``backends.contract``) on ``device_type`` ("cpu" or "cuda") tensors.
+
+    Painted rows: on the CPU's binary "float32" / "fast" / "float64" graphs, inverse norm 0 (``_inverse_norms``:
+    no copy of the features); elsewhere a zeroed copy (``contract.paint``).
 
     Any strides and float dtypes (float16/bfloat16/float32/float64) are accepted. NaN or infinite features
     (within the lengths) raise ``ValueError`` on the CPU (finiteness of CUDA features is the caller's, as
@@ -173,14 +183,16 @@ def solve(feats: torch.Tensor, lengths: torch.Tensor, params: SolveParams, *, de
     if _ext.C is None:
         raise RuntimeError(f"backend: the compiled extension ncutfast._C is not available ({_ext.IMPORT_ERROR})")
     team = check_positive_int(team, "team", minimum=0, maximum=_ext.C.MAX_TEAM)
+    painted = check_painted(painted, feats)
     n = int(lengths.max())  # columns beyond every length are padding: drop them
+    painted = None if painted is None else painted[:, :n]
     out = Outputs.allocate(feats.shape[0], n, feats.device)
     if device_type == "cuda":
         if not table or team:
             raise ValueError("table, team: the CUDA kernels take neither (they are CPU test settings)")
-        _solve_cuda(feats[:, :n], lengths, params, out)
+        _solve_cuda(paint(feats[:, :n], painted), lengths, params, out)
     else:
-        _solve_cpu(feats[:, :n], lengths, params, out, table=table, team=team)
+        _solve_cpu(feats[:, :n], lengths, params, out, painted, table=table, team=team)
     return out.spectrum(feats.shape[1], params.tol)
 
 
@@ -189,13 +201,14 @@ def _common(p: SolveParams, device_type: str) -> dict[str, object]:
                 check_every=SETTINGS[device_type].check_every)
 
 
-def _solve_cpu(feats: torch.Tensor, lengths: torch.Tensor, p: SolveParams, out: Outputs, *, table: bool,
-               team: int) -> None:
+def _solve_cpu(feats: torch.Tensor, lengths: torch.Tensor, p: SolveParams, out: Outputs,
+               painted: torch.Tensor | None, *, table: bool, team: int) -> None:
     C = _ext.C
     bsz, n = feats.shape[0], feats.shape[1]
     cfg = SETTINGS["cpu"]
     common = _common(p, "cpu") | dict(team=team)
     if p.binary and p.precision == "exact":
+        feats = paint(feats, painted)
         # before any product; padding is finite by contract, so one float64 sum finds NaN and inf in a
         # single pass (a huge finite sum takes the exact look)
         if not math.isfinite(float(feats.sum(dtype=torch.float64))):
@@ -203,8 +216,8 @@ def _solve_cpu(feats: torch.Tensor, lengths: torch.Tensor, p: SolveParams, out: 
             if not bool(torch.isfinite(feats[valid]).all()):
                 raise ValueError("feats: contains NaN or inf")
         out.recheck = torch.zeros(bsz, dtype=torch.float64)
-        # a float32 copy of the features per group when they are not float32
-        per_problem = n * C.words_per_row(n) * 8 + n * feats.shape[2] * 4
+        # the int16 rows and their packed copy, plus a float32 copy of features of other dtypes
+        per_problem = n * C.words_per_row(n) * 8 + n * feats.shape[2] * 8
         for grp in batch_slices(0, bsz, per_problem, cfg.graph_budget, at_least=C.cpu_threads()):
             bits, rechecked = exact_graph_bits(feats[grp], lengths[grp], p.tau)
             out.recheck[grp] = exact.recheck_fraction(rechecked, lengths[grp])
@@ -213,18 +226,18 @@ def _solve_cpu(feats: torch.Tensor, lengths: torch.Tensor, p: SolveParams, out: 
         return
     wide = p.precision in ("float64", "exact")  # non-binary "exact": the float64 similarity
     dtype = torch.float64 if wide else torch.float32
-    k = feats.to(dtype)  # a view when the dtype already matches
-    inv = _inverse_norms(k, lengths, feats)
+    k, inv = _inverse_norms(feats.to(dtype), lengths, feats, painted)  # a view when the dtype matches
     sim_dtype = "float64" if wide else "float32"
     itemsize = 8 if wide else 4
     if not p.binary:
+        feats = paint(feats, painted)
         for sl in batch_slices(0, bsz, n * n * itemsize, cfg.memory_budget):
             s = similarity(feats[sl], lengths[sl], p.precision)
             C.solve_dense_cpu(s.data_ptr(), sim_dtype, s.shape[0], n, lengths[sl].data_ptr(), p.tau, p.eps,
                               **common, **out.pointers(sl))
         return
     if inv is None:  # extreme norms: normalize first, then the products are cosines already
-        k = normalized_features(feats, lengths, p.precision)
+        k = normalized_features(paint(feats, painted), lengths, p.precision)
     words = C.words_per_row(n)
     block = min(ROW_BLOCK, n)
     # Groups of problems share one solver call (at least one problem per thread keeps all busy); their

@@ -15,7 +15,17 @@ from collections.abc import Iterator
 import torch
 
 from ..exact import exact_mask
-from .contract import Outputs, SolveParams, Spectrum, check_batch, matmul_precision, normalized_features, solvable
+from .contract import (
+    Outputs,
+    SolveParams,
+    Spectrum,
+    check_batch,
+    check_painted,
+    matmul_precision,
+    normalized_features,
+    paint,
+    solvable,
+)
 from .lanczos import lanczos_fiedler
 
 __all__ = ["solve", "graph", "DENSE_MAX", "MEMORY_BUDGET"]
@@ -126,9 +136,11 @@ def _solve_group(feats: torch.Tensor, lengths: torch.Tensor, p: SolveParams, den
     return {k: torch.cat(v) for k, v in out.items()}
 
 
-def solve(feats: torch.Tensor, lengths: torch.Tensor, params: SolveParams) -> Spectrum:
-    """The backend contract (``backends.contract``) on any torch device."""
+def solve(feats: torch.Tensor, lengths: torch.Tensor, params: SolveParams, *,
+          painted: torch.Tensor | None = None) -> Spectrum:
+    """The backend contract (``backends.contract``) on any torch device (painted rows: a zeroed copy)."""
     lengths = check_batch(feats, lengths)
+    feats = paint(feats, check_painted(painted, feats))
     out = Outputs.allocate(feats.shape[0], feats.shape[1], feats.device)
     if params.binary and params.precision == "exact":
         out.recheck = torch.zeros(feats.shape[0], dtype=torch.float64, device=feats.device)

@@ -20,7 +20,7 @@ import importlib
 import torch
 
 from ..exact import recheck_fraction
-from .contract import Outputs, SolveParams, Spectrum, check_batch, solvable
+from .contract import Outputs, SolveParams, Spectrum, check_batch, check_painted, paint, solvable
 from .lanczos import lanczos_fiedler
 from .torch_backend import solve as torch_solve
 
@@ -38,20 +38,22 @@ def available() -> bool:
     return interpreting() or torch.cuda.is_available()
 
 
-def solve(feats: torch.Tensor, lengths: torch.Tensor, params: SolveParams) -> Spectrum:
+def solve(feats: torch.Tensor, lengths: torch.Tensor, params: SolveParams, *,
+          painted: torch.Tensor | None = None) -> Spectrum:
     """The backend contract (``backends.contract``) on CUDA tensors, or CPU ones under the interpreter.
 
     ``params.precision`` selects the similarity kernel ("float64", "float32" = IEEE fp32 without tf32,
     "fast" = fp16 tensor cores, "exact" = ``affinity_exact_fwd``: an fp16 tensor-core screen and float64
-    rechecks); the degrees and the eigen-solve are float64 in every mode.
+    rechecks); the degrees and the eigen-solve are float64 in every mode. Painted rows: a zeroed copy.
     """
     if not params.binary:
-        return torch_solve(feats, lengths, params)
+        return torch_solve(feats, lengths, params, painted=painted)
     from ..kernels._utils import block_sizes, interpreting
     from ..kernels.affinity import affinity_exact_fwd, affinity_fwd
     from ..kernels.operator import BitmaskOperator, FusedSteps
 
     lengths = check_batch(feats, lengths)
+    feats = paint(feats, check_painted(painted, feats))
     device = feats.device
     if device.type != "cuda" and not interpreting():
         raise RuntimeError(f"triton backend: {device.type} tensors need TRITON_INTERPRET=1 (set before "

@@ -24,8 +24,12 @@ __all__ = ["interpreting", "block_sizes", "override", "popc32", "words_per_row"]
 # normalize: BR = rows per program, BC = feature chunk.
 # matvec: BM = rows per program, BN = columns per inner step (multiple of 32), scaled down by the number of
 #         vectors so that the (BM, BN, K) fp64 accumulator stays in registers (32 per thread by default);
-#         int8 = 1 selects the tensor-core variant (fixed-point digits, int8 tl.dot) with the matvec_int8
-#         settings (BR: digit rows per step of the digits kernel).
+#         int8 selects the kernel: 0 = that fp64 kernel, 1 = the tensor-core variant (fixed-point digits,
+#         int8 tl.dot) with the matvec_int8 settings (BR: digit rows per step of the digits kernel), 2 = the
+#         byte-lane dp4a variant (the same digits, 4 mask bits per 2 integer ops and one dp4a per digit) with
+#         the matvec_dp4a settings (BM rows per program, BW mask words per loop trip, BR as above). The GPU
+#         default is 2: fewest instructions per mask bit by benchmarks/gpu_model.py (RESULTS.md); the
+#         interpreter keeps 0 (tests select the others with override).
 # lanczos: how the Triton backend runs the Lanczos steps between convergence checks (kernels/operator.py
 #          FusedSteps, kernels/lanczos.py): solve = "torch" (op by op, the shared driver's torch step around the matvec
 #          kernel), "steps" (two fused launches per step), "graph" (those launches replayed from a CUDA
@@ -41,8 +45,9 @@ _GPU = {
     "affinity": {"BT": 128, "BK": 32, "num_warps": 8, "num_stages": 3, "tf32x3": 0},
     "affinity_fast": {"BT": 128, "BK": 64, "num_warps": 8, "num_stages": 3, "tf32x3": 0},
     "normalize": {"BR": 16, "BC": 256, "num_warps": 4},
-    "matvec": {"BM": 32, "BN": 128, "num_warps": 4, "int8": 0},
+    "matvec": {"BM": 32, "BN": 128, "num_warps": 4, "int8": 2},
     "matvec_int8": {"BM": 128, "BN": 128, "BR": 256, "num_warps": 8},
+    "matvec_dp4a": {"BM": 128, "BW": 2, "BR": 256, "num_warps": 4},
     "lanczos": {"solve": "steps", "BM": 32, "BN": 64, "BS": 32, "num_warps": 8},
     "ritz": {"S": 32, "ROUNDS": 11, "num_warps": 1},
 }
@@ -52,6 +57,7 @@ _INTERP = {
     "normalize": {"BR": 128, "BC": 128, "num_warps": 4},
     "matvec": {"BM": 128, "BN": 128, "num_warps": 4, "int8": 0},
     "matvec_int8": {"BM": 128, "BN": 128, "BR": 128, "num_warps": 4},
+    "matvec_dp4a": {"BM": 128, "BW": 2, "BR": 128, "num_warps": 4},
     "lanczos": {"solve": "steps", "BM": 128, "BN": 128, "BS": 128, "num_warps": 4},
     "ritz": {"S": 4096, "ROUNDS": 5, "num_warps": 1},
 }

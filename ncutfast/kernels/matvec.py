@@ -14,6 +14,13 @@ symmetric operator whose 2nd largest eigenvector gives the cut is
   2^54), so ``B u`` is an exact int8 x int8 -> int32 ``tl.dot`` of the 0/1 bits with the digits (|sum| <=
   64 n < 2^31) followed by an fp64 recombination; the only error is u's truncation to 2^-54 max|u|. This
   moves the multiply-adds off the ALUs (a candidate for the GPU; the benchmark measures both).
+- ``_digits_kernel`` (``LANES``) + ``_bitmask_matvec_dp4a_kernel``: the same digits, stored so that one
+  32-bit word holds digit d of the 4 columns c, c + 8, c + 16, c + 24 (c = a + 32 w, a < 8) as 4 bytes, the
+  byte-lane order of ``(mask_word >> a) & 0x01010101`` (which holds those 4 columns' bits, one per byte):
+  4 mask bits are expanded by 2 integer ops and multiplied with their digits by one ``dp4a`` (4-way
+  int8 dot product into int32) per digit. The integer sums are exactly those of the tensor-core variant
+  (same digits, |sum| <= 64 n), so the error bound is the same; only the fp64 recombination's rounding
+  order differs.
 
 Either way a Lanczos step reads N^2 / 8 bytes of mask per image instead of an N x N float matrix.
 """
@@ -24,9 +31,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import block_sizes, words_per_row
+from ._utils import block_sizes, interpreting, words_per_row
 
-__all__ = ["bitmask_matvec_fwd", "degrees_from_counts", "launch_matvec"]
+__all__ = ["bitmask_matvec_fwd", "degrees_from_counts", "launch_dp4a", "launch_matvec"]
 
 
 @triton.jit
@@ -107,25 +114,27 @@ def _vector_block(v_ptr, p, stride_vb, step_ptr, stride_vr, done_ptr, stalled_pt
 @triton.jit
 def _digits_kernel(
     s_ptr, len_ptr, idx_ptr, v_ptr, dig_ptr, scale_ptr, tot_ptr, step_ptr, done_ptr, stalled_ptr,
-    N_max, K,
+    N_max, NP, K,
     stride_vb, stride_vn, stride_vk, stride_vr,
-    BR: tl.constexpr, KP: tl.constexpr, STEPPED: tl.constexpr,
+    BR: tl.constexpr, KP: tl.constexpr, STEPPED: tl.constexpr, LANES: tl.constexpr,
 ):
     """One program per vector block p = program_id(0) (image b = idx[p]) writes u = s * v in fixed point:
     ``dig[p, j, 8 k + d]`` (int8) with ``u_jk ~= scale[p, k] * sum_d dig * 128^d``, and ``tot[p, k] =
     sum_j u_jk`` (fp64) for the eps term. Pass 1 finds max |u| per vector, pass 2 writes the digits.
     Rows >= n (padding) and vectors >= K (power-of-two padding) get zero digits: the mat-vec reads them.
+    The digit buffer holds NP rows per vector block (N_max, or 32 W with LANES).
+    LANES (KP = 1, for ``_bitmask_matvec_dp4a_kernel``): the byte of digit d of column j goes to byte
+    ``4 (8 (8 (j // 32) + d) + j % 8) + (j // 8) % 4`` of the block's ``8 NP`` bytes.
     STEPPED: see ``_vector_block`` (a skipped problem's digits are not written; the mat-vec skips it too)."""
     p = tl.program_id(0)
     b = tl.load(idx_ptr + p)
     n = tl.load(len_ptr + b).to(tl.int32)
     v_base, active = _vector_block(v_ptr, p, stride_vb, step_ptr, stride_vr, done_ptr, stalled_ptr, STEPPED)
-    n_rows = tl.where(active, N_max, 0)
     kk = tl.arange(0, KP)
     k_ok = kk[None, :] < K
     amax = tl.zeros((KP,), dtype=tl.float64)
     tot = tl.zeros((KP,), dtype=tl.float64)
-    for r0 in range(0, n_rows, BR):
+    for r0 in range(0, tl.where(active, n, 0), BR):
         rows = r0 + tl.arange(0, BR)
         ok = rows < n
         s_r = tl.load(s_ptr + b * N_max + rows, mask=ok, other=0.0)
@@ -138,7 +147,7 @@ def _digits_kernel(
     tl.store(scale_ptr + p * KP + kk, amax / 18014398509481984.0)
     tl.store(tot_ptr + p * KP + kk, tot)
     d_idx = tl.arange(0, 8)
-    for r0 in range(0, n_rows, BR):
+    for r0 in range(0, tl.where(active, NP, 0), BR):
         rows = r0 + tl.arange(0, BR)
         ok = rows < n
         s_r = tl.load(s_ptr + b * N_max + rows, mask=ok, other=0.0)
@@ -150,9 +159,15 @@ def _digits_kernel(
             dig = ((big + 64) & 127) - 64  # balanced digit in [-64, 63]
             digits = tl.where(d_idx[None, None, :] == d, dig[:, :, None], digits)
             big = (big - dig) >> 7  # exact: big - dig is a multiple of 128
-        cols = kk[:, None] * 8 + d_idx[None, :]
-        tl.store(dig_ptr + (p * N_max + rows[:, None, None]).to(tl.int64) * (KP * 8) + cols[None, :, :],
-                 digits.to(tl.int8), mask=(rows < N_max)[:, None, None])
+        if LANES:
+            tl.static_assert(KP == 1, "LANES: one vector per block")
+            byte = 4 * (8 * (8 * (rows // 32)[:, None, None] + d_idx[None, None, :]) + (rows % 8)[:, None, None]) \
+                + ((rows // 8) % 4)[:, None, None]
+            tl.store(dig_ptr + p.to(tl.int64) * (NP * 8) + byte, digits.to(tl.int8), mask=(rows < NP)[:, None, None])
+        else:
+            cols = kk[:, None] * 8 + d_idx[None, :]
+            tl.store(dig_ptr + (p * NP + rows[:, None, None]).to(tl.int64) * (KP * 8) + cols[None, :, :],
+                     digits.to(tl.int8), mask=(rows < NP)[:, None, None])
 
 
 @triton.jit
@@ -203,6 +218,112 @@ def _bitmask_matvec_i8_kernel(
              mask=(rows[:, None] < N_max) & (kk[None, :] < K))
 
 
+@triton.jit
+def _dp4a(lanes, dig, acc, ASM: tl.constexpr):
+    """``acc + sum_l byte_l(lanes) * sbyte_l(dig)`` per element (int32): the 4 unsigned bytes of ``lanes``
+    times the 4 signed bytes of ``dig``. ASM: one ``dp4a.u32.s32`` (GPU); else the same sum in integer ops
+    (the interpreter runs no inline assembly)."""
+    if ASM:
+        return tl.inline_asm_elementwise("dp4a.u32.s32 $0, $1, $2, $3;", "=r,r,r,r", [lanes, dig, acc],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        out = acc
+        for lane in tl.static_range(4):
+            out += ((lanes >> (8 * lane)) & 0xFF) * ((dig << (24 - 8 * lane)) >> 24)
+        return out
+
+
+@triton.jit
+def _bitmask_matvec_dp4a_kernel(
+    mask_ptr, s_ptr, len_ptr, eps_ptr, idx_ptr, dig_ptr, scale_ptr, tot_ptr, y_ptr, step_ptr, done_ptr,
+    stalled_ptr, N_max, W, stride_yb, stride_yn,
+    BM: tl.constexpr, BW: tl.constexpr, STEPPED: tl.constexpr, ASM: tl.constexpr,
+):
+    """One program computes BM rows of y = M v for vector block p = program_id(1) (image b = idx[p], one
+    vector), from the LANES digits of ``_digits_kernel`` (int32 view: ``dig[p, w, d, a]`` packs digit d of
+    columns a + 32 w + 8 l, l = 0..3).
+
+    Per mask word w of a row (BW words per loop trip): ``lanes[a] = (word >> a) & 0x01010101`` (a < 8) holds
+    the bits of those same 4 columns as bytes, and ``acc_d[a] += dp4a(lanes[a], dig[p, w, d, a])`` for the 8
+    digits. After the loop, ``bu = sum_d 128^d sum_a acc_d`` (fp64, exact integers up to the last additions),
+    then the scale, the eps term and the row scaling as in ``_bitmask_matvec_i8_kernel``. Row blocks past n
+    skip the loop, and so do problems that STEPPED (``_vector_block``) skips."""
+    pid = tl.program_id(0)
+    p = tl.program_id(1)
+    b = tl.load(idx_ptr + p)
+    n = tl.load(len_ptr + b).to(tl.int32)
+    rows = pid * BM + tl.arange(0, BM)
+    row_ok = rows < n  # padding rows (and rows past N_max in the last block) are not graph nodes
+    a = tl.arange(0, 8)
+    mrow = mask_ptr + (b * N_max + rows).to(tl.int64) * W
+    dbase = dig_ptr + p.to(tl.int64) * W * 64 + a[None, :]
+    _, active = _vector_block(dig_ptr, p, 0, step_ptr, 0, done_ptr, stalled_ptr, STEPPED)
+    n_words = tl.where(active & (pid * BM < n), (n + 31) // 32, 0)
+    acc0 = tl.zeros((BM, 8), dtype=tl.int32)
+    acc1 = tl.zeros((BM, 8), dtype=tl.int32)
+    acc2 = tl.zeros((BM, 8), dtype=tl.int32)
+    acc3 = tl.zeros((BM, 8), dtype=tl.int32)
+    acc4 = tl.zeros((BM, 8), dtype=tl.int32)
+    acc5 = tl.zeros((BM, 8), dtype=tl.int32)
+    acc6 = tl.zeros((BM, 8), dtype=tl.int32)
+    acc7 = tl.zeros((BM, 8), dtype=tl.int32)
+    for w0 in range(0, n_words, BW):
+        for k in tl.static_range(BW):
+            wd = w0 + k
+            ok = wd < n_words  # the last trip may overhang the row; digits past n are zero anyway
+            word = tl.load(mrow + wd, mask=row_ok & ok, other=0)
+            lanes = (word[:, None] >> a[None, :]) & 0x01010101
+            dp = dbase + wd * 64
+            acc0 = _dp4a(lanes, tl.load(dp, mask=ok, other=0), acc0, ASM)
+            acc1 = _dp4a(lanes, tl.load(dp + 8, mask=ok, other=0), acc1, ASM)
+            acc2 = _dp4a(lanes, tl.load(dp + 16, mask=ok, other=0), acc2, ASM)
+            acc3 = _dp4a(lanes, tl.load(dp + 24, mask=ok, other=0), acc3, ASM)
+            acc4 = _dp4a(lanes, tl.load(dp + 32, mask=ok, other=0), acc4, ASM)
+            acc5 = _dp4a(lanes, tl.load(dp + 40, mask=ok, other=0), acc5, ASM)
+            acc6 = _dp4a(lanes, tl.load(dp + 48, mask=ok, other=0), acc6, ASM)
+            acc7 = _dp4a(lanes, tl.load(dp + 56, mask=ok, other=0), acc7, ASM)
+    # Horner from the top digit: every partial value is an integer, exact until it passes 2^53
+    bu = tl.sum(acc7, axis=1).to(tl.float64)
+    bu = bu * 128.0 + tl.sum(acc6, axis=1).to(tl.float64)
+    bu = bu * 128.0 + tl.sum(acc5, axis=1).to(tl.float64)
+    bu = bu * 128.0 + tl.sum(acc4, axis=1).to(tl.float64)
+    bu = bu * 128.0 + tl.sum(acc3, axis=1).to(tl.float64)
+    bu = bu * 128.0 + tl.sum(acc2, axis=1).to(tl.float64)
+    bu = bu * 128.0 + tl.sum(acc1, axis=1).to(tl.float64)
+    bu = bu * 128.0 + tl.sum(acc0, axis=1).to(tl.float64)
+    scale = tl.load(scale_ptr + p)
+    tot = tl.load(tot_ptr + p)
+    s_r = tl.load(s_ptr + b * N_max + rows, mask=row_ok, other=0.0)
+    eps = tl.load(eps_ptr)  # fp64 from memory: a Python float argument would be rounded to fp32
+    y = s_r * (eps * tot + (1.0 - eps) * (bu * scale))
+    tl.store(y_ptr + p * stride_yb + rows * stride_yn, y, mask=rows < N_max)
+
+
+def launch_dp4a(mask: torch.Tensor, lens: torch.Tensor, s: torch.Tensor, eps_t: torch.Tensor, idx: torch.Tensor,
+                v: torch.Tensor, y: torch.Tensor, dig: torch.Tensor, scale: torch.Tensor, tot: torch.Tensor,
+                flags: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, stride_vr: int = 0) -> None:
+    """y = M v by the byte-lane dp4a mat-vec: ``_digits_kernel`` (LANES) then ``_bitmask_matvec_dp4a_kernel``.
+
+    v: float64 ``(nb, N_max)`` (any strides; with ``flags`` = (step, done, stalled), the block of problem p
+    is row step[p] + 1 of its basis, ``stride_vr`` apart, and done or stalled problems are skipped); y:
+    float64 ``(nb, N_max)`` (any strides); scratch: dig int8 ``(nb, 256 W)`` (int32-aligned), scale and tot
+    float64 ``(nb,)``. No host sync.
+    """
+    _, N_max, W = mask.shape
+    nb = idx.shape[0]
+    cfg = block_sizes("matvec_dp4a")
+    step, done, stalled = flags if flags is not None else (None, None, None)
+    _digits_kernel[(nb,)](
+        s, lens, idx, v, dig, scale, tot, step, done, stalled, N_max, 32 * W, 1, v.stride(0), v.stride(1), 0,
+        stride_vr, BR=cfg["BR"], KP=1, STEPPED=flags is not None, LANES=True, num_warps=4,
+    )
+    _bitmask_matvec_dp4a_kernel[(triton.cdiv(N_max, cfg["BM"]), nb)](
+        mask, s, lens, eps_t, idx, dig.view(torch.int32), scale, tot, y, step, done, stalled, N_max, W,
+        y.stride(0), y.stride(1), BM=cfg["BM"], BW=cfg["BW"], STEPPED=flags is not None, ASM=not interpreting(),
+        num_warps=cfg["num_warps"],
+    )
+
+
 def degrees_from_counts(counts: torch.Tensor, lengths: torch.Tensor, eps: float) -> torch.Tensor:
     """Degrees ``d_i = eps * n + (1 - eps) * counts_i`` (float64 ``(B, N_max)``, 0 on padding rows).
 
@@ -224,18 +345,25 @@ def launch_matvec(mask: torch.Tensor, lens: torch.Tensor, s: torch.Tensor, eps_t
     v3 = v if v.dim() == 3 else v.unsqueeze(-1)
     K = v3.shape[2]
     y3 = torch.empty((nb, N_max, K), dtype=torch.float64, device=v.device)
-    if K and nb and block_sizes("matvec")["int8"]:
+    kind = block_sizes("matvec")["int8"]
+    if K and nb and kind == 2:
+        dig = torch.empty((nb, 256 * W), dtype=torch.int8, device=v.device)
+        scale = torch.empty((nb,), dtype=torch.float64, device=v.device)
+        tot = torch.empty((nb,), dtype=torch.float64, device=v.device)
+        for k in range(K):  # one vector per launch pair
+            launch_dp4a(mask, lens, s, eps_t, idx, v3[:, :, k], y3[:, :, k], dig, scale, tot)
+    elif K and nb and kind:
         cfg = block_sizes("matvec_int8")
         KP = max(2, triton.next_power_of_2(K))  # 8 KP >= 16 digit columns: the smallest tl.dot width
         dig = torch.empty((nb, N_max, 8 * KP), dtype=torch.int8, device=v.device)
         scale = torch.empty((nb, KP), dtype=torch.float64, device=v.device)
         tot = torch.empty((nb, KP), dtype=torch.float64, device=v.device)
         _digits_kernel[(nb,)](
-            s, lens, idx, v3, dig, scale, tot, idx, idx, idx, N_max, K, v3.stride(0), v3.stride(1), v3.stride(2),
-            0, BR=cfg["BR"], KP=KP, STEPPED=False, num_warps=4,
+            s, lens, idx, v3, dig, scale, tot, None, None, None, N_max, N_max, K, v3.stride(0), v3.stride(1),
+            v3.stride(2), 0, BR=cfg["BR"], KP=KP, STEPPED=False, LANES=False, num_warps=4,
         )
         _bitmask_matvec_i8_kernel[(triton.cdiv(N_max, cfg["BM"]), nb)](
-            mask, s, lens, eps_t, idx, dig, scale, tot, y3, idx, idx, idx, N_max, W, K,
+            mask, s, lens, eps_t, idx, dig, scale, tot, y3, None, None, None, N_max, W, K,
             y3.stride(0), y3.stride(1), y3.stride(2),
             BM=cfg["BM"], BN=cfg["BN"], KP=KP, STEPPED=False, num_warps=cfg["num_warps"],
         )

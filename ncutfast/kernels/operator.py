@@ -15,7 +15,7 @@ import triton
 from ..backends.contract import BREAKDOWN, PARK
 from ._utils import block_sizes
 from .lanczos import _lanczos_matvec_kernel, _lanczos_persistent_kernel, _lanczos_step_kernel
-from .matvec import _bitmask_matvec_i8_kernel, _digits_kernel, degrees_from_counts, launch_matvec
+from .matvec import _bitmask_matvec_i8_kernel, _digits_kernel, degrees_from_counts, launch_dp4a, launch_matvec
 from .ritz import PIVMIN, ritz_top2
 
 __all__ = ["BitmaskOperator", "FusedSteps"]
@@ -92,7 +92,7 @@ class FusedSteps:
         self._step = torch.zeros(b, dtype=torch.int32, device=dev)
         self._idx = state.idx.to(dtype=torch.int32)
         self._flags = (state.live.view(torch.int8), state.done.view(torch.int8), state.stalled.view(torch.int8))
-        self._graph, self._graph_len, self._warm, self._dig = None, 0, False, None
+        self._graph, self._graph_len, self._warm, self._dig, self._dig_kind = None, 0, False, None, 0
         self._check = check_every if self.self_checking and tol is not None else 0
         self._tol = torch.tensor([0.5 * tol, tol**0.5] if tol is not None else [0.0, 0.0], dtype=torch.float64,
                                  device=dev)
@@ -149,12 +149,19 @@ class FusedSteps:
         st, op = self._st, self.op
         b, _, n = st.basis.shape
         _, done, stalled = self._flags
-        if block_sizes("matvec")["int8"]:
+        kind = block_sizes("matvec")["int8"]
+        if kind == 2:
+            dig, scale, tot = self._digits(kind)
+            launch_dp4a(op.mask, op.lens, op.s, op.eps_t, self._idx, st.basis[:, 0], self._w, dig, scale, tot,
+                        (self._step, done, stalled), st.basis.stride(1))
+            return
+        if kind:
             cfg = block_sizes("matvec_int8")
-            dig, scale, tot = self._digits()
+            dig, scale, tot = self._digits(kind)
             _digits_kernel[(b,)](
-                op.s, op.lens, self._idx, st.basis, dig, scale, tot, self._step, done, stalled, n, 1,
-                st.basis.stride(0), 1, 0, st.basis.stride(1), BR=cfg["BR"], KP=2, STEPPED=True, num_warps=4,
+                op.s, op.lens, self._idx, st.basis, dig, scale, tot, self._step, done, stalled, n, n, 1,
+                st.basis.stride(0), 1, 0, st.basis.stride(1), BR=cfg["BR"], KP=2, STEPPED=True, LANES=False,
+                num_warps=4,
             )
             _bitmask_matvec_i8_kernel[(triton.cdiv(n, cfg["BM"]), b)](
                 op.mask, op.s, op.lens, op.eps_t, self._idx, dig, scale, tot, self._w, self._step, done, stalled,
@@ -169,15 +176,18 @@ class FusedSteps:
             BM=cfg["BM"], BN=cfg["BN"], num_warps=cfg["num_warps"],
         )
 
-    def _digits(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Fixed-point buffers of the int8 mat-vec (K = 1, so 2 x 8 digit columns), made once per cycle so
-        that a captured graph keeps them."""
-        if self._dig is None:
+    def _digits(self, kind: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Fixed-point buffers of the int8 mat-vecs, made once per cycle so that a captured graph keeps them:
+        kind 1 (tensor cores, K = 1 padded to 2): 2 x 8 digit columns per row; kind 2 (dp4a): 8 digits of
+        each of the 32 W columns of a mask row."""
+        if self._dig is None or self._dig_kind != kind:
             b, _, n = self._st.basis.shape
             dev = self._st.basis.device
-            self._dig = (torch.empty(b, n, 16, dtype=torch.int8, device=dev),
-                         torch.empty(b, 2, dtype=torch.float64, device=dev),
-                         torch.empty(b, 2, dtype=torch.float64, device=dev))
+            k, n_bytes = (2, 16 * n) if kind == 1 else (1, 256 * self.op.mask.shape[2])
+            self._dig = (torch.empty(b, n_bytes, dtype=torch.int8, device=dev),
+                         torch.empty(b, k, dtype=torch.float64, device=dev),
+                         torch.empty(b, k, dtype=torch.float64, device=dev))
+            self._dig_kind = kind
         return self._dig
 
     def launch_step(self) -> None:
