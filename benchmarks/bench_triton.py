@@ -13,19 +13,20 @@ padded batch of planted-object scenes (ncutfast.testing):
 
 and at precision "fast" (else the first one) also
 
-- ``step-matvec`` / ``step-matvec-int8`` / ``step-reorth`` / ``step``: one fused Lanczos step
-  (kernels/lanczos.py, launched by kernels/operator.py's FusedSteps) at step 16 for the whole batch: its
-  mat-vec (fp64 or int8 tensor cores),
+- ``step-matvec`` / ``step-matvec-fp64`` / ``step-matvec-int8`` / ``step-reorth`` / ``step``: one fused
+  Lanczos step (kernels/lanczos.py, launched by kernels/operator.py's FusedSteps) at step 16 for the whole
+  batch: its mat-vec (the default of launch setting matvec.int8, the fp64 one, int8 tensor cores),
   its reorthogonalization + bookkeeping launch, both
   (with ``--sweep``, also the first two at other launch settings, at the largest N);
 
-- ``matvec`` / ``matvec-int8``: one application of the bitmask operator D^-1/2 W D^-1/2 to the whole
-  batch, fp64 FMA kernel / int8 tensor-core kernel (kernels/matvec.py);
+- ``matvec`` / ``matvec-fp64`` / ``matvec-int8``: one application of the bitmask operator D^-1/2 W D^-1/2
+  to the whole batch, the default mat-vec / the fp64 select-add kernel / int8 tensor cores (kernels/matvec.py;
+  the fp64 rows only when another mat-vec is the default);
 - ``ncut-<mode>``: the whole solve with the Lanczos steps run another way (launch setting "lanczos"
   ``solve``, ``--modes``): "steps" (two fused launches per step, the default), "graph" (the same launches
   replayed from a CUDA graph), "persistent" (one launch per Lanczos cycle: it tests convergence itself), "torch"
-  (the shared driver op by op); all but "persistent" also with the int8 mat-vec (``-int8``): the fastest
-  one should become the default;
+  (the shared driver op by op); all but "persistent" also with the fp64 and int8 mat-vecs (``-fp64``,
+  ``-int8``) when they are not the default: the fastest one should become the default;
 
 and prints the FLOP and byte counts of each kernel beside the achieved TFLOP/s and GB/s, and on an H100 or
 H200 the fraction of the datasheet roofline it reaches ("% peak": the larger of FLOP/s over the peak of the
@@ -93,6 +94,9 @@ _PEAKS = {
 _PATH = {("affinity", "float32"): ("fp32", 1), ("affinity", "fast"): ("fp16_tc", 1),
          ("affinity", "float64"): ("fp64_tc", 1), ("affinity-tf32x3", "float32"): ("tf32_tc", 3),
          ("matvec-int8", None): ("int8_tc", 1)}
+
+#: The mat-vec of each value of launch setting matvec.int8 (kernels/_utils.py), for the rows' notes.
+MATVEC_KINDS = {0: "fp64 select-add", 1: "int8 tensor-core", 2: "dp4a byte-lane", 3: "nibble-table"}
 
 
 def _percent_of_peak(card: str, kernel: str, precision: str, t: float, flop: float, nbytes: float) -> str:
@@ -163,7 +167,7 @@ def _fused_step_rows(args: argparse.Namespace, timed, op, lengths, n: int, preci
 
     from ncutfast.backends import lanczos as _lanczos
     from ncutfast.backends.contract import KRYLOV_DIM
-    from ncutfast.kernels._utils import override, words_per_row
+    from ncutfast.kernels._utils import block_sizes, override, words_per_row
     from ncutfast.kernels.operator import FusedSteps
 
     b, j, w = lengths.shape[0], _STEP_AT, words_per_row(n)
@@ -191,7 +195,13 @@ def _fused_step_rows(args: argparse.Namespace, timed, op, lengths, n: int, preci
         t_mv8 = timed(again(fused.launch_matvec))
     nan = float("nan")
     note = f"fused step at j={j}, whole batch"
-    for row in [(n, precision, "step-matvec", t_mv, nan, mv_flop, mv_bytes, note + "; mat-vec launch"),
+    kind = block_sizes("matvec")["int8"]
+    rows = [(n, precision, "step-matvec", t_mv, nan, mv_flop, mv_bytes, note + f"; {MATVEC_KINDS[kind]} mat-vec")]
+    if kind:  # the fp64 select-add kernel, the default before the nibble table
+        with override("matvec", int8=0):
+            rows.append((n, precision, "step-matvec-fp64", timed(again(fused.launch_matvec)), nan, mv_flop, mv_bytes,
+                         note + "; fp64 mat-vec launch"))
+    for row in [*rows,
             (n, precision, "step-matvec-int8", t_mv8, nan, mv_flop, mv_bytes, note + "; int8 mat-vec (2 launches)"),
             (n, precision, "step-reorth", t_st, nan, st_flop, st_bytes, note + "; CGS2 + bookkeeping launch"),
             (n, precision, "step", t_both, nan, mv_flop + st_flop, mv_bytes + st_bytes, note + "; both launches")]:
@@ -199,8 +209,8 @@ def _fused_step_rows(args: argparse.Namespace, timed, op, lengths, n: int, preci
     if args.sweep and n == max(args.n):
         # Other launch settings of the two step kernels (the defaults are in kernels/_utils.py, "lanczos").
 
-        for bm, bn, nw in _SWEEP_MATVEC:
-            with override("lanczos", BM=bm, BN=bn, num_warps=nw):
+        for bm, bn, nw in _SWEEP_MATVEC:  # settings of the fp64 mat-vec kernel
+            with override("lanczos", BM=bm, BN=bn, num_warps=nw), override("matvec", int8=0):
                 t = timed(again(fused.launch_matvec))
             emit((n, precision, f"step-matvec BM={bm} BN={bn} w={nw}", t, nan, mv_flop, mv_bytes, "sweep"))
         for bs, nw in _SWEEP_REORTH:
@@ -267,25 +277,33 @@ def _measure(args: argparse.Namespace, device, n: int, emit) -> None:
         t_mv = timed(lambda op=op, v=v: op(v))
         with override("matvec", int8=1):
             t_mv8 = timed(lambda op=op, v=v: op(v))
-        emit((n, precision, "matvec", t_mv, nan, mv_flop, mv_bytes, "fp64 FMA; one step, whole batch"))
+        kind = block_sizes("matvec")["int8"]
+        emit((n, precision, "matvec", t_mv, nan, mv_flop, mv_bytes, f"{MATVEC_KINDS[kind]}; one step, whole batch"))
+        if kind:
+            with override("matvec", int8=0):
+                emit((n, precision, "matvec-fp64", timed(lambda op=op, v=v: op(v)), nan, mv_flop, mv_bytes,
+                      "fp64 select-add; one step"))
         emit((n, precision, "matvec-int8", t_mv8, nan, mv_flop, mv_bytes, "int8 tensor cores; one step"))
         _fused_step_rows(args, timed, op, lengths, n, precision, emit)
         # How the Lanczos steps run between convergence checks (issue 4: CUDA graph vs persistent kernel),
         # plus the op-by-op driver with either mat-vec, on the same batch.
+        kind = block_sizes("matvec")["int8"]
         for mode in args.modes:
-            for int8 in (0,) if mode == "persistent" else (0, 1):  # the persistent kernel's mat-vec is fp64
-                if mode == default and not int8:
+            # the default mat-vec, the fp64 one and the int8 one; the persistent kernel's mat-vec is fp64
+            for int8 in (kind,) if mode == "persistent" else tuple(dict.fromkeys((kind, 0, 1))):
+                if mode == default and int8 == kind:
                     continue
                 with override("lanczos", solve=mode), override("matvec", int8=int8):
                     t = timed(whole)
                     note = _solve_note(whole(), b)
-                label = f"ncut-{mode}" + ("-int8" if int8 else "")
+                label = f"ncut-{mode}" + ("" if int8 == kind else {0: "-fp64", 1: "-int8"}[int8])
                 what = {"graph": "2 launches/step replayed from a CUDA graph", "steps": "2 launches/step",
                         "persistent": "1 launch per Lanczos cycle, checks itself",
                         "torch": "op by op, ~30 torch ops/step"}[mode]
                 if mode == "graph" and device.type != "cuda":
                     what += " (run eagerly here: no CUDA)"
-                emit((n, precision, label, t, b / t, nan, nan, f"{what}{', int8 matvec' if int8 else ''}; " + note))
+                mv = MATVEC_KINDS[0 if mode == "persistent" else int8]
+                emit((n, precision, label, t, b / t, nan, nan, f"{what}, {mv} mat-vec; " + note))
     eb = min(args.eigh_batch, args.batch)
     provider = TorchEigh(device.type, torch.float32)
     t_eigh = timed(lambda: provider.solve(feats[:eb], args.tau, args.eps))

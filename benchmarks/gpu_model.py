@@ -1,8 +1,10 @@
 """Static roofline of ncutfast's default GPU path, computed from the compiled SASS on a machine without a GPU.
 
 For every hot kernel that a batched solve launches (Triton: normalize and affinity per precision, the
-Lanczos mat-vec and step kernels, the Ritz check, the final residual mat-vec; alternatives: the int8
-tensor-core mat-vec and the persistent Lanczos kernel; the CUDA extension's kernels, statically), this
+Lanczos mat-vec (the launch setting matvec.int8 picks it: by default the nibble-table kernels) and step
+kernels, the Ritz check, the final residual mat-vec; alternatives: the other mat-vecs (fp64 select-add,
+int8 tensor cores, byte-lane dp4a) and the persistent Lanczos kernel; the CUDA extension's kernels,
+statically), this
 script compiles the exact specialization that the batch-256 / N = 3600 / C = 768 workload (and N = 784,
 C = 384) launches for sm_90a, disassembles it with the ``nvdisasm`` that Triton ships, and reports per
 launch:
@@ -42,7 +44,11 @@ the whole batch until its slowest problem has converged, and the problems that a
     python benchmarks/gpu_model.py --compare bench_triton.csv  # measured (GPU) beside predicted, per row
 
 The last line printed is ``predicted images/s (H100 SXM, batch 256, N=3600, C=768): fast=.. exact=..
-float32=..``. Precision "exact" is the Triton path of ``kernels.affinity.affinity_exact_fwd``: its float64
+float32=..`` (solver "steps": the library's GPU launch settings; solver "fp64" in the tables is the same
+path with the fp64 select-add mat-vec, the default before the nibble table). Run it from the checkout root
+with ``PYTHONPATH=.`` so that the checkout's ``ncutfast`` is the one compiled.
+
+Precision "exact" is the Triton path of ``kernels.affinity.affinity_exact_fwd``: its float64
 row normalization and fp16 rounding (torch ops, counted as HBM traffic), the fp16 tensor-core screen
 ``_affinity_exact_kernel`` (from its SASS), and the float64 recheck of the candidates (gathers of two
 float64 rows each, HBM traffic, at ``EXACT_CANDIDATES``, the largest candidate fraction measured on the
@@ -752,6 +758,8 @@ class Workload:
             return self.int8_matvec(self.b)
         if kind == 2:
             return self.dp4a_matvec(self.b, stepped=False)
+        if kind == 3:
+            return self.table_matvec(self.b, stepped=False)
 
         cfg, n, b = self.cfg["matvec"], self.n, self.b
         sig = {"mask_ptr": ("*i32", 0), "s_ptr": ("*fp64", 0), "len_ptr": ("*i32", 0), "eps_ptr": ("*fp64", 0),
@@ -763,7 +771,7 @@ class Workload:
         return [Launch("residual-matvec", k, _cdiv(n, cfg["BM"]) * b, {"_matvec_rows#0": _cdiv(n, cfg["BN"])},
                        b * (n * self.words * 4 + 3 * n * 8), ("mask bit", b * n * n))]
 
-    # -- alternatives of the default path (launch settings matvec.int8 = 1, lanczos.solve = "persistent") ---
+    # -- the mat-vecs of launch setting matvec.int8 = 1, 2, 3; the persistent kernel (lanczos.solve) ----------
     def int8_matvec(self, active: int) -> list[Launch]:
         from ncutfast.kernels.matvec import _bitmask_matvec_i8_kernel, _digits_kernel
 
@@ -820,12 +828,41 @@ class Workload:
                     active * (n * w * 4 + 32 * w * 8 + 2 * n * 8), ("mask bit", active * n * n))
         return [digits, mv]
 
+    def table_matvec(self, active: int, stepped: bool = True) -> list[Launch]:
+        """The nibble-table mat-vec (launch setting matvec.int8 = 3): subset-sum table, then mat-vec;
+        ``stepped`` as in ``dp4a_matvec``."""
+        from ncutfast.kernels.matvec import _bitmask_matvec_table_kernel, _nibble_table_kernel
+
+        tb, n, w = self.cfg["matvec_table"], self.n, self.words
+        names = ("step_ptr", "done_ptr", "stalled_ptr")
+        flags = ({"step_ptr": ("*i32", 0), "done_ptr": ("*i8", 0), "stalled_ptr": ("*i8", 0)} if stepped
+                 else dict.fromkeys(names, ("constexpr", None)))
+        sig = {"s_ptr": ("*fp64", 0), "len_ptr": ("*i32", 0), "idx_ptr": ("*i32", 0), "v_ptr": ("*fp64", 0),
+               "tab_ptr": ("*fp64", 0), "tot_ptr": ("*fp64", 0), **flags, "N_max": ("i32", n), "W": ("i32", w),
+               "stride_vb": ("i32", (self.m + 2) * n if stepped else n), "stride_vn": ("i32", 1),
+               "stride_vr": ("i32", n if stepped else 0), "BG": ("constexpr", tb["BG"]),
+               "STEPPED": ("constexpr", stepped)}
+        kt = compile_triton(_nibble_table_kernel, sig, {"num_warps": 4})
+        tag = "" if stepped else "residual-"
+        table = Launch(f"{tag}table-sums", kt, active, {"_nibble_table_kernel#0": _cdiv(8 * w, tb["BG"])},
+                       active * (2 * n * 8 + 128 * w * 8), ("vector entry", active * n))
+        sig = {"mask_ptr": ("*i32", 0), "s_ptr": ("*fp64", 0), "len_ptr": ("*i32", 0), "eps_ptr": ("*fp64", 0),
+               "idx_ptr": ("*i32", 0), "tab_ptr": ("*fp64", 0), "tot_ptr": ("*fp64", 0), "y_ptr": ("*fp64", 0),
+               **flags, "N_max": ("i32", n), "W": ("i32", w), "stride_yb": ("i32", n), "stride_yn": ("i32", 1),
+               "BM": ("constexpr", tb["BM"]), "BW": ("constexpr", tb["BW"]), "STEPPED": ("constexpr", stepped)}
+        km = compile_triton(_bitmask_matvec_table_kernel, sig, {"num_warps": tb["num_warps"]})
+        # DRAM: the mask once, the table once (its re-reads by the row blocks of a problem hit L2), s and y
+        mv = Launch(f"{tag}table-matvec", km, _cdiv(n, tb["BM"]) * active,
+                    {"_bitmask_matvec_table_kernel#0": _cdiv(_cdiv(n, 32), tb["BW"])},
+                    active * (n * w * 4 + 128 * w * 8 + 2 * n * 8), ("mask bit", active * n * n))
+        return [table, mv]
+
     def step_matvec(self, active: int, kind: int | None = None) -> list[Launch]:
         """The mat-vec launches of a fused step with launch setting matvec.int8 = ``kind`` (default: the
         library's GPU setting): 0 fp64, 1 int8 tensor cores, 2 byte-lane dp4a."""
         kind = self.cfg["matvec"]["int8"] if kind is None else kind
         return {0: lambda: [self.lanczos_matvec(active)], 1: lambda: self.int8_matvec(active),
-                2: lambda: self.dp4a_matvec(active)}[kind]()
+                2: lambda: self.dp4a_matvec(active), 3: lambda: self.table_matvec(active)}[kind]()
 
     def persistent(self, steps: list[int]) -> Launch:
         """The first cycle as one self-checking launch (check interval 6): every program runs the m steps of
@@ -878,15 +915,15 @@ class Solve:
 
 
 #: Solver modes of ``solve_time`` beside "steps" (the library's GPU launch settings) that fix the mat-vec of
-#: the fused steps (launch setting matvec.int8): "fp64" (0, the default before the dp4a kernel), "int8" (1),
-#: "dp4a" (2).
-SOLVER_MATVEC = {"fp64": 0, "int8": 1, "dp4a": 2}
+#: the fused steps and the residual (launch setting matvec.int8): "fp64" (0, the default before the nibble
+#: table), "int8" (1), "dp4a" (2), "table" (3).
+SOLVER_MATVEC = {"fp64": 0, "int8": 1, "dp4a": 2, "table": 3}
 
 
 def solve_time(w: Workload, precision: str, gpu: str, steps: list[int], solver: str = "steps") -> Solve:
     """Lower bound of a whole solve of the batch: normalize + affinity + Lanczos (mode ``solver``: "steps" =
-    the default launches per step (two, three with an int8 mat-vec), "fp64" / "int8" / "dp4a" = with that
-    mat-vec (``SOLVER_MATVEC``), "persistent" = one launch for the first cycle) + the convergence checks (one
+    the default launches per step (two, three with a prepared mat-vec), "fp64" / "int8" / "dp4a" / "table" =
+    with that mat-vec (``SOLVER_MATVEC``), "persistent" = one launch for the first cycle) + the convergence checks (one
     Ritz launch every 6 steps, the last with the vector) + the final residual mat-vec. Launch overheads and
     host synchronizations are not counted."""
     if precision == "exact":
@@ -1001,7 +1038,7 @@ def model(workloads: list[tuple[int, int]], gpus: list[str], alternatives: bool)
                     *w.step_matvec(w.b), w.lanczos_step(w.b, len(active) // 2), w.ritz(len(active), False),
                     w.ritz(len(active), True), *w.residual_matvec()]
         if alternatives:
-            others = [k for k in (0, 1, 2) if k != w.cfg["matvec"]["int8"]]
+            others = [k for k in (0, 1, 2, 3) if k != w.cfg["matvec"]["int8"]]
             launches += [w.affinity("float32", tf32x3=True), *(ln for k in others for ln in w.step_matvec(w.b, k)),
                          w.persistent(steps)]
         for gpu in gpus:
@@ -1009,7 +1046,7 @@ def model(workloads: list[tuple[int, int]], gpus: list[str], alternatives: bool)
             rows += gpu_rows
             md += [f"### {gpu}, {label}: one launch each (step kernel at j = {len(active) // 2}, all problems "
                    "active)", "", *_table(gpu_rows, SHOWN), ""]
-            modes = ["steps", "fp64"] + (["int8", "dp4a", "persistent"] if alternatives else [])
+            modes = ["steps", "fp64"] + (["int8", "dp4a", "table", "persistent"] if alternatives else [])
             srows = []
             for solver in modes:
                 for precision in PRECISIONS:
@@ -1066,14 +1103,16 @@ def predicted_for_bench(w: Workload, precision: str, kernel: str, gpu: str) -> t
     if precision not in ("fast", "float32"):
         return None
     step_at = 16  # bench_triton's _STEP_AT
-    single = {"matvec": w.residual_matvec, "step-matvec": lambda: w.step_matvec(w.b),
+    single = {"matvec": w.residual_matvec, "matvec-fp64": lambda: w.residual_matvec(0),
+              "step-matvec": lambda: w.step_matvec(w.b), "step-matvec-fp64": lambda: w.step_matvec(w.b, 0),
               "step-matvec-int8": lambda: w.int8_matvec(w.b), "step-reorth": lambda: [w.lanczos_step(w.b, step_at)],
               "step": lambda: [*w.step_matvec(w.b), w.lanczos_step(w.b, step_at)],
               "affinity": lambda: [w.normalize(precision), w.affinity(precision)]}
     if kernel in single:
         bounds = [ln.bound(gpu) for ln in single[kernel]()]
         return sum(b.seconds for b in bounds), "+".join(b.binds for b in bounds)
-    solver = {"ncut": "steps", "ncut-steps-int8": "int8", "ncut-persistent": "persistent"}.get(kernel)
+    solver = {"ncut": "steps", "ncut-steps-fp64": "fp64", "ncut-steps-int8": "int8",
+              "ncut-persistent": "persistent"}.get(kernel)
     if solver is None:
         return None
     return solve_time(w, precision, gpu, _steps_for(w.n, w.c), solver).seconds, "sum of launches"

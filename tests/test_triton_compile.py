@@ -29,7 +29,9 @@ def _variants() -> list[tuple[str, object, dict, dict, dict]]:
         _bitmask_matvec_dp4a_kernel,
         _bitmask_matvec_i8_kernel,
         _bitmask_matvec_kernel,
+        _bitmask_matvec_table_kernel,
         _digits_kernel,
+        _nibble_table_kernel,
     )
     from ncutfast.kernels.ritz import _ritz_top2_kernel
 
@@ -102,6 +104,21 @@ def _variants() -> list[tuple[str, object, dict, dict, dict]]:
             consts = {**none, "BM": i8["BM"], "BN": i8["BN"], "KP": kp, "STEPPED": stepped}
             out.append((f"matvec-int8-{tag}", _bitmask_matvec_i8_kernel, sig, consts,
                         {"num_warps": i8["num_warps"]}))
+    tb = _utils.block_sizes("matvec_table")
+    for stepped in (False, True):
+        tag = "k1" + ("-stepped" if stepped else "")
+        fl = flags if stepped else dict.fromkeys(flag_names, "constexpr")
+        none = {} if stepped else dict.fromkeys(flag_names)
+        sig = {"s_ptr": "*fp64", "len_ptr": "*i32", "idx_ptr": "*i32", "v_ptr": "*fp64", "tab_ptr": "*fp64",
+               "tot_ptr": "*fp64", **fl, "N_max": "i32", "W": "i32", "stride_vb": "i32", "stride_vn": "i32",
+               "stride_vr": "i32", "BG": "constexpr", "STEPPED": "constexpr"}
+        out.append((f"table-sums-{tag}", _nibble_table_kernel, sig, {**none, "BG": tb["BG"], "STEPPED": stepped},
+                    {"num_warps": 4}))
+        sig = {"mask_ptr": "*i32", "s_ptr": "*fp64", "len_ptr": "*i32", "eps_ptr": "*fp64", "idx_ptr": "*i32",
+               "tab_ptr": "*fp64", "tot_ptr": "*fp64", "y_ptr": "*fp64", **fl, "N_max": "i32", "W": "i32",
+               "stride_yb": "i32", "stride_yn": "i32", "BM": "constexpr", "BW": "constexpr", "STEPPED": "constexpr"}
+        consts = {**none, "BM": tb["BM"], "BW": tb["BW"], "STEPPED": stepped}
+        out.append((f"matvec-table-{tag}", _bitmask_matvec_table_kernel, sig, consts, {"num_warps": tb["num_warps"]}))
     # fused Lanczos steps (FusedSteps), at the default Krylov dimension 48: KB = next power of two of 50
     lz = _utils.block_sizes("lanczos")
     state = {"basis_ptr": "*fp64", "w_ptr": "*fp64", "alpha_ptr": "*fp64", "beta_ptr": "*fp64", "live_ptr": "*i8",
@@ -216,7 +233,8 @@ def test_dp4a_matvec_uses_dp4a(compiled):
 def test_fp64_kernels_do_not_spill(compiled):
     # fp64 tiles cost two registers per element: the GPU block sizes of the mat-vec and the fused Lanczos
     # kernels are chosen to stay in registers (ptxas of sm_90a, at the default launch settings).
-    for label in ("matvec-k1", "matvec-k4", "matvec-dp4a-k1", "matvec-dp4a-k1-stepped", "lanczos-matvec",
+    for label in ("matvec-k1", "matvec-k4", "matvec-dp4a-k1", "matvec-dp4a-k1-stepped", "matvec-table-k1",
+                  "matvec-table-k1-stepped", "table-sums-k1", "table-sums-k1-stepped", "lanczos-matvec",
                   "lanczos-step", "lanczos-persistent-check0", "lanczos-persistent-check6", "ritz-top2",
                   "ritz-top2-vectors"):
         assert compiled[label]["spill_bytes"] == 0, compiled[label]

@@ -58,7 +58,7 @@ def reference_operator(f: np.ndarray, tau: float) -> np.ndarray:
     return s[:, None] * w * s[None, :]
 
 
-MATVECS = pytest.mark.parametrize("int8", [0, 1, 2], ids=["fp64", "int8", "dp4a"])
+MATVECS = pytest.mark.parametrize("int8", [0, 1, 2, 3], ids=["fp64", "int8", "dp4a", "table"])
 
 
 @MATVECS
@@ -72,7 +72,7 @@ def test_matvec_matches_reference(k, int8):
     shape = (len(feats), x.shape[1]) + (() if k is None else (k,))
     v = torch.from_numpy(rng.standard_normal(shape)).to(DEVICE)
     with _utils.override("matvec", int8=int8), _utils.override("matvec_int8", BM=32, BN=64, BR=32), \
-            _utils.override("matvec_dp4a", BM=32, BW=2, BR=32):
+            _utils.override("matvec_dp4a", BM=32, BW=2, BR=32), _utils.override("matvec_table", BM=32, BW=3, BG=16):
         y = op(v).cpu().numpy()
     assert y.shape == shape and y.dtype == np.float64
     for b, f in enumerate(feats):
@@ -137,6 +137,43 @@ def test_dp4a_matvec_sums_the_int8_digits():
     assert not y2[0, 1:].any() and not y2[3, 2:].any()
 
 
+def test_table_matvec_within_its_bound():
+    # The nibble-table mat-vec sums the same terms u_j = s_j v_j in another association: against an 80-bit
+    # (long double) evaluation, each row's error stays within (6 + ceil(n / 32)) 2^-53 sum_j B_ij |u_j|
+    # (matvec.py), plus the eps term's and the row scaling's roundings.
+    rng = np.random.default_rng(43)
+    feats = [rng.standard_normal((n, 7)).astype(np.float32) for n in (131, 1, 64, 3, 97)]
+    x, lengths = batch(feats)
+    op = BitmaskOperator(*affinity_fwd(x, lengths, tau=0.05), lengths, EPS)
+    v = torch.from_numpy(rng.standard_normal((len(feats), x.shape[1])) * 10.0 ** rng.integers(-4, 4, x.shape[1]))
+    v = v.to(DEVICE)
+    with _utils.override("matvec", int8=3), _utils.override("matvec_table", BM=64, BW=2, BG=32):
+        y = op(v).cpu().numpy()
+    mask = op.mask.cpu().numpy().view(np.uint32)
+    for b, f in enumerate(feats):
+        n = f.shape[0]
+        bits = ((mask[b, :n, :, None] >> np.arange(32, dtype=np.uint32)) & 1).reshape(n, -1)[:, :n]
+        s = op.s[b, :n].cpu().numpy().astype(np.longdouble)
+        u = s * v[b, :n].cpu().numpy().astype(np.longdouble)
+        want = s * (np.longdouble(EPS) * u.sum() + np.longdouble(1 - EPS) * (bits @ u))
+        bound = (6 + -(-n // 32) + 8) * 2.0**-53 * s * (EPS * np.abs(u).sum() + (1 - EPS) * (bits @ np.abs(u)))
+        assert (np.abs(y[b, :n] - want) <= bound).all(), (n, np.abs(y[b, :n] - want).max(), bound.min())
+        assert not y[b, n:].any()
+
+
+def test_table_scratch_is_aligned():
+    from ncutfast.kernels.matvec import launch_table, table_scratch
+
+    tab = table_scratch(3, 2, torch.device(DEVICE))
+    assert tab.shape == (3, 256) and tab.data_ptr() % 1024 == 0
+    mask = torch.zeros(3, 40, 2, dtype=torch.int32, device=DEVICE)
+    ones = torch.ones(3, 40, dtype=torch.float64, device=DEVICE)
+    idx, lens, eps_t = (torch.arange(3, dtype=torch.int32, device=DEVICE), torch.full((3,), 40, device=DEVICE,
+                        dtype=torch.int32), torch.tensor([EPS], dtype=torch.float64, device=DEVICE))
+    with pytest.raises(ValueError, match="tab"):
+        launch_table(mask, lens, ones, eps_t, idx, ones, ones.clone(), tab.view(-1)[1:257].view(1, 256), ones[:, 0])
+
+
 def test_matvec_bad_input_raises():
     mask = torch.zeros(2, 5, 2, dtype=torch.int32, device=DEVICE)
     s = torch.ones(2, 5, dtype=torch.float64, device=DEVICE)
@@ -174,9 +211,10 @@ _NEEDS_CUDA = pytest.mark.skipif(DEVICE == "cpu", reason="CUDA graphs need CUDA"
 @pytest.mark.parametrize(("mode", "int8"), [("steps", 0), ("persistent", 0),
                                             pytest.param("graph", 0, marks=_NEEDS_CUDA),
                                             ("steps", 1), pytest.param("graph", 1, marks=_NEEDS_CUDA),
-                                            ("steps", 2), pytest.param("graph", 2, marks=_NEEDS_CUDA)],
+                                            ("steps", 2), pytest.param("graph", 2, marks=_NEEDS_CUDA),
+                                            ("steps", 3), pytest.param("graph", 3, marks=_NEEDS_CUDA)],
                          ids=["steps", "persistent", "graph", "steps-int8", "graph-int8", "steps-dp4a",
-                              "graph-dp4a"])
+                              "graph-dp4a", "steps-table", "graph-table"])
 def test_fused_steps_match_torch_steps(mode, int8):
     # FusedSteps must do exactly what the shared driver's op-by-op step does, branch for branch: the same
     # live slots, step counts, breakdowns and finished problems, and the same numbers to rounding. The
@@ -190,7 +228,8 @@ def test_fused_steps_match_torch_steps(mode, int8):
     fused.begin(ours)
     # several column steps and row blocks per problem; int8: the tensor-core mat-vec in both
     with _utils.override("lanczos", BM=32, BN=32, BS=32), _utils.override("matvec", int8=int8), \
-            _utils.override("matvec_int8", BM=32, BN=64, BR=32), _utils.override("matvec_dp4a", BM=32, BW=2, BR=32):
+            _utils.override("matvec_int8", BM=32, BN=64, BR=32), _utils.override("matvec_dp4a", BM=32, BW=2, BR=32), \
+            _utils.override("matvec_table", BM=32, BW=2, BG=32):
         for j0, j1 in ((0, 2), (2, 3), (3, m)):
             fused.run(j0, j1)
             for j in range(j0, j1):
@@ -364,7 +403,7 @@ def solve(x: torch.Tensor, lengths: torch.Tensor, tau: float, precision: str, **
 
 @pytest.mark.parametrize(("precision", "int8", "mode"), [("float32", 0, "steps"), ("fast", 0, "steps"),
                                                          ("float64", 0, "persistent"), ("float32", 1, "torch"),
-                                                         ("fast", 2, "steps")])
+                                                         ("fast", 3, "steps")])
 def test_solve_agrees_with_reference(precision, int8, mode):
     rng = np.random.default_rng(40)
     scenes = [testing.planted_scene(rng, n, channels=40) for n in (12, 35, 64, 97, 120)]

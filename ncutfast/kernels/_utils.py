@@ -27,8 +27,10 @@ __all__ = ["interpreting", "block_sizes", "override", "popc32", "words_per_row"]
 #         int8 selects the kernel: 0 = that fp64 kernel, 1 = the tensor-core variant (fixed-point digits,
 #         int8 tl.dot) with the matvec_int8 settings (BR: digit rows per step of the digits kernel), 2 = the
 #         byte-lane dp4a variant (the same digits, 4 mask bits per 2 integer ops and one dp4a per digit) with
-#         the matvec_dp4a settings (BM rows per program, BW mask words per loop trip, BR as above). The GPU
-#         default is 2: fewest instructions per mask bit by benchmarks/gpu_model.py (RESULTS.md); the
+#         the matvec_dp4a settings (BM rows per program, BW mask words per loop trip, BR as above), 3 = the
+#         nibble-table variant (fp64 subset sums of each 4 columns, one cached load and add per 4 mask bits)
+#         with the matvec_table settings (BM, BW as dp4a; BG column groups per step of the table kernel).
+#         The GPU default is 3: fewest instructions per mask bit by benchmarks/gpu_model.py (RESULTS.md); the
 #         interpreter keeps 0 (tests select the others with override).
 # lanczos: how the Triton backend runs the Lanczos steps between convergence checks (kernels/operator.py
 #          FusedSteps, kernels/lanczos.py): solve = "torch" (op by op, the shared driver's torch step around the matvec
@@ -45,9 +47,10 @@ _GPU = {
     "affinity": {"BT": 128, "BK": 32, "num_warps": 8, "num_stages": 3, "tf32x3": 0},
     "affinity_fast": {"BT": 128, "BK": 64, "num_warps": 8, "num_stages": 3, "tf32x3": 0},
     "normalize": {"BR": 16, "BC": 256, "num_warps": 4},
-    "matvec": {"BM": 32, "BN": 128, "num_warps": 4, "int8": 2},
+    "matvec": {"BM": 32, "BN": 128, "num_warps": 4, "int8": 3},
     "matvec_int8": {"BM": 128, "BN": 128, "BR": 256, "num_warps": 8},
     "matvec_dp4a": {"BM": 128, "BW": 2, "BR": 256, "num_warps": 4},
+    "matvec_table": {"BM": 256, "BW": 4, "BG": 256, "num_warps": 8},
     "lanczos": {"solve": "steps", "BM": 32, "BN": 64, "BS": 32, "num_warps": 8},
     "ritz": {"S": 32, "ROUNDS": 11, "num_warps": 1},
 }
@@ -58,6 +61,7 @@ _INTERP = {
     "matvec": {"BM": 128, "BN": 128, "num_warps": 4, "int8": 0},
     "matvec_int8": {"BM": 128, "BN": 128, "BR": 128, "num_warps": 4},
     "matvec_dp4a": {"BM": 128, "BW": 2, "BR": 128, "num_warps": 4},
+    "matvec_table": {"BM": 128, "BW": 2, "BG": 256, "num_warps": 4},
     "lanczos": {"solve": "steps", "BM": 128, "BN": 128, "BS": 128, "num_warps": 4},
     "ritz": {"S": 4096, "ROUNDS": 5, "num_warps": 1},
 }

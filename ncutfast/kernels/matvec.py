@@ -21,6 +21,12 @@ symmetric operator whose 2nd largest eigenvector gives the cut is
   int8 dot product into int32) per digit. The integer sums are exactly those of the tensor-core variant
   (same digits, |sum| <= 64 n), so the error bound is the same; only the fp64 recombination's rounding
   order differs.
+- ``_nibble_table_kernel`` + ``_bitmask_matvec_table_kernel``: for every group of 4 columns, the 16 sums of
+  u = s * v over the subsets of the group (fp64); a nibble of a mask word then picks its group's sum, so 4
+  bits cost ~5 instructions (shift, AND-OR into the address, a move, an L1/L2-cached load, an fp64 add).
+  The result is an fp64 sum of the same terms u_j in another association: each term passes through at most
+  3 (table) + ceil(n / 32) (accumulator) + 3 (sum of the 8 accumulators) roundings, so |error of (B u)_i| <=
+  (6 + ceil(n / 32)) 2^-53 sum_j B_ij |u_j| to first order, tighter than the fp64 kernel's.
 
 Either way a Lanczos step reads N^2 / 8 bytes of mask per image instead of an N x N float matrix.
 """
@@ -33,7 +39,8 @@ import triton.language as tl
 
 from ._utils import block_sizes, interpreting, words_per_row
 
-__all__ = ["bitmask_matvec_fwd", "degrees_from_counts", "launch_dp4a", "launch_matvec"]
+__all__ = ["bitmask_matvec_fwd", "degrees_from_counts", "launch_dp4a", "launch_matvec", "launch_table",
+           "table_scratch"]
 
 
 @triton.jit
@@ -324,6 +331,112 @@ def launch_dp4a(mask: torch.Tensor, lens: torch.Tensor, s: torch.Tensor, eps_t: 
     )
 
 
+@triton.jit
+def _nibble_table_kernel(
+    s_ptr, len_ptr, idx_ptr, v_ptr, tab_ptr, tot_ptr, step_ptr, done_ptr, stalled_ptr,
+    N_max, W, stride_vb, stride_vn, stride_vr,
+    BG: tl.constexpr, STEPPED: tl.constexpr,
+):
+    """One program per vector block p = program_id(0) (image b = idx[p], one vector) writes the subset sums
+    of u = s * v over each group of 4 columns: ``tab[p, g, m] = sum_{t < 4, bit t of m} u[4 g + t]``
+    (fp64, g < 8 W, m < 16; columns >= n count as 0), and ``tot[p] = sum_j u_j`` for the eps term.
+    STEPPED: see ``_vector_block`` (a skipped problem's table is not written; the mat-vec skips it too)."""
+    p = tl.program_id(0)
+    b = tl.load(idx_ptr + p)
+    n = tl.load(len_ptr + b).to(tl.int32)
+    v_base, active = _vector_block(v_ptr, p, stride_vb, step_ptr, stride_vr, done_ptr, stalled_ptr, STEPPED)
+    m = tl.arange(0, 16)
+    tot = tl.zeros((BG,), dtype=tl.float64)
+    for g0 in range(0, tl.where(active, 8 * W, 0), BG):
+        g = g0 + tl.arange(0, BG)
+        sums = tl.zeros((BG, 16), dtype=tl.float64)
+        for t in tl.static_range(4):  # column 4 g + t is in the subsets m with bit t set
+            col = 4 * g + t
+            ok = col < n
+            u = tl.load(v_base + col * stride_vn, mask=ok, other=0.0) * tl.load(s_ptr + b * N_max + col, mask=ok,
+                                                                                other=0.0)
+            tot += u
+            sums += tl.where(((m >> t) & 1)[None, :] != 0, u[:, None], 0.0)
+        tl.store(tab_ptr + p.to(tl.int64) * (128 * W) + g[:, None] * 16 + m[None, :], sums,
+                 mask=(g < 8 * W)[:, None])
+    tl.store(tot_ptr + p, tl.sum(tot, axis=0))
+
+
+@triton.jit
+def _bitmask_matvec_table_kernel(
+    mask_ptr, s_ptr, len_ptr, eps_ptr, idx_ptr, tab_ptr, tot_ptr, y_ptr, step_ptr, done_ptr, stalled_ptr,
+    N_max, W, stride_yb, stride_yn,
+    BM: tl.constexpr, BW: tl.constexpr, STEPPED: tl.constexpr,
+):
+    """One program computes BM rows of y = M v for vector block p = program_id(1) (image b = idx[p], one
+    vector) from the subset sums of ``_nibble_table_kernel`` (``tab`` 1 KiB-aligned): nibble q of mask word w
+    of a row (bits 4 q .. 4 q + 3, the columns of group 8 w + q) indexes that group's 16 sums, so 4 mask bits
+    cost a shift, an AND-OR into the address, one (cached) fp64 load and one fp64 add. BW words per loop
+    trip; the (BM, 8) fp64 accumulator is summed once at the end, then the eps term and the row scaling. Row
+    blocks past n skip the loop, and so do problems that STEPPED (``_vector_block``) skips."""
+    pid = tl.program_id(0)
+    p = tl.program_id(1)
+    b = tl.load(idx_ptr + p)
+    n = tl.load(len_ptr + b).to(tl.int32)
+    rows = pid * BM + tl.arange(0, BM)
+    row_ok = rows < n  # padding rows (and rows past N_max in the last block) are not graph nodes
+    q = tl.arange(0, 8)
+    rot = ((4 * q + 29) % 32).to(tl.uint32)  # rotating right by 4 q - 3 (mod 32) brings nibble q to bits 3..6
+    mrow = mask_ptr + (b * N_max + rows).to(tl.int64) * W
+    _, active = _vector_block(tab_ptr, p, 0, step_ptr, 0, done_ptr, stalled_ptr, STEPPED)
+    n_words = tl.where(active & (pid * BM < n), (n + 31) // 32, 0)
+    acc = tl.zeros((BM, 8), dtype=tl.float64)
+    for w0 in range(0, n_words, BW):
+        for k in tl.static_range(BW):
+            # past the row's last word (the last trip may overhang) and on rows >= n the word is 0: its
+            # nibbles pick the empty subsets, whose sums are 0, at a word that exists (unmasked loads)
+            wd = tl.minimum(w0 + k, n_words - 1)
+            word = tl.load(mrow + wd, mask=row_ok & (w0 + k < n_words), other=0).to(tl.uint32, bitcast=True)
+            # entry nib of group 8 wd + q is byte 8 nib of the 128 bytes of the group, which start 128 q bytes
+            # into the word's 1 KiB-aligned block: nib is OR-ed into the block's address (2 integer ops)
+            lo = (word[:, None] >> rot[None, :]) | (word[:, None] << (32 - rot)[None, :])  # nibble q at bits 3..6
+            block = (tab_ptr + p.to(tl.int64) * (128 * W) + 128 * wd).to(tl.uint64, bitcast=True)
+            addr = (block | (lo & 0x78).to(tl.uint64)) + 128 * q[None, :].to(tl.uint64)
+            acc += tl.load(addr.to(tl.pointer_type(tl.float64), bitcast=True))
+    tot = tl.load(tot_ptr + p)
+    s_r = tl.load(s_ptr + b * N_max + rows, mask=row_ok, other=0.0)
+    eps = tl.load(eps_ptr)  # fp64 from memory: a Python float argument would be rounded to fp32
+    y = s_r * (eps * tot + (1.0 - eps) * tl.sum(acc, axis=1))
+    tl.store(y_ptr + p * stride_yb + rows * stride_yn, y, mask=rows < N_max)
+
+
+def table_scratch(nb: int, W: int, device: torch.device) -> torch.Tensor:
+    """An uninitialized float64 ``(nb, 128 W)`` table for ``launch_table``, starting at a 1 KiB boundary."""
+    buf = torch.empty(nb * 128 * W + 128, dtype=torch.float64, device=device)
+    skip = (-buf.data_ptr() % 1024) // 8
+    return buf[skip: skip + nb * 128 * W].view(nb, 128 * W)
+
+
+def launch_table(mask: torch.Tensor, lens: torch.Tensor, s: torch.Tensor, eps_t: torch.Tensor, idx: torch.Tensor,
+                 v: torch.Tensor, y: torch.Tensor, tab: torch.Tensor, tot: torch.Tensor,
+                 flags: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, stride_vr: int = 0) -> None:
+    """y = M v by the nibble-table mat-vec: ``_nibble_table_kernel`` then ``_bitmask_matvec_table_kernel``.
+
+    v, y, flags, stride_vr: as ``launch_dp4a``; scratch: tab float64 ``(nb, 128 W)`` starting at a 1 KiB
+    boundary (``table_scratch``), tot float64 ``(nb,)``. No host sync.
+    """
+    _, N_max, W = mask.shape
+    if tab.data_ptr() % 1024 or tab.shape != (idx.shape[0], 128 * W) or not tab.is_contiguous():
+        raise ValueError(f"tab: expected a contiguous ({idx.shape[0]}, {128 * W}) table at a 1 KiB boundary, got "
+                         f"{tuple(tab.shape)} at {tab.data_ptr():#x}")
+    nb = idx.shape[0]
+    cfg = block_sizes("matvec_table")
+    step, done, stalled = flags if flags is not None else (None, None, None)
+    _nibble_table_kernel[(nb,)](
+        s, lens, idx, v, tab, tot, step, done, stalled, N_max, W, v.stride(0), v.stride(1), stride_vr,
+        BG=cfg["BG"], STEPPED=flags is not None, num_warps=4,
+    )
+    _bitmask_matvec_table_kernel[(triton.cdiv(N_max, cfg["BM"]), nb)](
+        mask, s, lens, eps_t, idx, tab, tot, y, step, done, stalled, N_max, W, y.stride(0), y.stride(1),
+        BM=cfg["BM"], BW=cfg["BW"], STEPPED=flags is not None, num_warps=cfg["num_warps"],
+    )
+
+
 def degrees_from_counts(counts: torch.Tensor, lengths: torch.Tensor, eps: float) -> torch.Tensor:
     """Degrees ``d_i = eps * n + (1 - eps) * counts_i`` (float64 ``(B, N_max)``, 0 on padding rows).
 
@@ -346,7 +459,12 @@ def launch_matvec(mask: torch.Tensor, lens: torch.Tensor, s: torch.Tensor, eps_t
     K = v3.shape[2]
     y3 = torch.empty((nb, N_max, K), dtype=torch.float64, device=v.device)
     kind = block_sizes("matvec")["int8"]
-    if K and nb and kind == 2:
+    if K and nb and kind == 3:
+        tab = table_scratch(nb, W, v.device)
+        tot = torch.empty((nb,), dtype=torch.float64, device=v.device)
+        for k in range(K):  # one vector per launch pair
+            launch_table(mask, lens, s, eps_t, idx, v3[:, :, k], y3[:, :, k], tab, tot)
+    elif K and nb and kind == 2:
         dig = torch.empty((nb, 256 * W), dtype=torch.int8, device=v.device)
         scale = torch.empty((nb,), dtype=torch.float64, device=v.device)
         tot = torch.empty((nb,), dtype=torch.float64, device=v.device)

@@ -2,7 +2,7 @@
 
 ``BitmaskOperator`` is ``M = D^-1/2 W D^-1/2`` of a padded batch held as bitmask + degrees, the operator
 interface of ``ncutfast.backends.lanczos``; ``FusedSteps`` is that driver's ``steps`` hook, launching the
-kernels of ``kernels.lanczos`` (and ``kernels.matvec``'s int8 variant) and the Ritz pairs of ``kernels.ritz``.
+kernels of ``kernels.lanczos`` (or ``kernels.matvec``'s prepared mat-vecs) and the Ritz pairs of ``kernels.ritz``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,15 @@ import triton
 from ..backends.contract import BREAKDOWN, PARK
 from ._utils import block_sizes
 from .lanczos import _lanczos_matvec_kernel, _lanczos_persistent_kernel, _lanczos_step_kernel
-from .matvec import _bitmask_matvec_i8_kernel, _digits_kernel, degrees_from_counts, launch_dp4a, launch_matvec
+from .matvec import (
+    _bitmask_matvec_i8_kernel,
+    _digits_kernel,
+    degrees_from_counts,
+    launch_dp4a,
+    launch_matvec,
+    launch_table,
+    table_scratch,
+)
 from .ritz import PIVMIN, ritz_top2
 
 __all__ = ["BitmaskOperator", "FusedSteps"]
@@ -23,8 +31,8 @@ __all__ = ["BitmaskOperator", "FusedSteps"]
 
 class BitmaskOperator:
     """``M = D^-1/2 W D^-1/2`` of a padded batch, held as bitmask + degrees; ``op(v, idx)`` is the operator
-    interface of ``ncutfast.backends.lanczos``. A call launches one kernel (two with the int8 variant) and never
-    synchronizes with the host.
+    interface of ``ncutfast.backends.lanczos``. A call launches one kernel (two per vector with the int8, dp4a
+    and nibble-table variants of launch setting matvec.int8) and never synchronizes with the host.
 
     Attributes:
         mask: int32 ``(B, N_max, W)``; eps: float;
@@ -145,19 +153,25 @@ class FusedSteps:
 
     def launch_matvec(self) -> None:
         """First launch(es) of a step: w = M q for every problem (the benchmark also times it alone). With
-        launch setting matvec ``int8`` the tensor-core variant (two launches) computes it."""
+        launch setting matvec ``int8`` = 1, 2, 3 the tensor-core, dp4a or nibble-table variant (two launches)
+        computes it."""
         st, op = self._st, self.op
         b, _, n = st.basis.shape
         _, done, stalled = self._flags
         kind = block_sizes("matvec")["int8"]
+        if kind == 3:
+            tab, tot = self._scratch(kind)
+            launch_table(op.mask, op.lens, op.s, op.eps_t, self._idx, st.basis[:, 0], self._w, tab, tot,
+                         (self._step, done, stalled), st.basis.stride(1))
+            return
         if kind == 2:
-            dig, scale, tot = self._digits(kind)
+            dig, scale, tot = self._scratch(kind)
             launch_dp4a(op.mask, op.lens, op.s, op.eps_t, self._idx, st.basis[:, 0], self._w, dig, scale, tot,
                         (self._step, done, stalled), st.basis.stride(1))
             return
         if kind:
             cfg = block_sizes("matvec_int8")
-            dig, scale, tot = self._digits(kind)
+            dig, scale, tot = self._scratch(kind)
             _digits_kernel[(b,)](
                 op.s, op.lens, self._idx, st.basis, dig, scale, tot, self._step, done, stalled, n, n, 1,
                 st.basis.stride(0), 1, 0, st.basis.stride(1), BR=cfg["BR"], KP=2, STEPPED=True, LANES=False,
@@ -176,17 +190,22 @@ class FusedSteps:
             BM=cfg["BM"], BN=cfg["BN"], num_warps=cfg["num_warps"],
         )
 
-    def _digits(self, kind: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Fixed-point buffers of the int8 mat-vecs, made once per cycle so that a captured graph keeps them:
-        kind 1 (tensor cores, K = 1 padded to 2): 2 x 8 digit columns per row; kind 2 (dp4a): 8 digits of
-        each of the 32 W columns of a mask row."""
+    def _scratch(self, kind: int) -> tuple[torch.Tensor, ...]:
+        """Scratch of the mat-vecs with a preparation launch, made once per cycle so that a captured graph
+        keeps them: kind 1 (tensor cores, K = 1 padded to 2): (2 x 8 int8 digit columns per row, scale, tot);
+        kind 2 (dp4a): (8 digits of each of the 32 W columns of a mask row, scale, tot); kind 3 (nibble
+        table): (the 1 KiB-aligned fp64 table, tot)."""
         if self._dig is None or self._dig_kind != kind:
             b, _, n = self._st.basis.shape
             dev = self._st.basis.device
-            k, n_bytes = (2, 16 * n) if kind == 1 else (1, 256 * self.op.mask.shape[2])
-            self._dig = (torch.empty(b, n_bytes, dtype=torch.int8, device=dev),
-                         torch.empty(b, k, dtype=torch.float64, device=dev),
-                         torch.empty(b, k, dtype=torch.float64, device=dev))
+            W = self.op.mask.shape[2]
+            k = 2 if kind == 1 else 1
+            tot = torch.empty(b, k, dtype=torch.float64, device=dev)
+            if kind == 3:
+                self._dig = (table_scratch(b, W, dev), tot)
+            else:
+                self._dig = (torch.empty(b, 16 * n if kind == 1 else 256 * W, dtype=torch.int8, device=dev),
+                             torch.empty(b, k, dtype=torch.float64, device=dev), tot)
             self._dig_kind = kind
         return self._dig
 
