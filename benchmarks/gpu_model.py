@@ -48,11 +48,11 @@ float32=..`` (solver "steps": the library's GPU launch settings; solver "fp64" i
 path with the fp64 select-add mat-vec, the default before the nibble table). Run it from the checkout root
 with ``PYTHONPATH=.`` so that the checkout's ``ncutfast`` is the one compiled.
 
-Precision "exact" is the Triton path of ``kernels.affinity.affinity_exact_fwd``: its float64
-row normalization and fp16 rounding (torch ops, counted as HBM traffic), the fp16 tensor-core screen
-``_affinity_exact_kernel`` (from its SASS), and the float64 recheck of the candidates (gathers of two
-float64 rows each, HBM traffic, at ``EXACT_CANDIDATES``, the largest candidate fraction measured on the
-planted scenes), as a note under each solve table says.
+Precisions "exact" and "float32" (its default launch setting affinity.certified = 1) are certified: a
+normalization (exact: ``_exact_normalize_kernel``; float32: the fp32 one, also writing the fp16 copy), the
+fp16 tensor-core screen ``_affinity_exact_kernel`` and ``_recheck_kernel`` on the candidates
+(``EXACT_CANDIDATES``, the largest candidate fraction measured on the planted scenes, scaled for float32's
+bound), all from their SASS, as a note under each solve table says.
 """
 
 from __future__ import annotations
@@ -564,12 +564,19 @@ ITERATIONS = {
 CHECK_EVERY_GPU = 6  # ncutfast.backends.lanczos.lanczos_fiedler's check interval on a GPU
 BATCH = 256
 PRECISIONS = ("fast", "exact", "float32")
+#: Other ways to compute precision "float32" (launch settings): affinity.certified = 0 (one IEEE fp32
+#: ``tl.dot`` per tile, plain FMAs) and affinity.tf32x3 = 1 (three tf32 tensor-core products).
+FLOAT32_VARIANTS = ("float32-fma", "float32-tf32x3")
 #: Fraction of the entries (i <= j) that the fp16 screen of precision "exact" leaves to the float64 recheck:
-#: the largest measured on the planted scenes (``tests/test_exact.py``'s scenes; 5e-8 .. 3.7e-3).
+#: the largest measured on the planted scenes (``tests/test_exact.py``'s scenes; 5e-8 .. 3.7e-3). The float32
+#: screen's fraction is this one scaled by the ratio of the two bounds (candidates lie within the bound of tau).
 EXACT_CANDIDATES = 3.7e-3
-EXACT_NOTE = ('"exact": float64 normalization + fp16 rounding (torch ops, HBM bytes), the fp16 tensor-core screen '
-              f"(_affinity_exact_kernel), and the float64 recheck of {EXACT_CANDIDATES:g} of the entries "
-              "(two float64 rows gathered per candidate, HBM bytes).")
+EXACT_NOTE = ('"exact": the float64 normalization and fp16 rounding (_exact_normalize_kernel), the fp16 '
+              "tensor-core screen (_affinity_exact_kernel), and the float64 recheck kernel (_recheck_kernel) on "
+              f"{EXACT_CANDIDATES:g} of the entries (candidates in image order: each image's float64 rows read "
+              'once from HBM, then from L2). "float32" (certified): fp32 normalization writing an fp16 copy too '
+              "(_normalize_kernel, HALF), the same screen, and the fixed-order float32 recheck kernel on the "
+              "candidates of its bound (fp32 rows read once per image).")
 
 
 def gpu_steps(iterations: Iterable[int], check: int = CHECK_EVERY_GPU, m: int = KRYLOV_DIM) -> list[int]:
@@ -626,30 +633,32 @@ class Workload:
         self.cfg = {k: dict(v) for k, v in _utils._GPU.items()}
 
     # -- affinity -------------------------------------------------------------------------------------------
-    def normalize(self, precision: str) -> Launch:
+    def normalize(self, precision: str, half: bool = False) -> Launch:
+        """The normalization launch of "fast" (fp16 rows) or "float32" (fp32 rows; with ``half`` also their fp16
+        copy, as the certified float32 path launches it)."""
         import triton.language as tl
 
         from ncutfast.kernels.affinity import _normalize_kernel
 
         dst, size = {"fast": ("fp16", 2), "float32": ("fp32", 4)}[precision]
         cfg, n, c, b = self.cfg["normalize"], self.n, self.c, self.b
-        sig = {"x_ptr": ("*fp32", 0), "out_ptr": (f"*{dst}", 0), "len_ptr": ("*i32", 0), "N_max": ("i32", n),
-               "C": ("i32", c), "stride_xb": ("i32", n * c), "stride_xn": ("i32", c), "stride_xc": ("i32", 1),
-               "BR": ("constexpr", cfg["BR"]), "BC": ("constexpr", cfg["BC"]), "ACC": ("constexpr", tl.float32),
-               "WIDE": ("constexpr", tl.float32)}
+        sig = {"x_ptr": ("*fp32", 0), "out_ptr": (f"*{dst}", 0), "half_ptr": ("*fp16" if half else f"*{dst}", 0),
+               "len_ptr": ("*i32", 0), "N_max": ("i32", n), "C": ("i32", c), "stride_xb": ("i32", n * c),
+               "stride_xn": ("i32", c), "stride_xc": ("i32", 1), "BR": ("constexpr", cfg["BR"]),
+               "BC": ("constexpr", cfg["BC"]), "ACC": ("constexpr", tl.float32), "WIDE": ("constexpr", tl.float32),
+               "HALF": ("constexpr", half)}
         k = compile_triton(_normalize_kernel, sig, {"num_warps": cfg["num_warps"]})
         trips = {f"_normalize_kernel#{i}": _cdiv(c, cfg["BC"]) for i in range(3)}  # max|x|, sum of squares, store
-        return Launch(f"normalize-{dst}", k, _cdiv(n, cfg["BR"]) * b, trips, b * n * c * (4 + size),
-                      ("feature", b * n * c))
+        return Launch(f"normalize-{dst}" + ("+fp16" if half else ""), k, _cdiv(n, cfg["BR"]) * b, trips,
+                      b * n * c * (4 + size + 2 * half), ("feature", b * n * c))
 
     def affinity(self, precision: str, tf32x3: bool | None = None) -> Launch:
-        """The affinity launch; ``tf32x3`` overrides the launch setting of that name (float32 only)."""
+        """The single-kernel affinity launch (``_affinity_kernel``) of "fast" or "float32" (its launch setting
+        affinity.certified = 0); ``tf32x3`` overrides the launch setting of that name (float32 only)."""
         import triton.language as tl
 
         from ncutfast.kernels.affinity import _affinity_kernel
 
-        if precision == "exact":
-            return self.affinity_exact()
         cfg = self.cfg["affinity_fast" if precision == "fast" else "affinity"]
         dtype, size, dot = {"fast": ("fp16", 2, "tf32"), "float32": ("fp32", 4, "ieee")}[precision]
         x3 = cfg["tf32x3"] if tf32x3 is None else tf32x3
@@ -668,30 +677,72 @@ class Workload:
         return Launch(label, k, pairs * b, {"_tile_dot#0": _cdiv(c, cfg["BK"])}, dram,
                       ("similarity", pairs * b * bt * bt))
 
-    def affinity_exact(self) -> Launch:
-        """Precision "exact"'s screen: fp16 rows, one tensor-core product, candidates near tau listed."""
+    def candidates(self, precision: str) -> float:
+        """Candidates (pairs i <= j) that the fp16 screen leaves to the recheck, over the batch."""
+        from ncutfast import exact
+
+        frac = EXACT_CANDIDATES
+        if precision == "float32":
+            frac *= exact.float32_screen_bound(self.c) / exact.tensor_core_bound(self.c)
+        return frac * self.b * self.n * (self.n + 1) / 2
+
+    def screen(self, precision: str) -> Launch:
+        """The fp16 tensor-core screen of "exact" or certified "float32" (``_affinity_exact_kernel``): the
+        entries beyond the bound decided, the candidates listed."""
         from ncutfast.kernels.affinity import _affinity_exact_kernel
 
         cfg = self.cfg["affinity_fast"]
         n, c, b, bt = self.n, self.c, self.b, cfg["BT"]
-        sig = {"f_ptr": ("*fp16", 0), "pairs_ptr": ("*i32", 0), "len_ptr": ("*i32", 0), "thr_ptr": ("*fp64", 0),
-               "mask_ptr": ("*i32", 0), "count_ptr": ("*i32", 0), "cand_ptr": ("*i64", 0), "ncand_ptr": ("*i32", 0),
-               "N_max": ("i32", n), "C": ("i32", c), "W": ("i32", self.words), "CAPACITY": ("i32", n * n),
-               "BT": ("constexpr", bt), "BK": ("constexpr", cfg["BK"])}
+        sig = {"f_ptr": ("*fp16", 0), "pairs_ptr": ("*i32", 0), "len_ptr": ("*i32", 0), "thr_ptr": ("*fp32", 0),
+               "mask_ptr": ("*i32", 0), "count_ptr": ("*i32", 0), "cand_ptr": ("*i32", 0), "N_max": ("i32", n),
+               "C": ("i32", c), "W": ("i32", self.words), "BT": ("constexpr", bt), "BK": ("constexpr", cfg["BK"])}
         k = compile_triton(_affinity_exact_kernel, sig, {"num_warps": cfg["num_warps"],
                                                          "num_stages": cfg["num_stages"]})
         tiles = _cdiv(n, bt)
         pairs = tiles * (tiles + 1) // 2
-        cand = EXACT_CANDIDATES * b * n * (n + 1) / 2
-        dram = b * (n * c * 2 + n * self.words * 4 + n * 4) + cand * 8  # + the candidates' indices
-        return Launch("affinity-exact-screen", k, pairs * b, {"_tile_dot#0": _cdiv(c, cfg["BK"])}, dram,
+        dram = b * (n * c * 2 + n * self.words * 4 + n * 4) + self.candidates(precision) * 4  # + candidate words
+        return Launch(f"affinity-{precision}-screen", k, pairs * b, {"_tile_dot#0": _cdiv(c, cfg["BK"])}, dram,
                       ("similarity", pairs * b * bt * bt))
 
-    def exact_host_bytes(self) -> tuple[float, float]:
-        """HBM bytes of precision "exact"'s torch ops: (float64 normalization of the fp32 features and the fp16
-        rounding: read 4 + write 8, read 8 + write 2 per entry; the recheck: two float64 rows per candidate)."""
+    def recheck(self, precision: str) -> Launch:
+        """``_recheck_kernel`` on the screen's candidates: float64 ("exact", blocked dot) or float32 (one fixed
+        order, sequential over the features). DRAM: the candidate list (and the undecided flags) plus each
+        image's rows once (the list is in image order, and one image's rows fit in L2)."""
+        from ncutfast.kernels.affinity import _recheck_kernel
+
+        cfg = self.cfg["recheck"]
         n, c, b = self.n, self.c, self.b
-        return b * n * c * (4 + 8 + 8 + 2), EXACT_CANDIDATES * b * n * (n + 1) / 2 * 2 * c * 8
+        ex = precision == "exact"
+        size = 8 if ex else 4
+        cand = self.candidates(precision)
+        sig = {"rows_ptr": ("*fp64" if ex else "*fp32", 0), "cand_ptr": ("*i64", 0), "thr_ptr": ("*fp64", 0),
+               "mask_ptr": ("*i32", 0), "count_ptr": ("*i32", 0), "undecided_ptr": ("*i8", 0), "N_max": ("i32", n),
+               "C": ("i32", c), "W": ("i32", self.words), "total": ("i32", 3),
+               "BLOCK": ("constexpr", cfg["BLOCK"]), "BC": ("constexpr", cfg["BC"]), "EXACT": ("constexpr", ex)}
+        k = compile_triton(_recheck_kernel, sig, {"num_warps": cfg["num_warps"], "enable_fp_fusion": False})
+        trips = {"_recheck_kernel#0": _cdiv(c, cfg["BC"])} if ex else {"_recheck_kernel#1": c // 4,
+                                                                       "_recheck_kernel#2": c % 4}
+        unroll = {}
+        if not ex:  # ptxas unrolls the loop of 4 features; its body holds 4 float32 adds per iteration
+            body = next(lp for lp in k.loops if lp.name == "_recheck_kernel#1")
+            adds = sum(ins.opcode.split(".")[0] == "FADD" for ins in k.instrs if body.start <= ins.addr <= body.end)
+            unroll["_recheck_kernel#1"] = max(1, adds // 4)
+        dram = cand * (8 + ex) + b * n * c * size
+        return Launch(f"recheck-{precision}", k, _cdiv(round(cand), cfg["BLOCK"]), trips, dram,
+                      ("candidate", cand), unroll)
+
+    def normalize_exact(self) -> Launch:
+        """Precision "exact"'s rows (``_exact_normalize_kernel``): float64 rows bit for bit as the reference's
+        and their fp16 copy, from the fp32 features (read for the sum of squares, then again for the division)."""
+        from ncutfast.kernels.affinity import _exact_normalize_kernel
+
+        cfg, n, c, b = self.cfg["normalize_exact"], self.n, self.c, self.b
+        sig = {"x_ptr": ("*fp32", 0), "f_ptr": ("*fp64", 0), "h_ptr": ("*fp16", 0), "len_ptr": ("*i32", 0),
+               "N_max": ("i32", n), "stride_xb": ("i32", n * c), "stride_xn": ("i32", c), "stride_xc": ("i32", 1),
+               "C": ("constexpr", c), "BR": ("constexpr", cfg["BR"]), "BC": ("constexpr", cfg["BC"])}
+        k = compile_triton(_exact_normalize_kernel, sig, {"num_warps": cfg["num_warps"]})
+        return Launch("normalize-exact", k, _cdiv(n, cfg["BR"]) * b, {"_exact_normalize_kernel#0": _cdiv(c, cfg["BC"])},
+                      b * n * c * (4 + 8 + 2), ("feature", b * n * c))  # unique bytes: the re-read hits L2
 
     # -- Lanczos ---------------------------------------------------------------------------------------------
     def _state_sig(self) -> dict[str, tuple[str, object]]:
@@ -926,14 +977,18 @@ def solve_time(w: Workload, precision: str, gpu: str, steps: list[int], solver: 
     with that mat-vec (``SOLVER_MATVEC``), "persistent" = one launch for the first cycle) + the convergence checks (one
     Ritz launch every 6 steps, the last with the vector) + the final residual mat-vec. Launch overheads and
     host synchronizations are not counted."""
+    bw = RATES[gpu]["dram_bps"]
     if precision == "exact":
-        norm_bytes, recheck_bytes = w.exact_host_bytes()
-        bw = RATES[gpu]["dram_bps"]
-        ph = {"normalize": norm_bytes / bw, "affinity": w.affinity("exact").bound(gpu).seconds,
-              "recheck": recheck_bytes / bw}
+        ph = {"normalize": w.normalize_exact().bound(gpu).seconds}
+    elif precision == "float32":  # fp32 rows and their fp16 copy
+        ph = {"normalize": w.normalize("float32", half=True).bound(gpu).seconds}
     else:
-        ph = {"normalize": w.normalize(precision).bound(gpu).seconds,
-              "affinity": w.affinity(precision).bound(gpu).seconds}
+        base, _, variant = precision.partition("-")
+        ph = {"normalize": w.normalize(base).bound(gpu).seconds,
+              "affinity": w.affinity(base, tf32x3=variant == "tf32x3").bound(gpu).seconds}
+    if precision in ("exact", "float32"):  # + the candidate bitmask's zeroing and its scan (torch ops)
+        ph["affinity"] = w.screen(precision).bound(gpu).seconds + 2 * w.b * w.n * w.words * 4 / bw
+        ph["recheck"] = w.recheck(precision).bound(gpu).seconds
     active = active_per_step(steps, w.b)
     launches = 2
     if solver == "persistent":
@@ -1033,7 +1088,9 @@ def model(workloads: list[tuple[int, int]], gpus: list[str], alternatives: bool)
         steps = gpu_steps(ITERATIONS[(n, c)])
         active = active_per_step(steps, w.b)
         label = f"batch {w.b}, N={n}, C={c}"
-        launches = [w.normalize("fast"), w.normalize("float32"), w.affinity("fast"), w.affinity("exact"),
+        launches = [w.normalize("fast"), w.normalize("float32"), w.normalize("float32", half=True),
+                    w.normalize_exact(), w.affinity("fast"),
+                    w.screen("exact"), w.recheck("exact"), w.screen("float32"), w.recheck("float32"),
                     w.affinity("float32"),
                     *w.step_matvec(w.b), w.lanczos_step(w.b, len(active) // 2), w.ritz(len(active), False),
                     w.ritz(len(active), True), *w.residual_matvec()]
@@ -1049,7 +1106,8 @@ def model(workloads: list[tuple[int, int]], gpus: list[str], alternatives: bool)
             modes = ["steps", "fp64"] + (["int8", "dp4a", "table", "persistent"] if alternatives else [])
             srows = []
             for solver in modes:
-                for precision in PRECISIONS:
+                variants = FLOAT32_VARIANTS if alternatives else FLOAT32_VARIANTS[:1]
+                for precision in PRECISIONS + (variants if solver == "steps" else ()):
                     s = solve_time(w, precision, gpu, steps, solver)
                     srows.append({"workload": label, "gpu": gpu, "precision": precision, "solver": solver,
                                   "lanczos_steps": len(active), "launches": s.launches,
@@ -1107,7 +1165,8 @@ def predicted_for_bench(w: Workload, precision: str, kernel: str, gpu: str) -> t
               "step-matvec": lambda: w.step_matvec(w.b), "step-matvec-fp64": lambda: w.step_matvec(w.b, 0),
               "step-matvec-int8": lambda: w.int8_matvec(w.b), "step-reorth": lambda: [w.lanczos_step(w.b, step_at)],
               "step": lambda: [*w.step_matvec(w.b), w.lanczos_step(w.b, step_at)],
-              "affinity": lambda: [w.normalize(precision), w.affinity(precision)]}
+              "affinity": lambda: ([w.normalize(precision, half=True), w.screen(precision), w.recheck(precision)]
+                                   if precision == "float32" else [w.normalize(precision), w.affinity(precision)])}
     if kernel in single:
         bounds = [ln.bound(gpu) for ln in single[kernel]()]
         return sum(b.seconds for b in bounds), "+".join(b.binds for b in bounds)

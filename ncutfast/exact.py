@@ -30,7 +30,7 @@ The bounds (u_p = 2^-p is the unit roundoff of a p-bit significand; gamma_n(u) =
    e_i is exact (q_k = 0: e_k = f_k; an unclamped q_k != 0 needs |f_k| > 2^-16, so f_k and q~_k are
    multiples of 2^-68 at most 2^-16 apart; a clamped one, |f_k| in [1 - 2^-16, nu], multiples of 2^-53
    less than 2^-14 apart: 52 significant bits either way). Its
-   norm bound err_i >= ||e_i|| is the float64 sum of squares (any order) times 1 + (C + 4) u_53 (C + 1
+   norm bound err_i >= ||e_i|| is the float64 sum of squares (any order) times 1 + (C + 4) 2^-52 (C + 1
    roundings), plus C 2^-1074 (squares that underflow), whose sqrt is then raised by a relative 2^-50.
    The screen is a_ij = q_i . q_j summed in int32: every |q_k| <= 32767 keeps each pair sum of vpmaddwd
    below 2^31, and every partial sum is at most sum|q_ik q_jk| <= ||q_i|| ||q_j|| <= 2^30 (nu + err)^2,
@@ -62,6 +62,14 @@ The bounds (u_p = 2^-p is the unit roundoff of a p-bit significand; gamma_n(u) =
    ``res > E`` (E the second term) implies ``s* > tau`` and ``res < -E`` implies ``s* < tau``. Twice E
    (plus the underflow term) is the tie band of the convention above.
 
+5. The same screen certifies precision "float32" on the GPU (``float32_screen_bound``). There the graph is
+   ``[fl32(g_i . g_j) > tau]`` with g the float32-normalized rows (``||g|| <= 1 + (C + 4) 2^-24``, step 1's
+   argument with u_24: ``float32_norm_bound``) and fl32 one fixed order: the products rounded to float32 and
+   added sequentially over the features, no FMA. The screen h = fl16(g) errs by at most step 2''s bound with
+   that norm, and any float32 summation of the C products errs by at most ``gamma_C(2^-24) ||g||^2`` plus
+   2^-149 per underflowing product, so |screen - fl32(g_i . g_j)| <= the sum (``float32_screen_error_bound``);
+   entries within twice it are recomputed in that order.
+
 The fraction of entries (pairs i <= j of each image) that the screen leaves to the recheck is reported per
 image (``NcutResult.recheck_fraction``).
 """
@@ -74,10 +82,12 @@ import torch
 from . import reference
 
 __all__ = ["SCREEN_MARGIN", "norm_bound", "int16_error_bound", "int16_screen_bound", "tensor_core_error_bound",
-           "tensor_core_bound", "dot_bound", "dot2_bound",
+           "tensor_core_bound", "float32_norm_bound", "float32_screen_error_bound", "float32_screen_bound",
+           "dot_bound", "dot2_bound",
            "normalized_rows", "recheck", "recheck_fraction", "exact_mask"]
 
 _U64 = 2.0**-53
+_U32 = 2.0**-24
 _ETA64 = 2.0**-1074  # float64 absolute error per underflowing product
 #: Factor between the proven screening bound and the one the kernels use.
 SCREEN_MARGIN = 2.0
@@ -110,18 +120,40 @@ def int16_screen_bound(c: int, err: float) -> float:
     return SCREEN_MARGIN * int16_error_bound(c, err)
 
 
-def tensor_core_error_bound(c: int) -> float:
-    """Proven bound on the GPU screen's error |fl_tc(h_i . h_j) - f_i . f_j|, h = fl16(f) (step 2')."""
+def _tensor_core_error(c: int, nu: float) -> float:
+    """Step 2''s bound for rows of 2-norm at most ``nu`` rounded to fp16 and multiplied on tensor cores."""
     u = 2.0**-11 + 2.0**-23  # fp16 rounding, after torch's double -> float -> half conversion
     eta, acc = 2.0**-25, 2.0**-21  # fp16 subnormal half-spacing; tensor-core accumulation unit (8 u_24)
-    nu, root = norm_bound(c), c**0.5
+    root = c**0.5
     inputs = u * (2.0 + u) * nu**2 + eta * (2.0 + u) * root * nu + c * eta**2
     return inputs + _gamma(c, acc) * ((1.0 + u) * nu + eta * root) ** 2
+
+
+def tensor_core_error_bound(c: int) -> float:
+    """Proven bound on the GPU screen's error |fl_tc(h_i . h_j) - f_i . f_j|, h = fl16(f) (step 2')."""
+    return _tensor_core_error(c, norm_bound(c))
 
 
 def tensor_core_bound(c: int) -> float:
     """The GPU screening bound the Triton kernel uses: ``SCREEN_MARGIN * tensor_core_error_bound(c)``."""
     return SCREEN_MARGIN * tensor_core_error_bound(c)
+
+
+def float32_norm_bound(c: int) -> float:
+    """Bound on the 2-norm of a row normalized in float32 (``kernels.affinity.normalize_fwd``; step 5)."""
+    return 1.0 + (c + 4) * _U32
+
+
+def float32_screen_error_bound(c: int) -> float:
+    """Proven bound on |fl_tc(h_i . h_j) - fl32(g_i . g_j)|, h = fl16(g), g the float32-normalized rows and
+    fl32 any float32 summation order of the C products (step 5)."""
+    nu = float32_norm_bound(c)
+    return _tensor_core_error(c, nu) + _gamma(c, _U32) * nu**2 + c * 2.0**-149
+
+
+def float32_screen_bound(c: int) -> float:
+    """The float32 screening bound the Triton kernels use: ``SCREEN_MARGIN * float32_screen_error_bound(c)``."""
+    return SCREEN_MARGIN * float32_screen_error_bound(c)
 
 
 def dot_bound(c: int) -> float:

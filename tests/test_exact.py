@@ -131,6 +131,19 @@ def test_entries_within_the_bound_are_rechecked_exactly(rng: np.random.Generator
 
 
 @pytest.mark.parametrize("backend", GRAPH_BACKENDS)
+@pytest.mark.parametrize("tau", [-3.0, -1.0, 1.0, 2.5])
+def test_thresholds_at_and_beyond_the_similarity_range(rng: np.random.Generator, backend: str, tau: float) -> None:
+    """The graph builders take any finite tau (the public API keeps it in (-1, 1)): beyond the similarities'
+    range (the CPU screen's integer thresholds leave the int32 range) and at its ends, where rows along the
+    axes (cosines exactly -1, 0 or 1; zero rows give 0) tie with tau = +-1."""
+    pool = np.concatenate([np.eye(5), -np.eye(5), np.zeros((1, 5))])
+    f = pool[rng.integers(0, 11, size=37)] * rng.choice([1.0, 0.25, 3.0], size=(37, 1))
+    (g,), _ = _graphs([f], tau, backend)
+    fn = reference.normalize_rows(f)  # exactly the pool's rows: the products below are exact
+    np.testing.assert_array_equal(g, fn @ fn.T > tau)
+
+
+@pytest.mark.parametrize("backend", GRAPH_BACKENDS)
 @pytest.mark.parametrize("c", [2, 3, 64, 384])
 def test_exact_ties_honour_the_strict_threshold(rng: np.random.Generator, backend: str, c: int) -> None:
     """Pythagorean rows (3, 4) / 5 against (1, 0): the float64 similarity is fl(0.6) == tau exactly, so no
@@ -231,6 +244,32 @@ def test_gpu_screening_error_stays_inside_the_proven_bound(rng: np.random.Genera
             for v in (blas[i, j], naive):
                 worst = max(worst, abs(float(Fraction(float(v)) - true)))
     assert 0.0 < worst <= exact.tensor_core_error_bound(c)
+
+
+@pytest.mark.parametrize("c", [1, 3, 64, 768, 1024])
+def test_float32_screening_error_stays_inside_the_proven_bound(rng: np.random.Generator, c: int) -> None:
+    """Precision float32's screen: float32 rows of norm just below 1 whose entries lie just under half an
+    fp16 ulp above an fp16 value, all products positive; the fp16 product (BLAS and naive float32 sums)
+    stays within float32_screen_error_bound of the float32 dots (BLAS and the sequential order)."""
+    ulp = float(np.spacing(np.float16(0.999 / np.sqrt(c))))
+    base = np.float16(0.999 / np.sqrt(c)) + (ulp * rng.integers(-3, 1, size=(4, c))).astype(np.float16)
+    g = (base.astype(np.float64) + 0.499 * ulp).astype(np.float32)
+    assert np.linalg.norm(g.astype(np.float64), axis=1).max() <= exact.float32_norm_bound(c)
+    h = torch.from_numpy(g).to(torch.float16).to(torch.float32)
+    np.testing.assert_array_equal(h.numpy(), base.astype(np.float32))
+    screens = (h @ h.T).numpy()
+    dots = (torch.from_numpy(g) @ torch.from_numpy(g).T).numpy()
+    worst = 0.0
+    for i in range(4):
+        for j in range(i, 4):
+            naive_h = naive_g = np.float32(0.0)
+            for q in range(c):
+                naive_h = np.float32(naive_h + h[i, q].item() * h[j, q].item())
+                naive_g = np.float32(naive_g + g[i, q] * g[j, q])
+            for v in (screens[i, j], naive_h):
+                for w in (dots[i, j], naive_g):
+                    worst = max(worst, abs(float(Fraction(float(v)) - Fraction(float(w)))))
+    assert 0.0 < worst <= exact.float32_screen_error_bound(c)
 
 
 def test_recheck_decides_dot2_ties_and_near_ties() -> None:
@@ -347,6 +386,24 @@ def _triton_graphs(feats: list[np.ndarray], tau: float) -> tuple[list[np.ndarray
     return [bits[b, :m, :m].astype(bool) for b, m in enumerate(lengths)], counts.cpu().numpy(), rechecked.numpy()
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("c", [1, 7, 8, 9, 127, 128, 129, 384, 1000])
+def test_triton_exact_rows_are_the_references(rng: np.random.Generator, dtype: type, c: int) -> None:
+    """exact_normalize_fwd (one kernel, NumPy's pairwise sum of squares unrolled for C) equals
+    exact.normalized_rows bit for bit on strided input with a zero row, a row under the 1e-12 clamp and
+    padding; the fp16 copy is torch's rounding of those rows."""
+    from ncutfast.kernels.affinity import exact_normalize_fwd
+
+    k = (rng.standard_normal((2, c, 13)) * rng.uniform(0.01, 100.0)).astype(dtype)
+    k[0, :, 3] = 0.0
+    k[1, :, 2] *= 1e-15
+    x, lengths = torch.from_numpy(k).transpose(1, 2), torch.tensor([13, 6])
+    f, h = exact_normalize_fwd(x, lengths)
+    want = exact.normalized_rows(x, lengths)
+    assert torch.equal(f, want) and torch.equal(h, want.to(torch.float16))
+    np.testing.assert_array_equal(f[0].numpy(), reference.normalize_rows(np.ascontiguousarray(k[0].T)))
+
+
 def test_triton_exact_kernel_matches_the_float64_graph(rng: np.random.Generator) -> None:
     """The fp16 tensor-core screen plus float64 recheck (interpreter): zero flips on a ragged batch of
     Gaussian features, a planted scene, rows planted within the screen's bound of tau, one token, and
@@ -364,19 +421,15 @@ def test_triton_exact_kernel_matches_the_float64_graph(rng: np.random.Generator)
 
 
 @pytest.mark.parametrize("c", [2, 3])
-def test_triton_exact_kernel_ties_and_relaunch(rng: np.random.Generator, monkeypatch: pytest.MonkeyPatch,
-                                               c: int) -> None:
-    """Exact ties at tau (strict >) through the GPU path; a candidate list smaller than the candidates
-    forces the second launch, which must give the same graph."""
-    from ncutfast.kernels import affinity
-
+def test_triton_exact_kernel_ties(rng: np.random.Generator, c: int) -> None:
+    """Exact ties at tau (strict >) through the GPU path, with far more candidates than 1/256 of the
+    entries."""
     pool = np.zeros((4, c))
     pool[0, 0], pool[1, :2], pool[2, :2], pool[3, -1] = 5.0, (3.0, 4.0), (4.0, 3.0), 2.0
     f = pool[rng.integers(0, 4, size=67)] * rng.choice([1.0, 0.5, 4.0], size=(67, 1))
-    monkeypatch.setattr(affinity, "_MIN_CANDIDATES", 8)
     (g,), _, rechecked = _triton_graphs([f], 0.6)
     np.testing.assert_array_equal(g, reference.affinity(f, 0.6) == 1.0)
-    assert rechecked[0] > 67 * 67 // 256  # more than the first list holds
+    assert rechecked[0] > 67 * 67 // 256
 
 
 def test_triton_backend_solves_the_exact_graph(rng: np.random.Generator) -> None:
@@ -392,3 +445,19 @@ def test_triton_backend_solves_the_exact_graph(rng: np.random.Generator) -> None
     assert abs(float(res.lambda2[0]) - lam2) <= 1e-8
     assert d_alignment(np.asarray(res.eigenvector[0]), x_ref, reference.degrees(w)) >= TOLERANCES["exact"]["alignment"]
     assert float(res.recheck_fraction[0]) * 41 * 42 / 2 >= 40 and float(res.recheck_fraction[1]) == 0.0
+
+
+def test_triton_exact_recheck_resolves_below_float64_rounding(rng: np.random.Generator) -> None:
+    """Float64 dots within float64 rounding of tau (C = 3: rows one ulp apart, tau one of their dots): the
+    recheck kernel leaves them undecided and Dot2 decides them exactly, edges and non-edges."""
+    base = rng.standard_normal((2, 3))
+    f = np.vstack([base[:1], base[1] + np.arange(-6, 7)[:, None] * np.spacing(base[1])])
+    fn = reference.normalize_rows(f)
+    tau = float(fn[0] @ fn[7])
+    (g,), _, rechecked = _triton_graphs([f], tau)
+    dots = [_exact_dot(fn[0], fn[j]) for j in range(1, 14)]
+    np.testing.assert_array_equal(g[0, 1:], [d > Fraction(tau) for d in dots])
+    np.testing.assert_array_equal(g[1:, 1:], reference.affinity(f[1:], tau) == 1.0)  # far from tau
+    near = [d for d in dots if abs(d - Fraction(tau)) <= exact.dot_bound(3)]
+    assert len(near) >= 4 and any(d > Fraction(tau) for d in near) and any(d <= Fraction(tau) for d in near)
+    assert rechecked[0] >= 13

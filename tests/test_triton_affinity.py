@@ -12,7 +12,7 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from ncutfast import reference, testing  # noqa: E402
+from ncutfast import exact, reference, testing  # noqa: E402
 from ncutfast.kernels import _utils  # noqa: E402
 from ncutfast.kernels.affinity import affinity_fwd, normalize_fwd  # noqa: E402
 from ncutfast.kernels.matvec import degrees_from_counts  # noqa: E402
@@ -106,6 +106,88 @@ def test_planted_scenes_match_reference(precision):
     mask, counts = affinity_fwd(x.to(DEVICE), torch.tensor(lengths), tau=reference.MASKCUT_TAU,
                                 precision=precision)
     check_against_reference(mask, counts, lengths, feats, reference.MASKCUT_TAU, precision)
+
+
+def fixed_order_dots(g: np.ndarray) -> np.ndarray:
+    """float32 ``(n, n)``: fl32(g_i . g_j) in precision float32's certified order (each product rounded to
+    float32, then added to the running float32 sum, features left to right)."""
+    acc = np.zeros((g.shape[0], g.shape[0]), dtype=np.float32)
+    for q in range(g.shape[1]):
+        acc = acc + np.multiply.outer(g[:, q], g[:, q])
+    return acc
+
+
+def check_fixed_order(mask, counts, x, lengths, tau) -> int:
+    """Assert the graph is [fl32(g_i . g_j) > tau] bit for bit, g = normalize_fwd's float32 rows; return the
+    number of entries (i <= j) within the screen's bound of tau (the ones the recheck decided)."""
+    g = normalize_fwd(x, torch.tensor(lengths), torch.float32).cpu().numpy()
+    bits, counts = unpack(mask), counts.cpu()
+    rechecked = 0
+    for b, n in enumerate(lengths):
+        dots = fixed_order_dots(g[b, :n])
+        want = dots.astype(np.float64) > tau
+        np.testing.assert_array_equal(bits[b, :n, :n].numpy(), want)
+        assert not bits[b, n:].any() and not bits[b, :, n:].any()
+        np.testing.assert_array_equal(counts[b, :n].numpy(), want.sum(1))
+        near = np.abs(dots.astype(np.float64) - tau) <= exact.float32_screen_bound(x.shape[2])
+        rechecked += int(np.triu(near).sum())
+    return rechecked
+
+
+@pytest.mark.parametrize("c", [1, 3, 97, 768])
+def test_float32_is_the_fixed_order_float32_dot(c):
+    """Precision float32 (fp16 screen + fixed-order recheck) gives [fl32(g_i . g_j) > tau] bit for bit on a
+    ragged batch of awkward sizes, with rows planted within the screen's bound of tau and tau equal to one
+    of the dots (a tie: strict >)."""
+    rng = np.random.default_rng(c)
+    lengths = [1, 2, 37, 61]
+    x, _ = padded_batch(rng, lengths, c)
+    if c >= 2:  # image 3: rows whose cosines with row 0 lie within half the bound of 0.1
+        e = rng.standard_normal((61, c))
+        e[:, 0] = 0.0
+        e /= np.linalg.norm(e, axis=1, keepdims=True)
+        cos = 0.1 + rng.uniform(-0.5, 0.5, size=61) * exact.float32_screen_bound(c)
+        rows = cos[:, None] * np.eye(c)[0] + np.sqrt(1.0 - cos[:, None] ** 2) * e
+        rows[0] = np.eye(c)[0]
+        x[3, :61] = torch.from_numpy(rows.astype(np.float32)).to(DEVICE)
+    g = normalize_fwd(x, torch.tensor(lengths), torch.float32).cpu().numpy()
+    tau = float(fixed_order_dots(g[3, :61])[0, 5])
+    mask, counts = affinity_fwd(x, torch.tensor(lengths), tau=tau, precision="float32")
+    assert check_fixed_order(mask, counts, x, lengths, tau) >= (60 if c >= 2 else 1)
+
+
+def test_float32_screen_rows_are_the_rows_rounded():
+    """The certified float32 path's normalization also writes the fp16 screen rows: fl16 of its fp32 rows."""
+    from ncutfast.kernels.affinity import _normalize
+
+    rng = np.random.default_rng(9)
+    lengths = [1, 2, 37]
+    x, _ = padded_batch(rng, lengths, 131)
+    lens = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
+    g, h = _normalize(x, lens, torch.float32, half=True)
+    assert torch.equal(g, normalize_fwd(x, lens, torch.float32)) and torch.equal(h, g.to(torch.float16))
+
+
+def test_float32_duplicates_and_ties():
+    """Many exact duplicates (their dots all equal, far more candidates than 1/256 of the entries) with tau
+    equal to one of the dots: ties everywhere, all decided by the recheck."""
+    rng = np.random.default_rng(7)
+    pool = rng.standard_normal((3, 2)).astype(np.float32)
+    x = torch.from_numpy(pool[rng.integers(0, 3, size=(1, 67))]).to(DEVICE)
+    g = normalize_fwd(x, torch.tensor([67]), torch.float32).cpu().numpy()
+    tau = float(fixed_order_dots(g[0])[0, 0])
+    mask, counts = affinity_fwd(x, torch.tensor([67]), tau=tau, precision="float32")
+    assert check_fixed_order(mask, counts, x, [67], tau) > 67 * 67 // 256
+
+
+def test_float32_single_kernel_setting():
+    """Launch setting affinity.certified = 0 keeps the single-kernel IEEE float32 product."""
+    rng = np.random.default_rng(8)
+    lengths = [1, 2, 31, 33, 65]
+    x, feats = padded_batch(rng, lengths, channels=19)
+    with _utils.override("affinity", certified=0):
+        mask, counts = affinity_fwd(x, torch.tensor(lengths), tau=0.2, precision="float32")
+    check_against_reference(mask, counts, lengths, feats, 0.2, "float32")
 
 
 def test_tile_sizes_do_not_change_the_result():

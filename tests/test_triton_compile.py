@@ -23,7 +23,14 @@ def _variants() -> list[tuple[str, object, dict, dict, dict]]:
     import triton.language as tl
 
     from ncutfast.kernels import _utils
-    from ncutfast.kernels.affinity import _PRECISIONS, _affinity_exact_kernel, _affinity_kernel, _normalize_kernel
+    from ncutfast.kernels.affinity import (
+        _PRECISIONS,
+        _affinity_exact_kernel,
+        _affinity_kernel,
+        _exact_normalize_kernel,
+        _normalize_kernel,
+        _recheck_kernel,
+    )
     from ncutfast.kernels.lanczos import _lanczos_matvec_kernel, _lanczos_persistent_kernel, _lanczos_step_kernel
     from ncutfast.kernels.matvec import (
         _bitmask_matvec_dp4a_kernel,
@@ -39,14 +46,15 @@ def _variants() -> list[tuple[str, object, dict, dict, dict]]:
     out = []
     norm = _utils.block_sizes("normalize")
     acc_of = {"fp16": tl.float32, "fp32": tl.float32, "fp64": tl.float64}
-    for src, dst in (("fp32", "fp32"), ("fp16", "fp32"), ("bf16", "fp16"), ("fp64", "fp64"), ("fp64", "fp32")):
-        sig = {"x_ptr": f"*{src}", "out_ptr": f"*{dst}", "len_ptr": "*i32", "N_max": "i32", "C": "i32",
-               "stride_xb": "i32", "stride_xn": "i32", "stride_xc": "i32",
-               "BR": "constexpr", "BC": "constexpr", "ACC": "constexpr", "WIDE": "constexpr"}
+    for src, dst, half in (("fp32", "fp32", False), ("fp16", "fp32", False), ("bf16", "fp16", False),
+                           ("fp64", "fp64", False), ("fp64", "fp32", False), ("fp32", "fp32", True)):
+        sig = {"x_ptr": f"*{src}", "out_ptr": f"*{dst}", "half_ptr": "*fp16" if half else f"*{dst}", "len_ptr": "*i32",
+               "N_max": "i32", "C": "i32", "stride_xb": "i32", "stride_xn": "i32", "stride_xc": "i32",
+               "BR": "constexpr", "BC": "constexpr", "ACC": "constexpr", "WIDE": "constexpr", "HALF": "constexpr"}
         wide = tl.float64 if src == "fp64" else acc_of[dst]  # normalize_fwd's rule
-        consts = {"BR": norm["BR"], "BC": norm["BC"], "ACC": acc_of[dst], "WIDE": wide}
+        consts = {"BR": norm["BR"], "BC": norm["BC"], "ACC": acc_of[dst], "WIDE": wide, "HALF": half}
         options = {"num_warps": norm["num_warps"]}
-        out.append((f"normalize-{src}-{dst}", _normalize_kernel, sig, consts, options))
+        out.append((f"normalize-{src}-{dst}" + ("-half" if half else ""), _normalize_kernel, sig, consts, options))
     for precision, (dtype, dot_precision) in _PRECISIONS.items():
         cfg = _utils.block_sizes("affinity_fast" if precision == "fast" else "affinity")
         sig = {"f_ptr": f"*{tl_name[str(dtype)]}", "pairs_ptr": "*i32", "len_ptr": "*i32", "tau_ptr": "*fp64",
@@ -59,11 +67,25 @@ def _variants() -> list[tuple[str, object, dict, dict, dict]]:
             consts = {"BT": cfg["BT"], "BK": cfg["BK"], "ACC": acc, "DOT_PRECISION": dot}
             out.append((f"affinity-{label}", _affinity_kernel, sig, consts, options))
     fast = _utils.block_sizes("affinity_fast")  # precision "exact": fp16 screen + candidate list
-    sig = {"f_ptr": "*fp16", "pairs_ptr": "*i32", "len_ptr": "*i32", "thr_ptr": "*fp64", "mask_ptr": "*i32",
-           "count_ptr": "*i32", "cand_ptr": "*i64", "ncand_ptr": "*i32", "N_max": "i32", "C": "i32", "W": "i32",
-           "CAPACITY": "i32", "BT": "constexpr", "BK": "constexpr"}
+    sig = {"f_ptr": "*fp16", "pairs_ptr": "*i32", "len_ptr": "*i32", "thr_ptr": "*fp32", "mask_ptr": "*i32",
+           "count_ptr": "*i32", "cand_ptr": "*i32", "N_max": "i32", "C": "i32", "W": "i32",
+           "BT": "constexpr", "BK": "constexpr"}
     out.append(("affinity-exact", _affinity_exact_kernel, sig, {"BT": fast["BT"], "BK": fast["BK"]},
                 {"num_warps": fast["num_warps"], "num_stages": fast["num_stages"]}))
+    ne = _utils.block_sizes("normalize_exact")  # sum of squares unrolled per C: the benchmark's C
+    for src in ("fp32", "fp64"):
+        sig = {"x_ptr": f"*{src}", "f_ptr": "*fp64", "h_ptr": "*fp16", "len_ptr": "*i32", "N_max": "i32",
+               "stride_xb": "i32", "stride_xn": "i32", "stride_xc": "i32",
+               "C": "constexpr", "BR": "constexpr", "BC": "constexpr"}
+        out.append((f"normalize-exact-{src}", _exact_normalize_kernel, sig,
+                    {"C": 768, "BR": ne["BR"], "BC": ne["BC"]}, {"num_warps": ne["num_warps"]}))
+    rc = _utils.block_sizes("recheck")  # the screen's candidates: float64 ("exact") or fixed-order float32
+    for label, rows, exact in (("recheck-exact", "*fp64", True), ("recheck-float32", "*fp32", False)):
+        sig = {"rows_ptr": rows, "cand_ptr": "*i64", "thr_ptr": "*fp64", "mask_ptr": "*i32", "count_ptr": "*i32",
+               "undecided_ptr": "*i8", "N_max": "i32", "C": "i32", "W": "i32", "total": "i32",
+               "BLOCK": "constexpr", "BC": "constexpr", "EXACT": "constexpr"}
+        out.append((label, _recheck_kernel, sig, {"BLOCK": rc["BLOCK"], "BC": rc["BC"], "EXACT": exact},
+                    {"num_warps": rc["num_warps"], "enable_fp_fusion": False}))
     mv = _utils.block_sizes("matvec")
     for kp in (1, 4):
         sig = {"mask_ptr": "*i32", "s_ptr": "*fp64", "len_ptr": "*i32", "eps_ptr": "*fp64", "idx_ptr": "*i32",
@@ -184,7 +206,7 @@ def _compile_all() -> None:
         ptx = k.asm["ptx"]
         regs, spills = _registers(ptx)
         print(json.dumps({"label": label, "registers": regs, "spill_bytes": spills, "cubin": len(k.asm["cubin"]),
-                          "popc": "popc.b32" in ptx, "dp4a": "dp4a.u32.s32" in ptx,
+                          "popc": "popc.b32" in ptx, "dp4a": "dp4a.u32.s32" in ptx, "fma_f32": "fma.rn.f32" in ptx,
                           "wgmma": "wgmma" in ptx, "pipelined": "async_copy_global_to_local" in k.asm["ttgir"],
                           "shared": k.metadata.shared}), flush=True)
 
@@ -222,6 +244,14 @@ def test_exact_affinity_does_not_spill(compiled):
     assert compiled["affinity-float32-tf32x3"]["wgmma"]
     assert not compiled["affinity-float32"]["wgmma"]  # IEEE fp32: no tf32 tensor-core path
     assert all(compiled[f"matvec-int8-{tag}"]["wgmma"] for tag in ("k2", "k4", "k2-stepped"))  # int8 wgmma
+
+
+def test_recheck_kernels(compiled):
+    """The recheck kernels and exact's normalization stay in registers; the float32 recheck has no FMA (its
+    order rounds every product)."""
+    assert compiled["recheck-exact"]["spill_bytes"] == 0 and compiled["recheck-float32"]["spill_bytes"] == 0
+    assert not compiled["recheck-float32"]["fma_f32"]
+    assert all(compiled[f"normalize-exact-{src}"]["spill_bytes"] == 0 for src in ("fp32", "fp64"))
 
 
 def test_dp4a_matvec_uses_dp4a(compiled):

@@ -42,9 +42,10 @@ def solve(feats: torch.Tensor, lengths: torch.Tensor, params: SolveParams, *,
           painted: torch.Tensor | None = None) -> Spectrum:
     """The backend contract (``backends.contract``) on CUDA tensors, or CPU ones under the interpreter.
 
-    ``params.precision`` selects the similarity kernel ("float64", "float32" = IEEE fp32 without tf32,
-    "fast" = fp16 tensor cores, "exact" = ``affinity_exact_fwd``: an fp16 tensor-core screen and float64
-    rechecks); the degrees and the eigen-solve are float64 in every mode. Painted rows: a zeroed copy.
+    ``params.precision`` selects the similarity kernel ("float64", "float32" = the fp32 dot without tf32, by
+    default certified: an fp16 tensor-core screen and fixed-order fp32 rechecks, "fast" = fp16 tensor cores,
+    "exact" = ``affinity_exact_fwd``: the same screen and float64 rechecks); the degrees and the
+    eigen-solve are float64 in every mode. Painted rows: a zeroed copy.
     """
     if not params.binary:
         return torch_solve(feats, lengths, params, painted=painted)

@@ -20,8 +20,14 @@ __all__ = ["interpreting", "block_sizes", "override", "popc32", "words_per_row"]
 # Per kernel: the constexpr block sizes and num_warps of one launch.
 # affinity: BT = square tile side (multiple of 32: a tile row packs into BT // 32 words), BK = feature chunk;
 #           tf32x3 = 1 computes the "float32" similarity with 3 tf32 tensor-core products instead of IEEE
-#           fp32 FMAs (faster on the GPU, error ~2^-22 instead of ~2^-24; the benchmark measures both).
-# normalize: BR = rows per program, BC = feature chunk.
+#           fp32 FMAs (faster on the GPU, error ~2^-22 instead of ~2^-24; the benchmark measures both);
+#           certified = 1 (the default) computes it instead as precision "exact" does: an fp16 tensor-core
+#           screen with a proven bound and the entries within it recomputed as float32 dots in one fixed
+#           order (kernels/affinity.py); certified = 0 keeps the single-kernel float32 product above.
+# recheck: the recheck of the screens' candidates: BLOCK candidates per program, BC = feature chunk of
+#          the float64 dot (precision "exact"; the float32 dot is sequential over the features).
+# normalize: BR = rows per program, BC = feature chunk; normalize_exact: the same for precision "exact"'s
+#            float64 rows (the sum of squares is unrolled for each C at compile time).
 # matvec: BM = rows per program, BN = columns per inner step (multiple of 32), scaled down by the number of
 #         vectors so that the (BM, BN, K) fp64 accumulator stays in registers (32 per thread by default);
 #         int8 selects the kernel: 0 = that fp64 kernel, 1 = the tensor-core variant (fixed-point digits,
@@ -44,9 +50,11 @@ __all__ = ["interpreting", "block_sizes", "override", "popc32", "words_per_row"]
 # ritz: convergence test kernel (kernels/ritz.py): S shifts per eigenvalue and ROUNDS multisection rounds,
 #       (S + 1) ** ROUNDS >= 1e16 (the interpreter pays per op, not per element: few rounds, many shifts).
 _GPU = {
-    "affinity": {"BT": 128, "BK": 32, "num_warps": 8, "num_stages": 3, "tf32x3": 0},
+    "affinity": {"BT": 128, "BK": 32, "num_warps": 8, "num_stages": 3, "tf32x3": 0, "certified": 1},
     "affinity_fast": {"BT": 128, "BK": 64, "num_warps": 8, "num_stages": 3, "tf32x3": 0},
+    "recheck": {"BLOCK": 128, "BC": 16, "num_warps": 4},
     "normalize": {"BR": 16, "BC": 256, "num_warps": 4},
+    "normalize_exact": {"BR": 16, "BC": 64, "num_warps": 4},
     "matvec": {"BM": 32, "BN": 128, "num_warps": 4, "int8": 3},
     "matvec_int8": {"BM": 128, "BN": 128, "BR": 256, "num_warps": 8},
     "matvec_dp4a": {"BM": 128, "BW": 2, "BR": 256, "num_warps": 4},
@@ -55,9 +63,11 @@ _GPU = {
     "ritz": {"S": 32, "ROUNDS": 11, "num_warps": 1},
 }
 _INTERP = {
-    "affinity": {"BT": 64, "BK": 64, "num_warps": 4, "num_stages": 1, "tf32x3": 0},
+    "affinity": {"BT": 64, "BK": 64, "num_warps": 4, "num_stages": 1, "tf32x3": 0, "certified": 1},
     "affinity_fast": {"BT": 64, "BK": 64, "num_warps": 4, "num_stages": 1, "tf32x3": 0},
+    "recheck": {"BLOCK": 4096, "BC": 64, "num_warps": 4},
     "normalize": {"BR": 128, "BC": 128, "num_warps": 4},
+    "normalize_exact": {"BR": 128, "BC": 128, "num_warps": 4},
     "matvec": {"BM": 128, "BN": 128, "num_warps": 4, "int8": 0},
     "matvec_int8": {"BM": 128, "BN": 128, "BR": 128, "num_warps": 4},
     "matvec_dp4a": {"BM": 128, "BW": 2, "BR": 128, "num_warps": 4},
