@@ -253,6 +253,13 @@ def main(argv: list[str] | None = None) -> int:
                           "images_per_s": round(rate, 4), "ratio": round(rate / base_rate, 3),
                           "cpu_s_per_image": round(cpu, 3), "cpu_ratio": round(base_cpu / cpu, 3), "agree": agree,
                           **{f"{k}_s": round(v, 3) for k, v in sec.items()}})
+    for (name, amp), results in rows.items():
+        rates = sorted(r["images"] / r["seconds"]["total"] for r in results)
+        cpus = sorted(r["cpu_s"] / r["images"] for r in results)
+        print(f"{name} {amp}: images/s median {rates[len(rates) // 2]:.3f} min {rates[0]:.3f} max {rates[-1]:.3f}; "
+              f"CPU s/image median {cpus[len(cpus) // 2]:.3f} min {cpus[0]:.3f} (runs: "
+              + ", ".join(f"{r['images'] / r['seconds']['total']:.3f}/{r['cpu_s'] / r['images']:.3f}" for r in results)
+              + ")")
     for label, err in keys.items():
         print(f"keys, {label}: ||k - k_fp32|| / ||k_fp32|| = {err['rel']:.2e}, "
               f"max |k - k_fp32| / max |k_fp32| = {err['max_rel']:.2e}")

@@ -13,6 +13,7 @@ from PIL import Image
 
 from ncutfast import reference
 from ncutfast._arrays import to_host
+from ncutfast.label import machine
 from ncutfast.label.cut import ImageCut, cut_batch, relative_gap
 from ncutfast.label.geometry import prepare, to_pixels, upsample_tokens
 from ncutfast.label.post import PostConfig, annotations_for, pixel_masks
@@ -70,12 +71,20 @@ def test_weights_roundtrip_formats(tmp_path: Path, vit_s16: torch.nn.Module) -> 
     torch.save(wrapped, tmp_path / "checkpoint.pth")
     timm_like = dict(state) | {"head.weight": torch.zeros(0, 384)}
     torch.save(timm_like, tmp_path / "timm.pth")
+    strided = {k: v.t().contiguous().t() if v.ndim == 2 else v for k, v in state.items()}  # column-major
+    assert not strided["blocks.0.attn.qkv.weight"].is_contiguous()
+    torch.save(strided, tmp_path / "strided.pth")
     x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():
         want = vit_s16.last_keys(x)
-        for name in ("plain.pth", "timm.safetensors", "checkpoint.pth", "timm.pth"):
-            torch.testing.assert_close(load_vit("vit_small_patch16", tmp_path / name).last_keys(x), want,
-                                       rtol=0, atol=0)
+        for name in ("plain.pth", "timm.safetensors", "checkpoint.pth", "timm.pth", "strided.pth"):
+            loaded = load_vit("vit_small_patch16", tmp_path / name)
+            params = dict(loaded.named_parameters())
+            assert params.keys() == state.keys()
+            for key, value in state.items():
+                assert params[key].device.type == "cpu" and params[key].is_contiguous(), key
+                assert torch.equal(params[key], value), key
+            torch.testing.assert_close(loaded.last_keys(x), want, rtol=0, atol=0)
 
 
 class _Payload:
@@ -200,3 +209,62 @@ def test_maskcut_pixel_masks_are_disjoint_and_resized() -> None:
     assert [a["mask_index"] for a in anns] == [0, 1]
     assert anns[0]["score"] == pytest.approx(relative_gap(0.1, 0.5)) == pytest.approx(0.8)
     assert relative_gap(0.3, float("nan")) == 0.0
+
+
+def _held_growth_of_a_freed_tensor(nbytes: int) -> int:
+    """How much more free memory the C heap holds after a tensor of ``nbytes`` is allocated and freed."""
+    before = machine.held_free_bytes()
+    x = torch.ones(nbytes // 4)
+    del x
+    return machine.held_free_bytes() - before
+
+
+def test_reuse_freed_memory_keeps_large_tensors_pages_only_inside(monkeypatch: pytest.MonkeyPatch) -> None:
+    if machine._glibc() is None:
+        pytest.skip("glibc's mallopt/mallinfo2 only")
+    for name in (*machine._MALLOC_ENV, "GLIBC_TUNABLES"):
+        monkeypatch.delenv(name, raising=False)
+    big = 96 * 2**20  # above glibc's largest mmap threshold (32 MiB): unmapped on free by default
+    assert _held_growth_of_a_freed_tensor(big) < big
+    with machine.reuse_freed_memory() as active:
+        assert active
+        _held_growth_of_a_freed_tensor(big)
+        assert machine.held_free_bytes() >= big  # the freed tensor's pages stay in the process
+    assert _held_growth_of_a_freed_tensor(big) < big  # defaults back: unmapped on free again
+
+
+@pytest.mark.parametrize(("name", "value"), [("MALLOC_TRIM_THRESHOLD_", "131072"),
+                                             ("GLIBC_TUNABLES", "glibc.malloc.mmap_max=0")])
+def test_reuse_freed_memory_leaves_a_tuned_malloc_alone(monkeypatch: pytest.MonkeyPatch, name: str,
+                                                        value: str) -> None:
+    class FakeLibc:
+        def __init__(self) -> None:
+            self.calls: list[tuple] = []
+
+        def mallopt(self, *args: int) -> int:
+            self.calls.append(("mallopt", *args))
+            return 1
+
+        def malloc_trim(self, pad: int) -> int:
+            self.calls.append(("malloc_trim", pad))
+            return 1
+
+    libc = FakeLibc()
+    monkeypatch.setattr(machine, "_glibc", lambda: libc)
+    for other in (*machine._MALLOC_ENV, "GLIBC_TUNABLES"):
+        monkeypatch.delenv(other, raising=False)
+    with machine.reuse_freed_memory() as active:
+        assert active and len(libc.calls) == 2  # untuned: the two settings, then the defaults and a trim
+    assert len(libc.calls) == 5 and libc.calls[-1] == ("malloc_trim", 0)
+    libc.calls.clear()
+    monkeypatch.setenv(name, value)
+    with machine.reuse_freed_memory() as active:
+        assert active is False
+    assert libc.calls == []
+
+
+def test_available_bytes_counts_the_heaps_free_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(machine, "held_free_bytes", lambda: 0)
+    plain = machine.available_bytes(torch.device("cpu"))
+    monkeypatch.setattr(machine, "held_free_bytes", lambda: 2**50)
+    assert machine.available_bytes(torch.device("cpu")) >= 2**50 > plain

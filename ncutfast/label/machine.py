@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import os
+import sys
+from collections.abc import Iterator
 
 import torch
 
 from .errors import LabelError
 
-__all__ = ["batch_bytes", "available_bytes", "resolve_device", "check_backend", "check_memory"]
+__all__ = ["batch_bytes", "available_bytes", "held_free_bytes", "reuse_freed_memory", "resolve_device",
+           "check_backend", "check_memory"]
+
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # mallopt parameters (malloc.h)
+_GLIBC_DEFAULTS = {_M_TRIM_THRESHOLD: 128 * 1024, _M_MMAP_MAX: 65536}
+_MALLOC_ENV = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TOP_PAD_")
 
 
 def batch_bytes(grids: list[tuple[int, int]], pixels: list[int], dim: int, precision: str) -> int:
@@ -29,7 +38,8 @@ def batch_bytes(grids: list[tuple[int, int]], pixels: list[int], dim: int, preci
 
 def available_bytes(device: torch.device) -> int:
     """Memory a batch may use now: a CUDA device's free memory plus what torch's allocator holds unused (its
-    cache of earlier batches), else the host's available memory."""
+    cache of earlier batches), else the host's available memory plus what this process's C heap holds
+    free (:func:`held_free_bytes`)."""
     if device.type == "cuda":
         cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
         return int(torch.cuda.mem_get_info(device)[0]) + cached
@@ -37,10 +47,67 @@ def available_bytes(device: torch.device) -> int:
         with open("/proc/meminfo", encoding="ascii") as fh:
             for line in fh:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    return int(line.split()[1]) * 1024 + held_free_bytes()
     except OSError:
         pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") + held_free_bytes()
+
+
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def _glibc() -> ctypes.CDLL | None:
+    """The C library when it is glibc with ``mallopt``, ``malloc_trim`` and ``mallinfo2`` (2.33+), else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version, libc.mallopt, libc.malloc_trim  # noqa: B018 -- AttributeError if absent
+        libc.mallinfo2.restype = _Mallinfo2
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+def held_free_bytes() -> int:
+    """Bytes this process's C heap holds free for reuse (glibc's ``mallinfo2().fordblks``; 0 elsewhere).
+
+    The operating system counts them as used, yet the next batch's tensors can take them.
+    """
+    libc = _glibc()
+    return 0 if libc is None else int(libc.mallinfo2().fordblks)
+
+
+@contextlib.contextmanager
+def reuse_freed_memory() -> Iterator[bool]:
+    """While the block runs, keep freed C-heap memory in the process for the next allocation (glibc only).
+
+    glibc serves every allocation above its mmap threshold (128 KiB to 32 MiB) with a fresh ``mmap`` and
+    unmaps it on free, so each of a ViT forward's large intermediate tensors (tens to hundreds of MB per
+    batch) is first touched page by page (a page fault and a kernel zeroing per 4 KiB) and handed back to
+    the kernel, batch after batch. Inside the block ``mallopt(M_MMAP_MAX, 0)`` serves them from the heap
+    and ``mallopt(M_TRIM_THRESHOLD, max)`` keeps freed memory there, so later batches reuse pages already
+    mapped; the values computed are the same. On exit glibc's documented defaults are set back (its dynamic
+    mmap threshold stays off) and ``malloc_trim(0)`` returns the free memory to the system.
+
+    Yields True when the settings changed; False (nothing done) off glibc or when the environment already
+    tunes malloc (``GLIBC_TUNABLES`` with ``glibc.malloc``, or ``MALLOC_TRIM_THRESHOLD_`` and the like).
+    """
+    libc = _glibc()
+    tuned = "glibc.malloc" in os.environ.get("GLIBC_TUNABLES", "") or any(k in os.environ for k in _MALLOC_ENV)
+    if libc is None or tuned:
+        yield False
+        return
+    libc.mallopt(_M_MMAP_MAX, 0)
+    libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)
+    try:
+        yield True
+    finally:
+        for param, value in _GLIBC_DEFAULTS.items():
+            libc.mallopt(param, value)
+        libc.malloc_trim(0)
 
 
 def _gib(n: int) -> str:

@@ -36,7 +36,7 @@ from .backbones import Backbone, BackboneError, amp_note, load_backbone
 from .cut import ImageCut, cut_batch
 from .errors import LabelError
 from .geometry import MODES, prepare, to_rgb
-from .machine import check_backend, check_memory, resolve_device
+from .machine import check_backend, check_memory, resolve_device, reuse_freed_memory
 from .masks import REFINES, MasksError, MaskWriter
 from .post import PostConfig, annotations_for, crf_available, overlay, pixel_masks
 from .records import (
@@ -526,6 +526,9 @@ def _finish(job: _Job, summary: RunSummary) -> None:
 def run(cfg: LabelConfig) -> RunSummary:
     """Label every image of ``cfg.images`` and write ``cfg.out`` (rank 0); resumes from ``<out>.parts``.
 
+    While it runs, freed C-heap memory stays in the process for the next batch
+    (:func:`~.machine.reuse_freed_memory`; glibc only, process-wide until the run returns).
+
     Raises:
         LabelError: bad settings, no images, unreadable/mismatched weights, no such device or backend, a
             batch too large for the memory available, an existing ``--out`` that is not this command's
@@ -535,9 +538,10 @@ def run(cfg: LabelConfig) -> RunSummary:
     t_start = time.perf_counter()
     summary = RunSummary()
     _check_options(cfg)
-    job = _open(cfg)
-    _label_batches(job, _todo(job, summary), summary)
-    _finish(job, summary)
+    with reuse_freed_memory():
+        job = _open(cfg)
+        _label_batches(job, _todo(job, summary), summary)
+        _finish(job, summary)
     summary.seconds["total"] = time.perf_counter() - t_start
     return summary
 

@@ -110,7 +110,8 @@ def load_vit(arch: str, path: str | os.PathLike[str]) -> VisionTransformer:
         raise ValueError(f"unsupported arch {arch!r}; choose one of {', '.join(ARCHS)}")
     spec = ARCHS[arch]
     state = read_state_dict(path)
-    model = VisionTransformer(spec)
+    with torch.device("meta"):  # shapes only: the file's tensors become the parameters (no init, no copy)
+        model = VisionTransformer(spec)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -131,5 +132,5 @@ def load_vit(arch: str, path: str | os.PathLike[str]) -> VisionTransformer:
     if bad:
         raise WeightsError(f"weights file {Path(path)} holds NaN or infinite values (in {', '.join(bad[:4])}"
                            f"{' ...' if len(bad) > 4 else ''}); the file is damaged")
-    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    model.load_state_dict({k: v.float().contiguous() for k, v in state.items()}, strict=True, assign=True)
     return model.eval()
